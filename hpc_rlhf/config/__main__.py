@@ -1,0 +1,51 @@
+"""`python -m hpc_rlhf.config show|check|docs CONFIG.yaml [section.field=value ...]`"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from . import ConfigError, JobConfig, load_config, sizes, to_yaml
+
+
+def _docs() -> str:
+    lines = []
+    for sec in dataclasses.fields(JobConfig):
+        cls = typing.get_type_hints(JobConfig)[sec.name]
+        lines.append(f"{sec.name}:")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            extra = f"  choices: {list(meta['choices'])}" if meta.get("choices") else ""
+            lines.append(f"  {f.name} = {f.default!r}  # {meta.get('doc', '')}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hpc_rlhf.config",
+                                description="Show, check or document a job config.")
+    p.add_argument("command", choices=("show", "check", "docs"))
+    p.add_argument("config", nargs="?", help="YAML file (omit for the defaults)")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    args = p.parse_args(argv)
+    if args.config and "=" in args.config:  # no YAML given, only overrides
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.command == "docs":
+        print(_docs())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.command == "show":
+        print(to_yaml(cfg), end="")
+        print(f"# derived: {sizes(cfg)}")
+    else:
+        print(f"ok: {args.config or 'defaults'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

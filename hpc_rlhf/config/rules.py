@@ -1,0 +1,215 @@
+"""Cross-field rules and the sizes derived from a config (world, roles, batches).
+
+Each rule returns messages naming the fields, their values, the constraint and a fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fields import field_errors
+from .schema import JobConfig
+
+GROUP_ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
+GENERATING_TRAINERS = ("rl", "rejection_sampling", "iterative_dpo")
+EMBEDDED_MODELS = ("embedded:smollm2-135m",)
+TINY_MODELS = ("tiny:llama", "tiny:qwen2")
+_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$|^\d+$")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Numbers every later stage (topology, planner, trainer) derives the same way."""
+    world: int
+    rollout_ranks: int      # ranks that only serve rollouts (0 when colocated)
+    num_engines: int        # vLLM engines
+    actor_ranks: int
+    critic_ranks: int       # separate critic ranks (0: critic shares the actor ranks)
+    reward_ranks: int       # separate reward-model ranks
+    actor_dp: int           # data-parallel size of the actor (ranks / (autotp * ring))
+    samples_per_step: int   # prompts_per_step * n_samples_per_prompt
+    grad_accum: int         # micro-batches per optimizer step on one rank
+    optimizer_steps_per_step: int
+
+
+def sizes(cfg: JobConfig) -> Sizes:
+    t, r, tr = cfg.topology, cfg.rollout, cfg.train
+    world = t.nodes * t.procs_per_node
+    uses_rollout = tr.trainer in GENERATING_TRAINERS
+    if t.mode == "colocated":
+        engines = r.num_engines or max(world // r.tensor_parallel_size, 1)
+        rollout_ranks, critic, reward = 0, 0, 0
+        actor = world
+    else:
+        engines = (r.num_engines or 1) if uses_rollout else 0
+        rollout_ranks = engines * r.tensor_parallel_size
+        critic, reward = t.critic_ranks, t.reward_ranks
+        actor = t.actor_ranks or max(world - rollout_ranks - critic - reward, 0)
+    actor_dp = max(actor // (tr.autotp_size * tr.ring_attn_size), 1)
+    samples = r.prompts_per_step * r.n_samples_per_prompt
+    grad_accum = max(tr.batch_size // max(tr.micro_batch_size * actor_dp, 1), 1)
+    opt_steps = max(samples // tr.batch_size, 1) * tr.epochs_per_step
+    return Sizes(world, rollout_ranks, engines, actor, critic, reward, actor_dp, samples,
+                 grad_accum, opt_steps)
+
+
+def validate(cfg: JobConfig) -> list[str]:
+    errors: list[str] = []
+    for f in dataclasses.fields(cfg):
+        errors.extend(field_errors(getattr(cfg, f.name), f.name))
+    if errors:  # cross-field rules assume each field is sane on its own
+        return errors
+    for rule in (_model_rules, _topology_rules, _batch_rules, _algorithm_rules, _reward_rules,
+                 _launch_rules):
+        errors.extend(rule(cfg))
+    return errors
+
+
+def _model_rules(cfg: JobConfig) -> list[str]:
+    m, errs = cfg.model, []
+    for name in ("path", "ref_path", "critic_path"):
+        value = getattr(m, name)
+        if value.startswith("tiny:") and value not in TINY_MODELS:
+            errs.append(f"model.{name}={value!r} is not a tiny model; use one of {list(TINY_MODELS)}")
+        if value.startswith("embedded:") and value not in EMBEDDED_MODELS:
+            errs.append(f"model.{name}={value!r} is not an embedded model; "
+                        f"use one of {list(EMBEDDED_MODELS)}")
+    if m.load_in_4bit and m.lora_rank == 0:
+        errs.append("model.load_in_4bit=True trains nothing without LoRA (model.lora_rank=0); "
+                    "set model.lora_rank=16 (QLoRA) or model.load_in_4bit=false")
+    return errs
+
+
+def _topology_rules(cfg: JobConfig) -> list[str]:
+    t, r, tr, errs = cfg.topology, cfg.rollout, cfg.train, []
+    s = sizes(cfg)
+    tp = r.tensor_parallel_size
+    if tr.trainer not in GENERATING_TRAINERS and t.mode == "disaggregated":
+        errs.append(f"topology.mode='disaggregated' needs rollout ranks, but train.trainer="
+                    f"{tr.trainer!r} does not generate; set topology.mode=colocated")
+    if t.mode == "colocated":
+        if s.world % tp:
+            errs.append(f"rollout.tensor_parallel_size={tp} must divide the world size "
+                        f"{s.world} (topology.nodes={t.nodes} x topology.procs_per_node="
+                        f"{t.procs_per_node}) in colocated mode; pick a divisor")
+        elif r.num_engines and r.num_engines * tp != s.world:
+            errs.append(f"rollout.num_engines={r.num_engines} x rollout.tensor_parallel_size={tp}"
+                        f" must equal the world size {s.world} in colocated mode; set "
+                        f"rollout.num_engines={s.world // tp} or 0 (derive it)")
+        for name in ("actor_ranks", "critic_ranks", "reward_ranks"):
+            if getattr(t, name):
+                errs.append(f"topology.{name}={getattr(t, name)} only applies to "
+                            "topology.mode=disaggregated; set it to 0 or change the mode")
+    else:
+        used = s.rollout_ranks + s.actor_ranks + s.critic_ranks + s.reward_ranks
+        if s.actor_ranks == 0 or used != s.world:
+            errs.append(
+                f"disaggregated roles use {used} ranks (rollout {s.num_engines} engines x TP "
+                f"{tp} = {s.rollout_ranks}, actor {s.actor_ranks}, critic {s.critic_ranks}, "
+                f"reward {s.reward_ranks}) but the world has {s.world} (topology.nodes="
+                f"{t.nodes} x topology.procs_per_node={t.procs_per_node}); make them add up, "
+                "e.g. set topology.actor_ranks=0 to give the actor every rank left")
+        if t.critic_ranks and cfg.algorithm.name != "ppo":
+            errs.append(f"topology.critic_ranks={t.critic_ranks} but algorithm.name="
+                        f"{cfg.algorithm.name!r} has no critic; set topology.critic_ranks=0")
+        if t.reward_ranks and cfg.reward.source != "model":
+            errs.append(f"topology.reward_ranks={t.reward_ranks} but reward.source="
+                        f"{cfg.reward.source!r}; set topology.reward_ranks=0 or reward.source=model")
+    per_model = tr.autotp_size * tr.ring_attn_size
+    if s.actor_ranks and s.actor_ranks % per_model:
+        errs.append(f"train.autotp_size={tr.autotp_size} x train.ring_attn_size="
+                    f"{tr.ring_attn_size} = {per_model} must divide the {s.actor_ranks} actor "
+                    "ranks; change one of them")
+    if tr.autotp_size > 1 and tr.zero_stage == 3:
+        errs.append(f"train.autotp_size={tr.autotp_size} works with ZeRO stages 0-2 only, got "
+                    "train.zero_stage=3; set train.zero_stage=2 or train.autotp_size=1")
+    if tr.offload_params and tr.zero_stage != 3:
+        errs.append(f"train.offload_params=True needs train.zero_stage=3 (got {tr.zero_stage}); "
+                    "set train.zero_stage=3 or train.offload_params=false")
+    return errs
+
+
+def _batch_rules(cfg: JobConfig) -> list[str]:
+    r, tr, errs = cfg.rollout, cfg.train, []
+    s = sizes(cfg)
+    per_opt = tr.micro_batch_size * s.actor_dp
+    if tr.batch_size % per_opt:
+        errs.append(f"train.batch_size={tr.batch_size} must be a multiple of train."
+                    f"micro_batch_size={tr.micro_batch_size} x actor data-parallel size "
+                    f"{s.actor_dp} = {per_opt}; set train.batch_size="
+                    f"{max(tr.batch_size // per_opt, 1) * per_opt}")
+    if tr.trainer == "rl" and s.samples_per_step % tr.batch_size:
+        errs.append(f"train.batch_size={tr.batch_size} must divide the samples per RL step "
+                    f"(rollout.prompts_per_step={r.prompts_per_step} x rollout."
+                    f"n_samples_per_prompt={r.n_samples_per_prompt} = {s.samples_per_step}); "
+                    f"set train.batch_size to a divisor such as {s.samples_per_step}")
+    if r.max_model_len and cfg.data.max_prompt_len + r.max_new_tokens > r.max_model_len:
+        errs.append(f"data.max_prompt_len={cfg.data.max_prompt_len} + rollout.max_new_tokens="
+                    f"{r.max_new_tokens} exceeds rollout.max_model_len={r.max_model_len}; "
+                    "raise max_model_len or set it to 0 (derived)")
+    return errs
+
+
+def _algorithm_rules(cfg: JobConfig) -> list[str]:
+    a, r, errs = cfg.algorithm, cfg.rollout, []
+    n = r.n_samples_per_prompt
+    if a.name in GROUP_ALGORITHMS and n < 2:
+        errs.append(f"algorithm.name={a.name!r} uses a per-prompt group baseline and needs "
+                    f"rollout.n_samples_per_prompt >= 2 (got {n}); set it to 4-16 or use "
+                    "algorithm.name=reinforce")
+    if a.dynamic_filtering and n < 2:
+        errs.append(f"algorithm.dynamic_filtering=True compares rewards within a group and needs "
+                    f"rollout.n_samples_per_prompt >= 2 (got {n})")
+    if a.dual_clip and a.dual_clip <= 1.0:
+        errs.append(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or 0 = off); try 3.0")
+    if not a.icepop_low < 1.0 < a.icepop_high:
+        errs.append(f"algorithm.icepop_low={a.icepop_low} and icepop_high={a.icepop_high} must "
+                    "bracket 1 (low < 1 < high); e.g. 0.5 and 5.0")
+    if a.tis_cap < 1.0:
+        errs.append(f"algorithm.tis_cap={a.tis_cap} must be >= 1 (it truncates ratios from "
+                    "above); e.g. 2.0")
+    if r.async_steps and a.off_policy == "none":
+        errs.append(f"rollout.async_steps={r.async_steps} trains on stale rollouts and needs "
+                    "off-policy correction; set algorithm.off_policy=tis (or icepop)")
+    if a.kl_target and not a.kl_coef:
+        errs.append(f"algorithm.kl_target={a.kl_target} (adaptive KL) needs a starting "
+                    "algorithm.kl_coef > 0; e.g. algorithm.kl_coef=0.01")
+    if a.overlong_buffer >= r.max_new_tokens and a.overlong_buffer:
+        errs.append(f"algorithm.overlong_buffer={a.overlong_buffer} must be below rollout."
+                    f"max_new_tokens={r.max_new_tokens}; e.g. {r.max_new_tokens // 4}")
+    return errs
+
+
+def _reward_rules(cfg: JobConfig) -> list[str]:
+    rw, errs = cfg.reward, []
+    if cfg.train.trainer not in GENERATING_TRAINERS:
+        return errs
+    if rw.source == "func":
+        if not rw.func_path:
+            errs.append("reward.source='func' needs reward.func_path=path/to/reward_func.py")
+        elif not Path(rw.func_path).is_file():
+            errs.append(f"reward.func_path={rw.func_path!r} does not exist; give the path of a "
+                        "Python file defining reward_func(queries, responses, labels)")
+    if rw.source == "remote" and not rw.remote_url:
+        errs.append("reward.source='remote' needs reward.remote_url=http://host:port/path")
+    if rw.source == "model" and not cfg.model.reward_model_path:
+        errs.append("reward.source='model' needs model.reward_model_path (a trained RM)")
+    if rw.source == "agent" and ":" not in rw.agent_path:
+        errs.append(f"reward.agent_path={rw.agent_path!r} must look like file.py:ClassName "
+                    "for reward.source='agent'")
+    if rw.source == "task" and not cfg.data.prompts.startswith("task:"):
+        errs.append(f"reward.source='task' scores built-in tasks only, but data.prompts="
+                    f"{cfg.data.prompts!r}; use reward.source=func/remote/model for a dataset")
+    return errs
+
+
+def _launch_rules(cfg: JobConfig) -> list[str]:
+    lc, errs = cfg.launch, []
+    if not _TIME.match(lc.time):
+        errs.append(f"launch.time={lc.time!r} is not a SLURM time; write HH:MM:SS or "
+                    "D-HH:MM:SS, e.g. \"04:00:00\"")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", lc.name):
+        errs.append(f"launch.name={lc.name!r} may hold letters, digits, '_', '.', '-' only")
+    return errs

