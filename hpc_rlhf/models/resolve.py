@@ -31,6 +31,30 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def locked_build(out: Path, marker: str, build) -> Path:
+    """Run build(tmp_dir) once and move the result to `out`, under an exclusive file lock.
+
+    `marker` is a file the build writes last: a directory without it is incomplete (a killed
+    build) and is replaced. Concurrent callers wait for the lock, then reuse the result.
+    """
+    import fcntl
+    if (out / marker).exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / marker).exists():  # built by whoever held the lock before us
+            return out
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        if not (tmp / marker).exists():
+            raise RuntimeError(f"building {out.name}: the build did not write {marker}")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
+
+
 def _gguf_file(name: str) -> Path:
     if name not in EMBEDDED:
         raise ValueError(f"model.path={name!r} is not an embedded model; use one of {list(EMBEDDED)}")
@@ -49,8 +73,10 @@ def _gguf_file(name: str) -> Path:
 def ensure_embedded_model(name: str = "embedded:smollm2-135m") -> Path:
     gguf = _gguf_file(name)
     out = cache_dir() / "models" / name.split(":", 1)[1]
-    if (out / "hpc_rlhf_done").exists():
-        return out
+    return locked_build(out, "hpc_rlhf_done", lambda tmp: _convert_gguf(gguf, tmp))
+
+
+def _convert_gguf(gguf: Path, tmp: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -70,11 +96,6 @@ def ensure_embedded_model(name: str = "embedded:smollm2-135m") -> Path:
         raise RuntimeError(f"converting {gguf.name}: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         model.tie_weights()
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "hpc_rlhf_done").write_text(f"converted from {gguf.name}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out

@@ -91,18 +91,15 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "llama", seed: int = 0) -> Path:
-    """Build the tiny model into `cache_dir/tiny-<arch>-<seed>` once; later calls reuse it."""
+    """Build the tiny model into `cache_dir/tiny-<arch>-<seed>` once; later calls reuse it.
+
+    Safe under concurrency (pytest workers, several ranks): builders take a file lock, and a
+    directory only counts once its marker file, written last, exists.
+    """
+    from hpc_rlhf.models.resolve import locked_build
     out = Path(cache_dir) / f"tiny-{arch}-{seed}"
-    if not (out / "hpc_rlhf_tiny.json").exists():  # written last: its presence means complete
-        import shutil
-        shutil.rmtree(out, ignore_errors=True)
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp, arch=arch, seed=seed)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process won the race; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return locked_build(out, "hpc_rlhf_tiny.json",
+                        lambda tmp: build_tiny_model(tmp, arch=arch, seed=seed))
 
 
 def main(argv=None):
