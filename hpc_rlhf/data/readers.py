@@ -1,0 +1,117 @@
+"""Read rows (dicts) from local JSONL / JSON / Parquet / Arrow files and HF `datasets` saved
+to disk. Each row comes with its source file and 0-based row number, so errors can name both.
+
+JSONL needs nothing; Parquet, Arrow and `datasets` directories need pyarrow (imported lazily,
+with a clear message when missing). A directory is read as a `save_to_disk` dataset when it has
+`state.json` / `dataset_info.json`, else every data file inside it is read in name order.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .rows import DataError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and where it came from."""
+    data: dict
+    file: str
+    index: int      # 0-based row number inside `file` (line number - 1 for JSONL)
+
+
+def _pyarrow(path: Path):
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow), or convert the "
+                          "data to .jsonl (one JSON object per line)") from e
+    return pyarrow
+
+
+def _jsonl(path: Path) -> Iterator[Row]:
+    with path.open("r", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), i, None, f"is not valid JSON ({e.msg} at column "
+                                f"{e.colno})", "fix the line or set data.skip_bad_rows=true",
+                                ) from e
+            if not isinstance(obj, dict):
+                raise DataError(str(path), i, None, f"is a JSON {type(obj).__name__}, not an "
+                                "object", "write one JSON object per line")
+            yield Row(obj, str(path), i)
+
+
+def _json(path: Path) -> Iterator[Row]:
+    obj = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(obj, list):
+        raise DataError(str(path), None, None, f"holds a JSON {type(obj).__name__}; expected a "
+                        "list of objects", "use a JSON list or JSONL")
+    for i, item in enumerate(obj):
+        if not isinstance(item, dict):
+            raise DataError(str(path), i, None, f"is a JSON {type(item).__name__}, not an "
+                            "object", "make every list item an object")
+        yield Row(item, str(path), i)
+
+
+def _table_rows(table, path: Path) -> Iterator[Row]:
+    for i, item in enumerate(table.to_pylist()):
+        yield Row(item, str(path), i)
+
+
+def _parquet(path: Path) -> Iterator[Row]:
+    pa = _pyarrow(path)
+    yield from _table_rows(pa.parquet.read_table(path), path)
+
+
+def _arrow(path: Path) -> Iterator[Row]:
+    pa = _pyarrow(path)
+    with pa.memory_map(str(path), "r") as source:
+        try:   # `datasets` writes the IPC *stream* format; plain Arrow files use the file format
+            table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            source.seek(0)
+            table = pa.ipc.open_file(source).read_all()
+    yield from _table_rows(table, path)
+
+
+_READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".arrow": _arrow}
+
+
+def data_files(path: str | Path) -> list[Path]:
+    """The files a data source names: the file itself, or a directory's data files in order."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"data source {str(p)!r} does not exist; give a .jsonl/.json/"
+                                ".parquet/.arrow file or a directory (datasets.save_to_disk)")
+    if p.is_file():
+        if p.suffix not in _READERS:
+            raise ValueError(f"data source {str(p)!r} has suffix {p.suffix!r}; supported: "
+                             f"{list(SUFFIXES)}")
+        return [p]
+    state = p / "state.json"
+    if state.exists():  # datasets.save_to_disk: the listed arrow shards, in order
+        files = [p / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    else:
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _READERS
+                       and f.name not in ("dataset_info.json", "state.json"))
+    if not files:
+        raise ValueError(f"data directory {str(p)!r} holds no {list(SUFFIXES)} files")
+    return files
+
+
+def read_rows(path: str | Path) -> Iterator[Row]:
+    """Every row of a data source, in file order."""
+    for f in data_files(path):
+        yield from _READERS[f.suffix](f)

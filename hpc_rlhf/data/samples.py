@@ -1,0 +1,196 @@
+"""Rows -> tokenized training samples for each trainer, with max-length filtering and
+bad-row handling (fail naming file/row/field, or skip and count with data.skip_bad_rows).
+
+Field mapping comes from DataConfig: input_key (prompt string or chat messages), output_key
+(response), chosen_key / rejected_key (preference pairs, strings or full conversations),
+label_key (KTO desirable flag, PRM step labels, CSFT reward).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .chat import ChatFormat, TemplateError, as_messages
+from .readers import Row, read_rows
+from .rows import (DataError, DataStats, get_bool, get_field, get_float, get_text,
+                   get_text_or_messages)
+
+# Optional per-pair reward margin for the Bradley-Terry RM loss (no config key yet).
+MARGIN_KEY = "margin"
+
+
+@dataclass(frozen=True)
+class SFTSample:
+    input_ids: list[int]
+    loss_mask: list[int]        # 1 on tokens that are trained on (assistant turns)
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class PairSample:
+    prompt_ids: list[int]
+    chosen_ids: list[int]       # response tokens only
+    rejected_ids: list[int]
+    margin: float = 0.0
+
+    def __len__(self):
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass(frozen=True)
+class KTOSample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    desirable: bool
+
+    def __len__(self):
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(frozen=True)
+class PRMSample:
+    input_ids: list[int]
+    step_positions: list[int]   # index of each step's placeholder token in input_ids
+    step_labels: list[int]      # 1 = good step, 0 = bad
+
+    def __len__(self):
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class PromptSample:
+    prompt_ids: list[int]
+    prompt: object              # the raw prompt (string or messages), for re-templating
+    label: object = None        # reference answer if the row has one
+
+    def __len__(self):
+        return len(self.prompt_ids)
+
+
+def _need_response(row: Row, key: str, ids: list[int]) -> list[int]:
+    if not ids:
+        raise DataError(row.file, row.index, key, "tokenizes to no response tokens")
+    return ids
+
+
+# ---- one row -> one sample ----------------------------------------------------------------
+def sft_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str) -> SFTSample:
+    """Prompt + response (loss on the response), or a whole conversation in `input_key` when
+    the row has no `output_key` (loss on every assistant turn)."""
+    prompt = get_text_or_messages(row, input_key)
+    response = get_field(row, output_key, required=isinstance(prompt, str))
+    if response is None:
+        if not any(m["role"] == "assistant" for m in prompt):
+            raise DataError(row.file, row.index, output_key, "is missing and the conversation "
+                            f"in {input_key!r} has no assistant turn to train on")
+        ids, mask = fmt.conversation(prompt)
+    elif fmt.apply_chat_template:
+        ids, mask = fmt.conversation(as_messages(prompt) + [
+            {"role": "assistant", "content": get_text(row, output_key)}])
+    else:
+        p, r = fmt.prompt_response(prompt, get_text(row, output_key))
+        ids, mask = p + r, [0] * len(p) + [1] * len(r)
+    if mask[0]:
+        raise DataError(row.file, row.index, input_key, "leaves no prompt token before the "
+                        "first trained token")
+    _need_response(row, output_key, [t for t, m in zip(ids, mask) if m])
+    return SFTSample(ids, mask)
+
+
+def _response_of(row: Row, fmt: ChatFormat, key: str, prompt) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) from a response string or a full conversation."""
+    value = get_text_or_messages(row, key)
+    if isinstance(value, list):   # full conversation: the last message is the response
+        if value[-1]["role"] != "assistant" or len(value) < 2:
+            raise DataError(row.file, row.index, key, "is a conversation that does not end with "
+                            "an assistant message after at least one prompt message")
+        prompt, value = value[:-1] if prompt is None else prompt, value[-1]["content"]
+    if prompt is None:
+        raise DataError(row.file, row.index, key, "is a plain response but the row has no "
+                        "prompt field")
+    p, r = fmt.prompt_response(prompt, value)
+    return p, _need_response(row, key, r)
+
+
+def pair_sample(row: Row, fmt: ChatFormat, input_key: str, chosen_key: str,
+                rejected_key: str) -> PairSample:
+    prompt = get_field(row, input_key, required=False)
+    if prompt is not None:
+        prompt = get_text_or_messages(row, input_key)
+    pc, chosen = _response_of(row, fmt, chosen_key, prompt)
+    pr, rejected = _response_of(row, fmt, rejected_key, prompt)
+    if pc != pr:
+        raise DataError(row.file, row.index, rejected_key, "has a different prompt than "
+                        f"{chosen_key!r}; a pair must share its prompt")
+    margin = get_float(row, MARGIN_KEY) if MARGIN_KEY in row.data else 0.0
+    return PairSample(pc, chosen, rejected, margin)
+
+
+def kto_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str,
+               label_key: str) -> KTOSample:
+    p, r = fmt.prompt_response(get_text_or_messages(row, input_key), get_text(row, output_key))
+    return KTOSample(p, _need_response(row, output_key, r), get_bool(row, label_key))
+
+
+def prm_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str, label_key: str,
+               step_tag_id: int) -> PRMSample:
+    """Steps (a list of strings in output_key) each followed by the placeholder token; labels
+    (a list in label_key, one per step) are predicted at the placeholders."""
+    steps, labels = get_field(row, output_key), get_field(row, label_key)
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        raise DataError(row.file, row.index, output_key, f"is {steps!r}, expected a non-empty "
+                        "list of step strings")
+    if not isinstance(labels, list) or len(labels) != len(steps):
+        raise DataError(row.file, row.index, label_key, f"is {labels!r}, expected a list of "
+                        f"{len(steps)} labels (one per step)")
+    ids = fmt.prompt_ids(get_text_or_messages(row, input_key))
+    positions, out_labels = [], []
+    for i, (step, label) in enumerate(zip(steps, labels)):
+        ids += fmt.encode(step) + [step_tag_id]
+        positions.append(len(ids) - 1)
+        fake = Row({f"{label_key}[{i}]": label}, row.file, row.index)
+        out_labels.append(int(get_bool(fake, f"{label_key}[{i}]")))
+    return PRMSample(ids, positions, out_labels)
+
+
+def prompt_sample(row: Row, fmt: ChatFormat, input_key: str, label_key: str) -> PromptSample:
+    prompt = get_text_or_messages(row, input_key)
+    return PromptSample(fmt.prompt_ids(prompt), prompt, get_field(row, label_key, required=False))
+
+
+# ---- a whole source -----------------------------------------------------------------------
+def load_samples(path: str, make: Callable[[Row], object], *, max_len: int,
+                 skip_bad_rows: bool = False, limit: int | None = None,
+                 stats: DataStats | None = None) -> tuple[list, DataStats]:
+    """Apply `make` to every row of `path`; drop (and count) samples longer than `max_len`.
+
+    A bad row raises its DataError unless `skip_bad_rows`, where it is counted by field.
+    Raises if nothing is left, naming why rows were dropped.
+    """
+    stats = stats or DataStats()
+    out = []
+    for row in read_rows(path):
+        stats.read += 1
+        try:
+            sample = make(row)
+        except (DataError, TemplateError) as e:
+            if not skip_bad_rows:
+                if isinstance(e, TemplateError):
+                    raise DataError(row.file, row.index, None, str(e)) from e
+                raise
+            stats.skip(f"bad field {e.field!r}" if isinstance(e, DataError) else "template")
+            continue
+        if len(sample) > max_len:
+            stats.skip(f"longer than data.max_len={max_len}")
+            continue
+        out.append(sample)
+        stats.kept += 1
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"no usable samples in {path}: {stats.summary()}; check the data.*_key "
+                         "options, data.max_len and the file")
+    return out, stats
+

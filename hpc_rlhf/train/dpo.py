@@ -1,0 +1,103 @@
+"""Direct preference optimisation recipe (DPO / IPO / cDPO via train.preference_loss).
+
+    pairs  = load_samples(data.prompts, pair_sample)
+    policy = strategy.prepare_model(model); ref = strategy.prepare_eval_model(same weights)
+    for step, micro-batch:  chosen + rejected in one (optionally packed) batch
+        logps = sum of response-token logprobs (policy, ref)
+        loss  = preference_loss(...); backward; step
+    margin = beta * [(pi - ref)(chosen) - (pi - ref)(rejected)]
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.data import load_samples, pair_batch, pair_sample, rank_micro_batches, step_indices
+from hpc_rlhf.train.losses_pref import preference_loss
+from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, load_causal_lm,
+                                          load_tokenizer, make_strategy, sequence_logps)
+
+
+def pair_logps(model, samples, *, pad_id: int, packing: bool, device):
+    """(chosen logps [n], rejected logps [n]) from one forward over both."""
+    n = len(samples)
+    logps = sequence_logps(model, pair_batch(samples, pad_id=pad_id, packing=packing).to(device))
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def eval_pairs(policy, ref, samples, *, beta: float, pad_id: int, packing: bool, device,
+               micro_batch_size: int) -> dict:
+    """Reward margin / accuracy and the policy's own logp margin (all ranks evaluate all)."""
+    margins, logp_margins = [], []
+    for i in range(0, len(samples), micro_batch_size):
+        chunk = samples[i:i + micro_batch_size]
+        pc, pr = pair_logps(policy, chunk, pad_id=pad_id, packing=packing, device=device)
+        rc, rr = pair_logps(ref, chunk, pad_id=pad_id, packing=packing, device=device)
+        margins.append(beta * ((pc - rc) - (pr - rr)))
+        logp_margins.append(pc - pr)
+    m = torch.cat(margins)
+    return {"reward_margin": m.mean().item(), "reward_accuracy": (m > 0).float().mean().item(),
+            "logp_margin": torch.cat(logp_margins).mean().item()}
+
+
+def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
+              log: MetricLog, eval_samples=None) -> list[dict]:
+    t = train_cfg
+    if t.preference_loss == "cdpo" and t.label_smoothing == 0:
+        raise ValueError("train.preference_loss='cdpo' with train.label_smoothing=0 is plain DPO;"
+                         " set train.label_smoothing (e.g. 0.1) or train.preference_loss=dpo")
+    common = dict(pad_id=pad_id, packing=packing, device=strategy.device)
+    evaluate = partial(eval_pairs, beta=t.beta, micro_batch_size=t.micro_batch_size, **common)
+    if eval_samples:
+        policy.eval()
+        log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
+    for step in range(t.num_steps):
+        policy.train()
+        indices = step_indices(len(samples), t.batch_size, step, t.seed)
+        losses, margins, accs = [], [], []
+        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
+                                        t.micro_batch_size):
+            chunk = [samples[i] for i in micro]
+            with torch.no_grad():
+                ref_c, ref_r = pair_logps(ref, chunk, **common)
+            pol_c, pol_r = pair_logps(policy, chunk, **common)
+            loss, rew_c, rew_r = preference_loss(pol_c, pol_r, ref_c, ref_r, beta=t.beta,
+                                                 loss_type=t.preference_loss,
+                                                 label_smoothing=t.label_smoothing)
+            strategy.backward(loss, policy)
+            strategy.step(policy)
+            losses.append(loss.item())
+            margins.append((rew_c - rew_r).mean().item())
+            accs.append((rew_c > rew_r).float().mean().item())
+        metrics = {name: strategy.all_reduce_mean(sum(v) / len(v)) for name, v in
+                   (("loss", losses), ("reward_margin", margins), ("reward_accuracy", accs))}
+        if eval_samples and step == t.num_steps - 1:
+            policy.eval()
+            metrics.update({f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
+        log(step, metrics)
+    return log.history
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    strategy = make_strategy(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
+    d = cfg.data
+    make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
+                   chosen_key=d.chosen_key, rejected_key=d.rejected_key)
+    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
+                                  skip_bad_rows=d.skip_bad_rows)
+    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
+                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
+    if strategy.rank == 0:
+        print(f"dpo data {d.prompts}: {stats.summary()}", flush=True)
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
+                                                     cfg.model))
+    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

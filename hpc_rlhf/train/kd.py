@@ -1,0 +1,88 @@
+"""Knowledge distillation recipe: the student matches the teacher's next-token distribution
+(forward KL(teacher || student)) on the response tokens of an SFT dataset.
+
+    samples = load_samples(data.prompts, sft_sample)
+    student = strategy.prepare_model(model.path); teacher = prepare_eval_model(train.teacher_path)
+    for step, micro-batch:
+        loss = kd_forward_kl(student logits, teacher logits, response mask); backward; step
+The teacher must share the student's tokenizer (same vocabulary).
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sample, step_indices
+from hpc_rlhf.train.losses_pref import kd_forward_kl
+from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, forward_logits,
+                                          load_causal_lm, load_tokenizer, make_strategy)
+
+
+def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.Tensor:
+    batch = sft_batch(chunk, pad_id=pad_id, packing=packing).to(device)
+    with torch.no_grad():
+        t_logits = forward_logits(teacher, batch)                 # [b, T, v]
+    s_logits = forward_logits(student, batch)                     # [b, T, v]
+    if s_logits.shape != t_logits.shape:
+        raise ValueError(f"student logits {tuple(s_logits.shape)} and teacher logits "
+                         f"{tuple(t_logits.shape)} differ: train.teacher_path must use the "
+                         "student's vocabulary")
+    # logits at t - 1 predict token t, the target the loss mask marks
+    return kd_forward_kl(s_logits[:, :-1], t_logits[:, :-1], batch.loss_mask[:, 1:])
+
+
+def train_kd(student, teacher, strategy, samples, *, train_cfg, packing, pad_id, log,
+             eval_samples=None) -> list[dict]:
+    t = train_cfg
+    loss_of = partial(kd_batch_loss, pad_id=pad_id, packing=packing, device=strategy.device)
+
+    @torch.no_grad()
+    def evaluate():
+        student.eval()
+        chunks = [eval_samples[i:i + t.micro_batch_size]
+                  for i in range(0, len(eval_samples), t.micro_batch_size)]
+        return sum(loss_of(student, teacher, c).item() for c in chunks) / len(chunks)
+
+    if eval_samples:
+        log(-1, {"eval_kl": evaluate()})
+    for step in range(t.num_steps):
+        student.train()
+        indices = step_indices(len(samples), t.batch_size, step, t.seed)
+        losses = []
+        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
+                                        t.micro_batch_size):
+            loss = loss_of(student, teacher, [samples[i] for i in micro])
+            strategy.backward(loss, student)
+            strategy.step(student)
+            losses.append(loss.item())
+        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses))}
+        if eval_samples and step == t.num_steps - 1:
+            metrics["eval_kl"] = evaluate()
+        log(step, metrics)
+    return log.history
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    if not cfg.train.teacher_path:
+        raise ValueError("train.trainer=kd needs train.teacher_path (an HF directory or "
+                         "'tiny:llama'-style name sharing the student's tokenizer)")
+    strategy = make_strategy(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
+    d = cfg.data
+    make = partial(sft_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
+                   output_key=d.output_key)
+    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
+                                  skip_bad_rows=d.skip_bad_rows)
+    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
+                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
+    if strategy.rank == 0:
+        print(f"kd data {d.prompts}: {stats.summary()}", flush=True)
+    student = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    teacher = strategy.prepare_eval_model(load_causal_lm(cfg.train.teacher_path, cfg.model))
+    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    train_kd(student, teacher, strategy, samples, train_cfg=cfg.train, packing=d.packing,
+             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, student, tokenizer, Path(run_dir) / "hf")

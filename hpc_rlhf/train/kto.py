@@ -1,0 +1,108 @@
+"""KTO recipe: unpaired desirable / undesirable responses (data.label_key holds the flag).
+
+    samples = load_samples(data.prompts, kto_sample)
+    for step, micro-batch:
+        r   = log pi(y|x) - log ref(y|x)                  (policy with grad, ref without)
+        z0  = mean over ranks of the same on mismatched pairs (x_i, y_{i+1}), >= 0
+        loss = kto_loss(r, desirable, z0)
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.data import (kto_batch, kto_sample, load_samples, prompt_response_batch,
+                           rank_micro_batches, step_indices)
+from hpc_rlhf.train.losses_pref import kto_loss
+from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, load_causal_lm,
+                                          load_tokenizer, make_strategy, sequence_logps)
+
+# Loss weights of desirable / undesirable samples (no config fields yet; TRL's defaults).
+DESIRABLE_WEIGHT = 1.0
+UNDESIRABLE_WEIGHT = 1.0
+
+
+def _logps(model, chunk, pad_id, packing, device):
+    batch, desirable = kto_batch(chunk, pad_id=pad_id, packing=packing)
+    return sequence_logps(model, batch.to(device)), desirable.to(device)
+
+
+@torch.no_grad()
+def kl_estimate(policy, ref, chunk, *, pad_id, packing, device) -> torch.Tensor:
+    """Mean log pi - log ref on mismatched pairs (prompt i, response i+1): a KL(pi||ref) proxy."""
+    prompts = [s.prompt_ids for s in chunk]
+    shifted = [chunk[(i + 1) % len(chunk)].response_ids for i in range(len(chunk))]
+    batch = prompt_response_batch(prompts, shifted, pad_id=pad_id, packing=packing).to(device)
+    return (sequence_logps(policy, batch) - sequence_logps(ref, batch)).mean()
+
+
+@torch.no_grad()
+def eval_kto(policy, ref, samples, *, pad_id, packing, device, micro_batch_size) -> dict:
+    """Mean implicit reward of desirable minus undesirable samples (all ranks evaluate all)."""
+    rs, flags = [], []
+    for i in range(0, len(samples), micro_batch_size):
+        chunk = samples[i:i + micro_batch_size]
+        pol, flag = _logps(policy, chunk, pad_id, packing, device)
+        rs.append(pol - _logps(ref, chunk, pad_id, packing, device)[0])
+        flags.append(flag)
+    r, f = torch.cat(rs), torch.cat(flags)
+    return {"reward_gap": (r[f].mean() - r[~f].mean()).item()}
+
+
+def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log,
+              eval_samples=None) -> list[dict]:
+    t = train_cfg
+    common = dict(pad_id=pad_id, packing=packing, device=strategy.device)
+    evaluate = partial(eval_kto, micro_batch_size=t.micro_batch_size, **common)
+    if eval_samples:
+        policy.eval()
+        log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
+    for step in range(t.num_steps):
+        policy.train()
+        indices = step_indices(len(samples), t.batch_size, step, t.seed)
+        losses, kls = [], []
+        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
+                                        t.micro_batch_size):
+            chunk = [samples[i] for i in micro]
+            z0 = strategy.all_reduce_mean(kl_estimate(policy, ref, chunk, **common))
+            with torch.no_grad():
+                ref_logps, _ = _logps(ref, chunk, pad_id, packing, strategy.device)
+            pol_logps, desirable = _logps(policy, chunk, pad_id, packing, strategy.device)
+            loss = kto_loss(pol_logps, ref_logps, desirable, z0, beta=t.beta,
+                            desirable_weight=DESIRABLE_WEIGHT,
+                            undesirable_weight=UNDESIRABLE_WEIGHT)
+            strategy.backward(loss, policy)
+            strategy.step(policy)
+            losses.append(loss.item())
+            kls.append(float(z0))
+        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses)),
+                   "kl": sum(kls) / len(kls)}
+        if eval_samples and step == t.num_steps - 1:
+            policy.eval()
+            metrics.update({f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
+        log(step, metrics)
+    return log.history
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    strategy = make_strategy(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
+    d = cfg.data
+    make = partial(kto_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
+                   output_key=d.output_key, label_key=d.label_key)
+    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
+                                  skip_bad_rows=d.skip_bad_rows)
+    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
+                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
+    if strategy.rank == 0:
+        print(f"kto data {d.prompts}: {stats.summary()}", flush=True)
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
+                                                     cfg.model))
+    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

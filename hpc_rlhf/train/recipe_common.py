@@ -1,0 +1,133 @@
+"""Pieces every supervised / preference recipe shares: model + tokenizer loading, the strategy
+config derived from the job config, forwards that return per-token / per-sample logprobs on a
+TokenBatch, metric logging and the final HF export.
+
+Recipes (sft.py, rm.py, dpo.py, ...) are loops read top to bottom over these.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.data import ChatFormat, TokenBatch, segment_sum, token_logprobs
+
+
+# ---- models -------------------------------------------------------------------------------
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    from hpc_rlhf.models.resolve import resolve_model_path
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    if tok.pad_token_id is None:   # many chat models ship without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, model_cfg):
+    """An HF causal LM from a config path ('tiny:llama', 'embedded:...', a directory)."""
+    from transformers import AutoModelForCausalLM
+
+    from hpc_rlhf.models.resolve import resolve_model_path
+    dtype = getattr(torch, model_cfg.dtype)
+    if dtype == torch.bfloat16 and not torch.cuda.is_available():
+        dtype = torch.float32  # CPU: bf16 matmuls are slow and DeepSpeed runs fp32 there
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(path), dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+        trust_remote_code=model_cfg.trust_remote_code)
+
+
+def chat_format(tokenizer, data_cfg, chat_template: str | None = None) -> ChatFormat:
+    return ChatFormat(tokenizer, data_cfg.apply_chat_template, chat_template)
+
+
+# ---- strategy -----------------------------------------------------------------------------
+def grad_accum(train_cfg, dp_size: int) -> int:
+    per_step = train_cfg.micro_batch_size * dp_size
+    if train_cfg.batch_size % per_step:
+        raise ValueError(f"train.batch_size={train_cfg.batch_size} must be a multiple of "
+                         f"train.micro_batch_size={train_cfg.micro_batch_size} x data-parallel "
+                         f"size {dp_size} = {per_step}")
+    return train_cfg.batch_size // per_step
+
+
+def strategy_config(cfg, dp_size: int, **overrides):
+    """StrategyConfig from a JobConfig (train.* and model.*)."""
+    from hpc_rlhf.train.deepspeed_strategy import StrategyConfig
+    t = cfg.train
+    kw = dict(zero_stage=t.zero_stage,
+              bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+              micro_batch_size=t.micro_batch_size, grad_accum=grad_accum(t, dp_size),
+              max_grad_norm=t.max_grad_norm, lr=t.actor_lr, betas=(t.adam_beta1, t.adam_beta2),
+              weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * t.num_steps),
+              scheduler=t.lr_scheduler, total_steps=t.num_steps,
+              offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
+              ref_offload=t.ref_offload, autotp_size=t.autotp_size,
+              gradient_checkpointing=cfg.model.gradient_checkpointing, seed=t.seed)
+    kw.update(overrides)
+    return StrategyConfig(**kw)
+
+
+def make_strategy(cfg, **overrides):
+    """A DeepSpeedStrategy on the already-initialised default world (or a world of one)."""
+    import torch.distributed as dist
+
+    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    strategy = DeepSpeedStrategy(strategy_config(cfg, world // cfg.train.autotp_size, **overrides))
+    strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
+    return strategy
+
+
+# ---- forwards -----------------------------------------------------------------------------
+def forward_logits(model, batch: TokenBatch) -> torch.Tensor:
+    out = model(**batch.model_inputs())
+    return out.logits if hasattr(out, "logits") else out[0]      # [b, T, v]
+
+
+def forward_token_logprobs(model, batch: TokenBatch) -> torch.Tensor:
+    """[b, T] float32 log p(token | its sample's prefix); mask with batch.loss_mask."""
+    return token_logprobs(forward_logits(model, batch), batch)
+
+
+def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
+    """Sum of target-token logprobs of each sample: [num_samples] float32."""
+    lp = forward_token_logprobs(model, batch)
+    return segment_sum(lp * batch.loss_mask, batch.segment_ids, batch.num_samples)
+
+
+# ---- bookkeeping --------------------------------------------------------------------------
+class MetricLog:
+    """Rank 0 appends one JSON line per step to run_dir/metrics.jsonl and prints it."""
+
+    def __init__(self, run_dir: Path | None, rank: int, log_every: int = 1):
+        self.rank, self.log_every, self.t0 = rank, log_every, time.time()
+        self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+        self.history: list[dict] = []
+        if self.path is not None and rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        rec = {"step": step, "time_s": round(time.time() - self.t0, 3),
+               **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(rec)
+        if self.rank != 0:
+            return
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if step % self.log_every == 0:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in rec.items()), flush=True)
+
+
+def export_hf(strategy, engine, tokenizer, out_dir: Path) -> None:
+    """Gather the (ZeRO-3) weights and write an HF directory on rank 0 (collective)."""
+    state = dict(strategy.gathered_state(engine))
+    if strategy.rank == 0:
+        module = getattr(engine, "module", engine)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        module.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)

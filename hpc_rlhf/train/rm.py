@@ -1,0 +1,129 @@
+"""Reward-model recipe: Bradley-Terry loss on (chosen, rejected) pairs, optional margin.
+
+    pairs  = load_samples(data.prompts, pair_sample)      # row["margin"] optional
+    engine = strategy.prepare_model(ScoreModel(backbone)) # scalar head, ZeRO-3
+    for step, micro-batch:  score(prompt+chosen), score(prompt+rejected) at each last token
+        loss = -log sigmoid(s_w - s_l - margin); backward; step
+    held-out accuracy = P(s_w > s_l)
+"""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.data import (pair_batch, pair_sample, load_samples, rank_micro_batches,
+                           segment_last_index, step_indices)
+from hpc_rlhf.train.losses_pref import bradley_terry_loss
+from hpc_rlhf.train.recipe_common import MetricLog, chat_format, load_tokenizer, make_strategy
+
+
+class ScoreModel(torch.nn.Module):
+    """An HF decoder backbone + a linear head: one scalar per token, [b, T].
+
+    (A local stand-in until hpc_rlhf.models.heads lands; same call convention as an HF model
+    fed TokenBatch.model_inputs().)
+    """
+
+    def __init__(self, backbone, init_std: float | None = None):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.config.hidden_size
+        self.score = torch.nn.Linear(hidden, 1, bias=False)
+        torch.nn.init.normal_(self.score.weight, std=init_std or 1.0 / (hidden + 1) ** 0.5)
+        self.config = backbone.config
+
+    @classmethod
+    def from_pretrained(cls, path: str, model_cfg):
+        from transformers import AutoModel
+
+        from hpc_rlhf.models.resolve import resolve_model_path
+        backbone = AutoModel.from_pretrained(
+            resolve_model_path(path), dtype=torch.float32 if not torch.cuda.is_available()
+            else getattr(torch, model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
+        return cls(backbone)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
+        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids,
+                               attention_mask=attention_mask, use_cache=use_cache)[0]  # [b,T,h]
+        return self.score(hidden).squeeze(-1).float()                                  # [b, T]
+
+
+def pair_scores(model, samples, *, pad_id: int, packing: bool, device):
+    """(chosen scores [n], rejected scores [n]): the score at each sequence's last token."""
+    n = len(samples)
+    batch = pair_batch(samples, pad_id=pad_id, packing=packing).to(device)
+    values = model(**batch.model_inputs())                                  # [b, T]
+    last = segment_last_index(batch.segment_ids, 2 * n)                     # [2n]
+    scores = values.reshape(-1)[last]
+    return scores[:n], scores[n:]
+
+
+@torch.no_grad()
+def eval_pair_accuracy(model, samples, *, pad_id: int, packing: bool, device,
+                       micro_batch_size: int) -> dict:
+    """Accuracy (s_w > s_l) and mean score gap over `samples` (all ranks evaluate all)."""
+    wins, gaps = [], []
+    for i in range(0, len(samples), micro_batch_size):
+        c, r = pair_scores(model, samples[i:i + micro_batch_size], pad_id=pad_id,
+                           packing=packing, device=device)
+        wins.append((c > r).float())
+        gaps.append(c - r)
+    return {"accuracy": torch.cat(wins).mean().item(), "score_gap": torch.cat(gaps).mean().item()}
+
+
+def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
+             log: MetricLog, eval_samples=None) -> list[dict]:
+    evaluate = partial(eval_pair_accuracy, pad_id=pad_id, packing=packing,
+                       device=strategy.device, micro_batch_size=train_cfg.micro_batch_size)
+    if eval_samples:
+        engine.eval()
+        log(-1, {f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
+    for step in range(train_cfg.num_steps):
+        engine.train()
+        indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
+        losses, accs = [], []
+        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
+                                        train_cfg.micro_batch_size):
+            chunk = [samples[i] for i in micro]
+            chosen, rejected = pair_scores(engine, chunk, pad_id=pad_id, packing=packing,
+                                           device=strategy.device)
+            margin = torch.tensor([s.margin for s in chunk], device=chosen.device)
+            loss = bradley_terry_loss(chosen, rejected, margin)
+            strategy.backward(loss, engine)
+            strategy.step(engine)
+            losses.append(loss.item())
+            accs.append((chosen > rejected).float().mean().item())
+        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses)),
+                   "accuracy": strategy.all_reduce_mean(sum(accs) / len(accs))}
+        if eval_samples and step == train_cfg.num_steps - 1:
+            engine.eval()
+            metrics.update({f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
+        log(step, metrics)
+    return log.history
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    strategy = make_strategy(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
+    d = cfg.data
+    make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
+                   chosen_key=d.chosen_key, rejected_key=d.rejected_key)
+    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
+                                  skip_bad_rows=d.skip_bad_rows)
+    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
+                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
+    if strategy.rank == 0:
+        print(f"rm data {d.prompts}: {stats.summary()}", flush=True)
+    engine = strategy.prepare_model(ScoreModel.from_pretrained(cfg.model.path, cfg.model))
+    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    train_rm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
+             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+    if cfg.checkpoint.export_hf:
+        state = dict(strategy.gathered_state(engine))
+        if strategy.rank == 0:
+            out = Path(run_dir) / "hf"
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(state, out / "reward_model.pt")
+            tokenizer.save_pretrained(out)
