@@ -145,6 +145,15 @@ def _batch_rules(cfg: JobConfig) -> list[str]:
                     f"(rollout.prompts_per_step={r.prompts_per_step} x rollout."
                     f"n_samples_per_prompt={r.n_samples_per_prompt} = {s.samples_per_step}); "
                     f"set train.batch_size to a divisor such as {s.samples_per_step}")
+    if tr.trainer == "rl" and cfg.topology.mode == "colocated" and r.prompts_per_step % s.world:
+        errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
+                    f"{s.world} ranks (each rank rolls out whole prompt groups); set it to "
+                    f"{max(r.prompts_per_step // s.world, 1) * s.world}")
+    if tr.trainer == "rl" and cfg.topology.mode == "disaggregated" and (
+            r.prompts_per_step % max(s.actor_dp, 1) or r.prompts_per_step % max(s.num_engines, 1)):
+        errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
+                    f"actor data-parallel size {s.actor_dp} and of the {s.num_engines} rollout "
+                    "engines (whole prompt groups per rank)")
     if r.max_model_len and cfg.data.max_prompt_len + r.max_new_tokens > r.max_model_len:
         errs.append(f"data.max_prompt_len={cfg.data.max_prompt_len} + rollout.max_new_tokens="
                     f"{r.max_new_tokens} exceeds rollout.max_model_len={r.max_model_len}; "

@@ -50,6 +50,12 @@ class DataConfig:
     chosen_key: str = opt("chosen", "dataset field of the preferred response (DPO/RM)")
     rejected_key: str = opt("rejected", "dataset field of the rejected response (DPO/RM)")
     apply_chat_template: bool = opt(True, "wrap prompts with the tokenizer's chat template")
+    chat_template: str = opt("", "a jinja chat template to use instead of the tokenizer's own")
+    margin_key: str = opt("margin", "dataset field of a pair's reward margin (RM, optional)")
+    prm_step_tag: str = opt("\n", "PRM: placeholder text after each step, where labels are "
+                            "predicted")
+    prm_good_token: str = opt("+", "PRM: the token that means 'good step'")
+    prm_bad_token: str = opt("-", "PRM: the token that means 'bad step'")
     max_prompt_len: int = opt(256, "prompts longer than this (tokens) are dropped and counted", gt=0)
     max_len: int = opt(1024, "max total tokens of a training sample (SFT/DPO)", gt=0)
     packing: bool = opt(False, "pack several samples per sequence (no cross-sample attention)")
@@ -108,6 +114,10 @@ class TrainConfig:
     preference_loss: str = opt("dpo", "preference loss", choices=("dpo", "ipo", "cdpo"))
     label_smoothing: float = opt(0.0, "cDPO label smoothing", ge=0.0, lt=0.5)
     teacher_path: str = opt("", "knowledge-distillation teacher model")
+    kto_desirable_weight: float = opt(1.0, "KTO weight of desirable samples", gt=0.0)
+    kto_undesirable_weight: float = opt(1.0, "KTO weight of undesirable samples", gt=0.0)
+    rs_candidates: int = opt(4, "rejection sampling / iterative DPO: candidates per "
+                                     "prompt", gt=1)
 
 
 @dataclass(frozen=True)
