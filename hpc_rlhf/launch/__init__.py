@@ -1,0 +1,1 @@
+"""Launching jobs: sbatch scripts, submitit submission, dry-run planning, rank entry point."""

@@ -1,0 +1,111 @@
+"""The sbatch renderer: checked-in scripts are current, parameters land where SLURM reads them."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hpc_rlhf.launch.sbatch import SCRIPTS, SbatchSpec, render_sbatch
+
+pytestmark = pytest.mark.unit
+
+SLURM_DIR = Path(__file__).resolve().parents[2] / "slurm"
+
+BASE = SbatchSpec(job_name="x", nodes=2, gpus_per_node=4, nproc_per_node=4, cpus_per_task=16,
+                  time="01:00:00", config="configs/x.yaml")
+
+
+def sbatch_options(text: str) -> dict[str, str]:
+    """What sbatch itself reads: #SBATCH lines before the first command (a naive parser)."""
+    opts = {}
+    for line in text.splitlines()[1:]:
+        if line.startswith("#SBATCH"):
+            key, _, value = line[len("#SBATCH "):].partition("=")
+            opts[key] = value
+        elif line.strip() and not line.startswith("#"):
+            break  # sbatch stops at the first non-comment line
+    return opts
+
+
+def test_checked_in_scripts_equal_rendered():
+    on_disk = {p.stem for p in SLURM_DIR.glob("*.sbatch")}
+    assert on_disk == set(SCRIPTS), "run python -m hpc_rlhf.launch.sbatch --write"
+    for name, spec in SCRIPTS.items():
+        assert (SLURM_DIR / f"{name}.sbatch").read_text() == render_sbatch(spec), (
+            f"slurm/{name}.sbatch is stale: run python -m hpc_rlhf.launch.sbatch --write")
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_every_script_header_and_syntax(name):
+    spec = SCRIPTS[name]
+    text = render_sbatch(spec)
+    opts = sbatch_options(text)
+    assert opts["--nodes"] == str(spec.nodes)
+    assert opts["--ntasks-per-node"] == "1"
+    assert opts["--signal"] == f"B:USR1@{spec.signal_lead_s}"
+    assert "--requeue" in opts and opts["--open-mode"] == "append"
+    assert opts.get("--gpus-per-node") == (str(spec.gpus_per_node) if spec.gpus_per_node else None)
+    assert f"-m {spec.module}" in text
+    if bash := shutil.which("bash"):
+        syntax = subprocess.run([bash, "-n"], input=text, text=True, capture_output=True)
+        assert syntax.returncode == 0, syntax.stderr
+
+
+def test_parameters_reach_the_script():
+    spec = replace(BASE, partition="gpu", account="proj42", time="2-00:00:00",
+                   overrides=("actor.lr=1e-6", "seed=3"), run_dir="/scratch/r1", signal_lead_s=600)
+    text = render_sbatch(spec)
+    opts = sbatch_options(text)
+    assert (opts["--partition"], opts["--account"], opts["--time"]) == ("gpu", "proj42",
+                                                                         "2-00:00:00")
+    assert (opts["--gpus-per-node"], opts["--cpus-per-task"]) == ("4", "16")
+    assert opts["--signal"] == "B:USR1@600"
+    assert re.search(r'--config "\$CONFIG" actor\.lr=1e-6 seed=3 "\$@" &$', text, re.M)
+    assert "CONFIG=${CONFIG:-configs/x.yaml}" in text
+    assert "RUN_DIR=${RUN_DIR:-/scratch/r1}" in text
+    assert "--shutdown-timeout 540" in text  # lead time minus 60 s
+    assert "NPROC_PER_NODE=${NPROC_PER_NODE:-4}" in text
+
+
+def test_cpu_job_has_no_gpu_request_and_defaults():
+    text = render_sbatch(replace(BASE, gpus_per_node=0, nproc_per_node=2, config=None))
+    opts = sbatch_options(text)
+    assert "--gpus-per-node" not in opts and "--exclusive" not in opts and "--partition" not in opts
+    assert "--config" not in text and "RUN_DIR=${RUN_DIR:-runs/x}" in text
+
+
+def test_requeue_contract_is_in_the_script():
+    text = render_sbatch(BASE)
+    assert "trap forward_usr1 USR1" in text and 'kill -USR1 "$srun_pid"' in text
+    assert "SIGUSR1" in text.split("--signals-to-handle", 1)[1].split("\n", 1)[0]
+    requeue = text.index('if [[ -f $RUN_DIR/REQUEUE ]]')
+    assert text.index('wait "$srun_pid"') < requeue < text.index('scontrol requeue "$SLURM_JOB_ID"')
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"nproc_per_node": 3}, "nproc_per_node=3"),
+    ({"time": "90 minutes"}, "time='90 minutes'"),
+    ({"signal_lead_s": 10}, "signal_lead_s=10"),
+    ({"nodes": 0}, "nodes=0"),
+    ({"job_name": "a b"}, "job_name='a b'"),
+    ({"overrides": ("x=$(rm -rf /)",)}, "override"),
+])
+def test_invalid_spec_names_the_field(change, field):
+    with pytest.raises(ValueError, match=re.escape(field)):
+        replace(BASE, **change)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in SCRIPTS if SCRIPTS[n].config))
+def test_script_agrees_with_its_config(name):
+    yaml = pytest.importorskip("yaml")
+    spec = SCRIPTS[name]
+    cfg = yaml.safe_load((SLURM_DIR.parent / spec.config).read_text())
+    topo, launch = cfg.get("topology", {}), cfg.get("launch", {})
+    assert (spec.nodes, spec.nproc_per_node) == (topo["nodes"], topo["procs_per_node"])
+    assert spec.time == launch["time"] and spec.cpus_per_task == launch["cpus_per_node"]
+    assert spec.signal_lead_s == launch.get("signal_lead_s", 300)
+    assert spec.job_name == launch["name"]
