@@ -1,0 +1,131 @@
+"""Weight-sync throughput: bucketed broadcast vs one flat broadcast of the same bytes, same run.
+
+    python benchmarks/weight_sync.py                        # 2 procs, gloo, ~128 MB model
+    python benchmarks/weight_sync.py --mb 512 --bucket-mb 64 --receivers 2
+
+Spawns 1 sender + R receivers on one standalone gloo group (NCCL: --backend nccl, one GPU per
+process). The "model" is a list of float32/bf16 tensors shaped like a small LLM's (embedding,
+per-layer attention/MLP matrices, norms). Prints bytes/s of: the flat baseline (one
+preallocated buffer, one broadcast), the bucketed `broadcast_weights` path (pack + header +
+buffer per bucket, receivers unpack), and per-tensor broadcasts; then the ratio bucketed/flat
+(goal >= 0.8).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import socket
+import statistics
+import time
+from datetime import timedelta
+
+import torch
+
+
+def fake_model(total_mb: int, hidden: int = 1024) -> list[tuple[str, torch.Tensor]]:
+    """LLM-shaped tensors until total_mb is reached (embedding first, then layers)."""
+    tensors = [("model.embed_tokens.weight", torch.randn(8192, hidden))]
+    size = lambda: sum(t.numel() * t.element_size() for _, t in tensors)  # noqa: E731
+    layer = 0
+    while size() < total_mb * 2**20:
+        p = f"model.layers.{layer}."
+        tensors += [(p + "input_layernorm.weight", torch.ones(hidden)),
+                    (p + "self_attn.q_proj.weight", torch.randn(hidden, hidden)),
+                    (p + "self_attn.k_proj.weight", torch.randn(hidden // 4, hidden)),
+                    (p + "self_attn.v_proj.weight", torch.randn(hidden // 4, hidden)),
+                    (p + "self_attn.o_proj.weight", torch.randn(hidden, hidden)),
+                    (p + "mlp.gate_up.weight", torch.randn(2 * hidden, hidden).bfloat16()),
+                    (p + "mlp.down_proj.weight", torch.randn(hidden, 2 * hidden).bfloat16())]
+        layer += 1
+    return tensors
+
+
+def _group(backend, rank, world, port):
+    import torch.distributed as dist
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timedelta(seconds=120))
+    prefixed = dist.PrefixStore("bench", store)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        return dist.ProcessGroupNCCL(prefixed, rank, world), torch.device("cuda", rank)
+    return dist.ProcessGroupGloo(prefixed, rank, world, timedelta(seconds=120)), torch.device("cpu")
+
+
+def _worker(rank, world, port, args, queue):
+    from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
+    torch.manual_seed(0)
+    group, device = _group(args.backend, rank, world, port)
+    tensors = [(n, t.to(device)) for n, t in fake_model(args.mb)]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    flat = torch.empty(total, dtype=torch.uint8, device=device)
+    barrier = torch.zeros(1, device=device)
+    times = {"flat": [], "bucketed": [], "per_tensor": []}
+
+    def timed(key, fn):
+        group.broadcast(barrier, 0).wait()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        group.broadcast(barrier, 0).wait()  # done when every receiver is done
+        times[key].append(time.perf_counter() - start)
+
+    # persistent, as in training: buffers are reused from one sync to the next
+    sender = BroadcastSender(group, 0, bucket_bytes=args.bucket_mb * 2**20, device=device,
+                             verify=args.verify)
+    receiver = BroadcastReceiver(group, 0, device=device)
+
+    def bucketed():
+        if rank == 0:
+            sender.send(iter(tensors))
+        else:
+            for _ in receiver.receive():
+                pass
+
+    def per_tensor():
+        for _, t in tensors:
+            group.broadcast(t if rank == 0 else torch.empty_like(t), 0).wait()
+
+    for it in range(args.iters + 1):  # first round is warm-up
+        timed("flat", lambda: group.broadcast(flat, 0).wait())
+        timed("bucketed", bucketed)
+        if not args.skip_per_tensor:
+            timed("per_tensor", per_tensor)
+    if rank == 0:
+        queue.put((total, len(tensors), {k: v[1:] for k, v in times.items() if v}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=128, help="model size in MiB (>= 100)")
+    ap.add_argument("--bucket-mb", type=int, default=32)
+    ap.add_argument("--receivers", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    ap.add_argument("--verify", action="store_true", help="per-bucket checksums on")
+    ap.add_argument("--skip-per-tensor", action="store_true")
+    args = ap.parse_args(argv)
+    world = args.receivers + 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    total, count, times = queue.get(timeout=1800)
+    for p in procs:
+        p.join(timeout=60)
+    print(f"backend={args.backend} receivers={args.receivers} model={total / 2**20:.0f} MiB "
+          f"({count} tensors) bucket={args.bucket_mb} MiB verify={args.verify} "
+          f"iters={args.iters}")
+    rate = {k: total / statistics.median(v) for k, v in times.items()}
+    for k, r in rate.items():
+        print(f"  {k:10s} {r / 1e9:7.3f} GB/s  (median {statistics.median(times[k]):.3f} s)")
+    print(f"ratio bucketed/flat = {rate['bucketed'] / rate['flat']:.3f}  (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
