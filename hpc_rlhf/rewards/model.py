@@ -1,0 +1,92 @@
+"""Rewards from a trained reward model: `reward.source=model model.reward_model_path=DIR`.
+
+DIR is a value model as `hpc_rlhf.models.heads` saves it (an HF *ForSequenceClassification
+with num_labels=1) plus its tokenizer. The reward of a sample is the head's value at the last
+token of query + response, the position the RM trainer scores.
+
+Exactness: `score_ids(prompt_ids + response_ids)` scores the very tokens the policy produced
+(prefer it when the loop has them). `score(queries, responses, labels)` re-tokenizes
+query + response text (queries with the chat template already applied) and appends eos when
+the text does not end with it, since decoded responses lose their end-of-turn token while the RM
+was trained on sequences that end with one. Labels are unused.
+"""
+from __future__ import annotations
+
+import torch
+
+from hpc_rlhf.rewards.base import as_reward_tensor, check_batch
+
+
+class ModelReward:
+    """`RewardSource` over a value model (per-token values [b, T]) and its tokenizer."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 8, append_eos: bool = True,
+                 name: str = "reward model"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.append_eos, self.name = batch_size, append_eos, name
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(f"{name}: the tokenizer has neither a pad nor an eos token")
+        self.pad_id = int(pad)
+
+    @classmethod
+    def from_path(cls, path: str, *, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", **kwargs) -> "ModelReward":
+        from transformers import AutoTokenizer
+
+        from hpc_rlhf.models.heads import load_value_model
+        from hpc_rlhf.models.resolve import resolve_model_path
+        local = resolve_model_path(path)
+        model = load_value_model(local, dtype=dtype).to(device).eval()
+        return cls(model, AutoTokenizer.from_pretrained(local), name=f"reward model {path}",
+                   **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelReward":
+        path = cfg.model.reward_model_path
+        if not path:
+            raise ValueError("reward.source='model' needs model.reward_model_path (a directory "
+                             "written by the RM trainer)")
+        cuda = torch.cuda.is_available()
+        dtype = getattr(torch, cfg.model.dtype) if cuda else torch.float32
+        return cls.from_path(path, dtype=dtype, device="cuda" if cuda else "cpu",
+                             batch_size=cfg.train.micro_batch_size)
+
+    def __repr__(self) -> str:
+        return f"ModelReward({self.name!r})"
+
+    @torch.no_grad()
+    def score_ids(self, sequences: list[list[int]]) -> torch.Tensor:
+        """[B] float32: the value at each sequence's last token (sequences are unpadded ids)."""
+        from hpc_rlhf.models.heads import sequence_rewards
+        device = next(self.model.parameters()).device
+        out = []
+        for first in range(0, len(sequences), self.batch_size):
+            batch = sequences[first:first + self.batch_size]
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(batch):                                  # right padding
+                if not s:
+                    raise ValueError(f"sequence {first + i} is empty; nothing to score")
+                ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+            values = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))  # [b,T]
+            out.append(sequence_rewards(values, mask.to(device)).float().cpu())             # [b]
+        flat = torch.cat(out) if out else torch.zeros(0)
+        return as_reward_tensor(flat, len(sequences), source=self.name,
+                                fix="Check the reward model's weights (NaN/inf in its output).")
+
+    def score(self, queries: list[str], responses: list[str], labels: list[str]) -> torch.Tensor:
+        check_batch(queries, responses, labels)
+        eos = self.tokenizer.eos_token_id
+        seqs = []
+        for q, r in zip(queries, responses):
+            ids = list(self.tokenizer(q + r, add_special_tokens=False)["input_ids"])
+            if self.append_eos and eos is not None and (not ids or ids[-1] != eos):
+                ids.append(int(eos))
+            seqs.append(ids)
+        return self.score_ids(seqs)

@@ -1,0 +1,190 @@
+"""Remote rewards over loopback HTTP: the client against the reference server, faults injected.
+
+Most cases run the server in a thread of this process (real sockets, 127.0.0.1); one runs the
+`python -m hpc_rlhf.rewards.server` CLI as a subprocess. Every case is bounded in time.
+"""
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from hpc_rlhf.data.tasks import make_task, task_reward
+from hpc_rlhf.rewards import RemoteReward, RewardError
+from hpc_rlhf.rewards.remote import API_KEY_ENV, mask_url
+from hpc_rlhf.rewards.server import Faults, RewardServer, make_score_fn
+
+pytestmark = pytest.mark.distributed
+
+SAMPLES = make_task("task:arithmetic", 150, seed=3)        # > 2 chunks of 64
+QUERIES = [s.prompt for s in SAMPLES]
+LABELS = [s.label for s in SAMPLES]
+RESPONSES = [s.answer if i % 3 else f"{s.answer}1 no" for i, s in enumerate(SAMPLES)]
+SECRET = "sk-TOPSECRET-123456"
+
+
+def naive_rewards(responses, labels):
+    reward = task_reward("task:arithmetic")
+    return torch.tensor([reward(r, lab) for r, lab in zip(responses, labels)])
+
+
+class Served:
+    """A RewardServer on a free loopback port, served from a daemon thread."""
+
+    def __init__(self, faults=Faults(), api_key=""):
+        self.server = RewardServer(0, make_score_fn(task="arithmetic"), faults, api_key=api_key)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def client(url, **kw):
+    kw = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.05, **kw}
+    return RemoteReward(url, **kw)
+
+
+def test_scores_equal_local_task_reward_in_chunks():
+    with Served() as s:
+        rc = client(s.url, chunk_size=64)
+        got = rc.score(QUERIES, RESPONSES, LABELS)
+        assert s.server.requests_seen == 3                   # 64 + 64 + 22
+    assert got.dtype == torch.float32 and got.shape == (len(SAMPLES),)
+    assert torch.equal(got, naive_rewards(RESPONSES, LABELS))
+    assert 0 < got.sum() < len(SAMPLES)                      # both outcomes present
+
+
+def test_serves_a_reward_func_file():
+    from pathlib import Path
+
+    from hpc_rlhf.rewards import FuncReward
+    example = Path(__file__).resolve().parents[2] / "examples" / "reward_func_example.py"
+    srv = Served()
+    srv.server.score_fn = make_score_fn(func=str(example))
+    with srv as s:
+        got = client(s.url, chunk_size=16).score(QUERIES, RESPONSES, LABELS)
+    assert torch.equal(got, FuncReward(example).score(QUERIES, RESPONSES, LABELS))
+
+
+def test_one_timeout_then_success_is_retried_within_bound():
+    with Served(Faults(hang_first=1, hang_s=5.0)) as s:
+        rc = client(s.url, timeout_s=0.5, retries=2)
+        t0 = time.monotonic()
+        got = rc.score(QUERIES[:8], RESPONSES[:8], LABELS[:8])
+        elapsed = time.monotonic() - t0
+    assert torch.equal(got, naive_rewards(RESPONSES[:8], LABELS[:8]))
+    assert rc.last_attempts == 2
+    assert elapsed < 4.0                                      # one 0.5 s timeout, not the 5 s hang
+
+
+def test_persistent_500_fails_clearly_after_retries():
+    with Served(Faults(fail_first=10**6)) as s:
+        rc = client(s.url, retries=3, backoff_s=0.05)
+        t0 = time.monotonic()
+        with pytest.raises(RewardError) as e:
+            rc.score(QUERIES[:4], RESPONSES[:4], LABELS[:4])
+        assert s.server.requests_seen == 4                   # 1 try + 3 retries
+    msg = str(e.value)
+    assert "failed 4 times" in msg and "HTTP 500" in msg and "not scored" in msg
+    assert "remote_retries=3" in msg
+    assert time.monotonic() - t0 < 3.0                        # backoff 0.05+0.1+0.2 s
+
+
+def test_connection_refused_is_retried_then_clear_error():
+    with Served() as s:
+        url = s.url
+    with pytest.raises(RewardError, match="failed 3 times.*cannot connect"):
+        client(url, retries=2).score(["q"], ["1"], ["1"])
+
+
+def test_malformed_json_fails_without_retry():
+    with Served(Faults(malformed=True)) as s:
+        with pytest.raises(RewardError, match="malformed JSON") as e:
+            client(s.url, retries=5).score(QUERIES[:3], RESPONSES[:3], LABELS[:3])
+        assert s.server.requests_seen == 1
+    assert '{"rewards": [one finite float per sample' in str(e.value)
+
+
+def test_wrong_count_fails_without_retry():
+    with Served(Faults(wrong_count=True)) as s:
+        with pytest.raises(RewardError, match="returned 4 rewards for a batch of 5"):
+            client(s.url, retries=5).score(QUERIES[:5], RESPONSES[:5], LABELS[:5])
+        assert s.server.requests_seen == 1
+
+
+def test_api_key_is_sent_and_never_appears_in_errors(monkeypatch):
+    monkeypatch.setenv("RW_TOKEN", SECRET)
+    monkeypatch.setenv(API_KEY_ENV, "${RW_TOKEN}")           # the key itself may be a reference
+    with Served(api_key=SECRET) as ok:
+        port = ok.server.server_address[1]
+        monkeypatch.setenv("RW_HOST_PORT", f"127.0.0.1:{port}")
+        got = client("http://${RW_HOST_PORT}/score?token=${RW_TOKEN}").score(
+            QUERIES[:4], RESPONSES[:4], LABELS[:4])
+        assert torch.equal(got, naive_rewards(RESPONSES[:4], LABELS[:4]))
+    # A leaky server echoes the Authorization header in its 500s; a URL holds credentials.
+    with Served(Faults(fail_first=10**6, echo_auth=True), api_key=SECRET) as bad:
+        port = bad.server.server_address[1]
+        url = f"http://user:{SECRET}@127.0.0.1:{port}/score?token=${{RW_TOKEN}}"
+        rc = client(url, retries=1)
+        with pytest.raises(RewardError) as e:
+            rc.score(QUERIES[:2], RESPONSES[:2], LABELS[:2])
+    text = str(e.value) + repr(rc) + str(e.value.__cause__) + str(e.value.__context__)
+    assert "HTTP 500" in str(e.value) and "auth=Bearer ***" in str(e.value)
+    assert SECRET not in text
+    monkeypatch.delenv(API_KEY_ENV)
+    with Served(api_key=SECRET) as s:                         # no key -> 401, clear, no retry
+        with pytest.raises(RewardError, match=f"HTTP 401.*check {API_KEY_ENV}"):
+            client(s.url).score(["q"], ["1"], ["1"])
+        assert s.server.requests_seen == 1
+
+
+def test_missing_env_reference_names_the_variable(monkeypatch):
+    monkeypatch.delenv("RW_UNSET_VAR", raising=False)
+    with pytest.raises(RewardError, match=r"\$\{RW_UNSET_VAR\}.*not set"):
+        client("http://${RW_UNSET_VAR}/x").score(["q"], ["1"], ["1"])
+
+
+def test_mask_url():
+    assert mask_url("https://u:pw@h:1/p?key=abc&x=1") == "https://u:***@h:1/p?key=***&x=***"
+    assert mask_url("http://${HOST}/score") == "http://${HOST}/score"
+
+
+def _read_port(proc, deadline_s=120.0):
+    lines = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+        line = lines.get(timeout=deadline_s)
+    except queue.Empty:
+        raise AssertionError(f"reward server printed no port line in {deadline_s} s")
+    m = re.search(r"port=(\d+)", line)
+    assert m, f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.poll() else ''}"
+    return int(m.group(1))
+
+
+def test_cli_server_survives_one_injected_timeout():
+    proc = subprocess.Popen([sys.executable, "-m", "hpc_rlhf.rewards.server", "--task",
+                             "arithmetic", "--port", "0", "--hang-first", "1", "--hang-s", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = _read_port(proc)
+        rc = client(f"http://127.0.0.1:{port}/score", timeout_s=1.0, retries=2)
+        got = rc.score(QUERIES, RESPONSES, LABELS)
+        assert torch.equal(got, naive_rewards(RESPONSES, LABELS))
+        assert rc.last_attempts == 4                          # 3 chunks, the first one twice
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
