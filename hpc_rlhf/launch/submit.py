@@ -1,0 +1,305 @@
+"""`python -m hpc_rlhf.submit`: validate, plan, then submit with submitit (or run locally).
+
+    python -m hpc_rlhf.submit --config configs/ppo_70b.yaml --dry-run        # plan only
+    python -m hpc_rlhf.submit --config configs/grpo_7b.yaml actor.lr=1e-6    # queue it
+    python -m hpc_rlhf.submit --config configs/tiny_disagg.yaml --program smoke --wait
+    python -m hpc_rlhf.submit --config X.yaml topology.nodes=1 --local       # no SLURM
+
+Exit codes: 0 ok, 2 invalid config/layout (nothing queued), 1 the job failed (--wait/--local).
+
+SLURM shape: submitit's SlurmExecutor with nodes=N, tasks_per_node=1 (never G tasks per node
+plus torchrun: that double-spawns), gpus_per_node=G. Each node's task (TorchrunTask) execs
+one torchrun agent with c10d rendezvous on the first node's SLURM address; torchrun starts G
+ranks of `hpc_rlhf.launch.main`. srun runs with --kill-on-bad-exit so a failed node ends the job.
+
+Preemption: submitit asks SLURM for --signal=USR2@launch.signal_lead_s (its default signal;
+USR2 reaches every task). We do NOT use submitit's Checkpointable: its handler acts only on
+global task 0 and runs the checkpoint inside the signal handler, so it cannot make the ranks
+on other nodes save, and waiting for the torchrun child there can deadlock on Popen's waitpid
+lock. Instead TorchrunTask replaces the USR2 handler on every node with "forward SIGUSR1 to
+torchrun" (torchrun forwards it to the ranks), i.e. the same contract as the sbatch scripts
+(hpc_rlhf/launch/sbatch.py): the program checkpoints, rank 0 writes $HPC_RLHF_RUN_DIR/REQUEUE,
+torchrun exits; then task 0 runs `scontrol requeue` and exits without a result, exactly what
+submitit itself does when it requeues, so the requeued job reruns the same pickled task and the
+program resumes from the run directory. Test it: `scancel --signal=USR2 <jobid>`.
+SLURM delivers a step signal to every process of the step, so torchrun (told to handle USR2)
+and the ranks (signals.py) get USR2 directly as well: all paths set the same idempotent flag.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpc_rlhf.config import ConfigError, JobConfig, load_config
+from hpc_rlhf.topology.layout import Layout, build_layout
+from . import plan as planlib
+from .rundir import ENV_RUN_DIR, resolve_run_dir
+from .signals import REQUEUE_FILE
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _time_minutes(t: str) -> int:
+    """SLURM time ([D-]HH:MM:SS, MM:SS or minutes) -> minutes (submitit's unit)."""
+    days, _, rest = t.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if len(parts) == 1:
+        minutes = parts[0]
+    elif len(parts) == 2:
+        minutes = parts[0] + (parts[1] + 59) // 60
+    else:
+        minutes = parts[0] * 60 + parts[1] + (parts[2] + 59) // 60
+    return minutes + int(days or 0) * 24 * 60
+
+
+def gpus_per_node(cfg: JobConfig) -> int:
+    """GPUs to request per node: one per rank, unless the job is explicitly CPU (gloo)."""
+    return 0 if cfg.topology.backend == "gloo" else cfg.topology.procs_per_node
+
+
+def shutdown_timeout_s(cfg: JobConfig) -> int:
+    # torchrun lets ranks finish their checkpoint this long after forwarding a signal.
+    return max(30, cfg.launch.signal_lead_s - 60)
+
+
+def sbatch_text(cfg: JobConfig, config_path: str | None, overrides: list, program: str | None,
+                run_dir: Path) -> str:
+    """The equivalent plain-sbatch script (hpc_rlhf/launch/sbatch.py renders it)."""
+    from .sbatch import SbatchSpec, render_sbatch
+
+    env = ((("HPC_RLHF_PROGRAM", program),) if program else ())
+    try:
+        spec = SbatchSpec(
+            job_name=cfg.launch.name, nodes=cfg.topology.nodes, gpus_per_node=gpus_per_node(cfg),
+            nproc_per_node=cfg.topology.procs_per_node,
+            cpus_per_task=max(cfg.launch.cpus_per_node, 1), time=cfg.launch.time,
+            config=config_path, overrides=tuple(overrides), partition=cfg.launch.partition or None,
+            account=cfg.launch.account or None, run_dir=str(run_dir),
+            signal_lead_s=cfg.launch.signal_lead_s, extra_env=env)
+    except ValueError as e:
+        return f"# (no sbatch script: {e})"
+    return render_sbatch(spec)
+
+
+def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides: list,
+              program: str | None, gpu_mem_gb: float) -> tuple:
+    """(full dry-run text, warnings)."""
+    run_dir = resolve_run_dir(cfg)
+    mem = planlib.memory_plan(cfg, layout, gpu_mem_gb)
+    sleeps = layout.mode == "colocated" and cfg.rollout.enable_sleep
+    mem_text, warnings = planlib.format_memory(mem, gpu_mem_gb, sleeps)
+    p = planlib.count_params(cfg.model.path, cfg.model.num_params_b)
+    if p == 0:
+        warnings.append(f"WARNING: parameter count of model.path={cfg.model.path!r} unknown; "
+                        "set model.num_params_b for a memory estimate")
+    trun = planlib.torchrun_argv(config_path, overrides, cfg.topology.nodes,
+                                 cfg.topology.procs_per_node, "@ENDPOINT@", "@JOBID@",
+                                 shutdown_timeout_s(cfg))
+    parts = [
+        f"== job {cfg.launch.name}: {cfg.train.trainer} ({cfg.algorithm.name}), model "
+        f"{cfg.model.path} ({p / 1e9:.2f} B params), program {program or cfg.train.trainer}",
+        f"== run directory: {run_dir}",
+        "== layout (node, GPU, rank)", layout.describe(),
+        f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB; see hpc_rlhf/launch/plan.py)",
+        mem_text, *warnings,
+        "== torchrun command (one per node, from submitit's task or the sbatch script)",
+        (f"HPC_RLHF_PROGRAM={program} " if program else "") + planlib.shell_join(trun)
+        .replace("@ENDPOINT@", "$HEAD_ADDR:$RDZV_PORT").replace("@JOBID@", "$SLURM_JOB_ID"),
+        "== equivalent sbatch script", sbatch_text(cfg, config_path, overrides, program, run_dir),
+    ]
+    return "\n".join(parts), warnings
+
+
+@dataclass
+class TorchrunTask:
+    """What submitit runs on every node: one torchrun agent (see the module doc)."""
+    config_path: str | None
+    overrides: list
+    nproc_per_node: int
+    run_dir: str
+    program: str | None
+    shutdown_timeout_s: int
+    python: str = sys.executable
+
+    def __call__(self) -> int:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        job_id = os.environ.get("SLURM_JOB_ID", env.job_id)
+        head = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                              capture_output=True, text=True, check=True).stdout.split()[0]
+        node_info = subprocess.run(["scontrol", "show", "node", head], capture_output=True,
+                                   text=True).stdout
+        addr = next((w.split("=", 1)[1] for w in node_info.split() if w.startswith("NodeAddr=")),
+                    head)
+        port = 20000 + int(job_id) % 20000
+        argv = planlib.torchrun_argv(self.config_path, self.overrides, env.num_nodes,
+                                     self.nproc_per_node, f"{addr}:{port}", str(job_id),
+                                     self.shutdown_timeout_s, self.python)
+        run_dir = Path(self.run_dir)
+        marker = run_dir / REQUEUE_FILE
+        if env.global_rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.unlink(missing_ok=True)  # left by a killed run: must not requeue this one
+        child_env = {**os.environ, ENV_RUN_DIR: str(run_dir),
+                     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        if self.program:
+            child_env["HPC_RLHF_PROGRAM"] = self.program
+        print(f"[submit] node {env.node}/{env.num_nodes} restart "
+              f"{os.environ.get('SLURM_RESTART_COUNT', '0')}: {planlib.shell_join(argv)}",
+              flush=True)
+        proc = subprocess.Popen(argv, env=child_env)
+
+        signalled = []
+
+        def forward(signum, frame):
+            signalled.append(signum)
+            print(f"[submit] node {env.node}: {signal.Signals(signum).name} -> SIGUSR1 to "
+                  "torchrun (checkpoint requested)", flush=True)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)
+
+        signal.signal(signal.SIGUSR2, forward)   # submitit's preemption signal
+        signal.signal(signal.SIGUSR1, forward)   # also accept the sbatch scripts' signal
+        while proc.poll() is None:  # poll, not wait(): handlers must never block on waitpid
+            time.sleep(0.2)
+        rc = proc.returncode
+        if env.global_rank == 0 and marker.exists():
+            marker.unlink()
+            print(f"[submit] checkpoint written; requeueing job {job_id}", flush=True)
+            subprocess.run(["scontrol", "requeue", str(job_id)], check=True, timeout=60)
+            sys.exit(-1)  # like submitit's own requeue: no result pickle, the rerun writes it
+        if rc != 0 and signalled and env.global_rank != 0:
+            # torchrun exits 1 after forwarding a signal; exiting non-zero here would make
+            # srun --kill-on-bad-exit kill task 0 before it can requeue.
+            print(f"[submit] node {env.node}: torchrun exited {rc} after the signal", flush=True)
+            return rc
+        if rc != 0:
+            raise RuntimeError(f"torchrun on node {env.node} exited with status {rc}; "
+                               "its failure summary above names the rank")
+        return rc
+
+
+def _parse(argv: list | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m hpc_rlhf.submit", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.actor_lr=1e-6")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--local", action="store_true",
+                   help="run torchrun on this machine (topology.nodes must be 1)")
+    p.add_argument("--program", default=None,
+                   help="rank program instead of train.trainer (e.g. smoke; see launch/main.py)")
+    p.add_argument("--wait", action="store_true", help="block until the job ends, print its log")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory for the plan")
+    p.add_argument("--folder", default=None,
+                   help="submitit folder (default: <run dir>/submitit)")
+    return p.parse_args(argv)
+
+
+def run_local(cfg: JobConfig, args, run_dir: Path) -> int:
+    from hpc_rlhf.topology import free_port
+
+    if cfg.topology.nodes != 1:
+        print(f"--local runs one node, but topology.nodes={cfg.topology.nodes}; add "
+              "topology.nodes=1 (and adjust ranks) or submit to SLURM", file=sys.stderr)
+        return 2
+    argv = planlib.torchrun_argv(args.config, args.overrides, 1, cfg.topology.procs_per_node,
+                                 f"127.0.0.1:{free_port()}", "local", shutdown_timeout_s(cfg))
+    env = {**os.environ, ENV_RUN_DIR: str(run_dir)}
+    if args.program:
+        env["HPC_RLHF_PROGRAM"] = args.program
+    print(f"[submit] local: {planlib.shell_join(argv)}", flush=True)
+    return subprocess.run(argv, env=env).returncode
+
+
+def submit_slurm(cfg: JobConfig, args, run_dir: Path):
+    import submitit
+
+    folder = Path(args.folder or run_dir / "submitit")
+    ex = submitit.SlurmExecutor(folder=folder, python=sys.executable)
+    gpus = gpus_per_node(cfg)
+    extra = {"requeue": True}
+    params = dict(job_name=cfg.launch.name, nodes=cfg.topology.nodes, ntasks_per_node=1,
+                  time=_time_minutes(cfg.launch.time), signal_delay_s=cfg.launch.signal_lead_s,
+                  srun_args=["--kill-on-bad-exit=1"], additional_parameters=extra,
+                  setup=[f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}",
+                         f"export {ENV_RUN_DIR}={run_dir}", *cfg.launch.setup])
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if cfg.launch.cpus_per_node:
+        params["cpus_per_task"] = cfg.launch.cpus_per_node
+    for key in ("partition", "account", "qos"):
+        if getattr(cfg.launch, key):
+            params[key] = getattr(cfg.launch, key)
+    if cfg.launch.mem != "0" or gpus:
+        params["mem"] = cfg.launch.mem
+    ex.update_parameters(**params)
+    config = str(Path(args.config).resolve()) if args.config else None
+    task = TorchrunTask(config, list(args.overrides), cfg.topology.procs_per_node,
+                        str(run_dir), args.program, shutdown_timeout_s(cfg))
+    return ex.submit(task)
+
+
+def wait_job(job, poll_s: float = 0.5) -> int:
+    """Until the job leaves the queue (a requeue keeps it there); 0 iff it succeeded."""
+    env = {**os.environ}
+    while True:
+        out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"],
+                             capture_output=True, text=True, env=env)
+        if out.returncode == 0 and not out.stdout.strip():
+            break
+        time.sleep(poll_s)
+    for _ in range(20):  # the result pickle lands on the shared folder right after
+        if job.paths.result_pickle.exists():
+            break
+        time.sleep(0.25)
+    tail = "\n".join(((job.stdout() or "") + (job.stderr() or "")).splitlines()[-60:])
+    print(f"[submit] job {job.job_id} ended; log tail ({job.paths.stdout}):\n{tail}", flush=True)
+    try:
+        job.results()  # one per node task; raises with the failed task's traceback
+    except Exception as e:  # submitit raises with the task's traceback
+        print(f"[submit] job {job.job_id} FAILED: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list | None = None) -> int:
+    args = _parse(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        layout = build_layout(cfg)
+    except (ConfigError, ValueError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    if args.program:
+        from .main import PROGRAMS
+        if args.program not in PROGRAMS:
+            print(f"--program {args.program!r} is unknown; choose one of {sorted(PROGRAMS)}",
+                  file=sys.stderr)
+            return 2
+    run_dir = resolve_run_dir(cfg).resolve()
+    text, warnings = plan_text(cfg, layout, args.config, args.overrides, args.program,
+                               args.gpu_mem_gb)
+    if args.dry_run:
+        print(text)
+        return 0
+    print(text.split("== torchrun command")[0].rstrip(), flush=True)
+    os.environ[ENV_RUN_DIR] = str(run_dir)
+    if args.local:
+        return run_local(cfg, args, run_dir)
+    job = submit_slurm(cfg, args, run_dir)
+    print(f"[submit] submitted job {job.job_id}: {cfg.topology.nodes} nodes x "
+          f"{cfg.topology.procs_per_node} ranks; log {job.paths.stdout}; run dir {run_dir}",
+          flush=True)
+    return wait_job(job) if args.wait else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

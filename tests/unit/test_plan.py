@@ -1,0 +1,81 @@
+"""Dry-run planner: memory formulas against the ZeRO paper, parameter counts against a real
+model, and the `python -m hpc_rlhf.submit --dry-run` CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_rlhf.config import load_config
+from hpc_rlhf.launch import plan
+from hpc_rlhf.topology import build_layout
+
+pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_zero_paper_figure_1(stage, expected_gb):
+    """ZeRO paper Fig. 1: 7.5B params, Nd=64, mixed-precision Adam (K=12)."""
+    cfg = load_config(None, [f"train.zero_stage={stage}"])
+    b = plan.trained_model_bytes(int(7.5e9), cfg, dp=64, tp=1, lora=False)
+    assert sum(b.values()) / 1e9 == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_offload_and_lora_remove_their_terms():
+    cfg = load_config(None, ["train.offload_optimizer=true", "train.offload_params=true"])
+    b = plan.trained_model_bytes(10**9, cfg, dp=8, tp=1, lora=False)
+    assert b["weights"] == 0 and b["adam"] == 0 and b["grads"] == 2e9 / 8
+    lora = plan.trained_model_bytes(10**9, load_config(None, []), dp=8, tp=1, lora=True)
+    assert lora == {"weights": 2e9 / 8, "grads": 0, "adam": 0}
+
+
+def test_param_count_matches_a_real_transformers_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for tied in (False, True):
+        c = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        model = LlamaForCausalLM(c)
+        d = tmp_path / f"m{tied}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(c.to_dict()))
+        assert plan.count_params(str(d)) == sum(p.numel() for p in model.parameters())
+
+
+def test_ppo_70b_plan_fits_80gb_and_matches_16_bytes_per_param():
+    cfg = load_config(REPO / "configs" / "ppo_70b.yaml")
+    lay = build_layout(cfg)
+    mem = {m.world: m for m in plan.memory_plan(cfg, lay, 80.0)}
+    p = 70.6e9
+    actor = dict(mem["actor"].items)
+    dp = len(lay.world_members("actor"))
+    assert actor["actor weights"] + actor["actor grads"] + actor["actor adam"] == \
+        pytest.approx(16 * p / dp)
+    assert actor["ref weights"] == pytest.approx(2 * p / dp)
+    assert all(m.total < 80 * plan.GIB for m in mem.values())
+
+
+def _submit(*args):
+    return subprocess.run([sys.executable, "-m", "hpc_rlhf.submit", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_prints_layout_memory_and_commands():
+    out = _submit("--config", "configs/ppo_70b.yaml", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "== layout" in text and "== memory per GPU" in text
+    assert "   7   7   63  rollout" in text  # node 7, GPU 7, rank 63
+    assert "--nnodes 8 --nproc-per-node 8" in text and "#SBATCH --nodes=8" in text
+    assert "WARNING" not in text
+    small = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "40")
+    assert "WARNING: world actor needs" in small.stdout
+
+
+def test_invalid_config_exits_2_before_anything():
+    out = _submit("--config", "configs/grpo_7b.yaml", "train.batch_size=7", "--dry-run")
+    assert out.returncode == 2 and "train.batch_size=7" in out.stderr
+    out = _submit("--config", "configs/ppo_70b.yaml", "--local")
+    assert out.returncode == 2 and "topology.nodes=8" in out.stderr
