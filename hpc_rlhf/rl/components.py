@@ -1,0 +1,146 @@
+"""Building blocks of the RL recipe: strategy, models, rollout engine, prompt sharding, sampling,
+weight sync and export. Each is small; loop.py reads as the recipe that uses them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.config import JobConfig, Sizes
+from hpc_rlhf.models.resolve import resolve_model_path
+from hpc_rlhf.rollout.protocol import SamplingConfig
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Models:
+    actor: object                 # DeepSpeed engine (policy)
+    ref: object | None            # frozen reference engine (when a KL term is used)
+    critic: object | None         # DeepSpeed engine of the value model (PPO)
+    tokenizer: object
+    model_path: str               # resolved HF directory of the policy
+    pad_id: int
+
+
+def build_strategy(cfg: JobConfig, s: Sizes, lr: float | None = None):
+    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    t = cfg.train
+    total = s.optimizer_steps_per_step * t.num_steps
+    return DeepSpeedStrategy(StrategyConfig(
+        zero_stage=t.zero_stage, bf16=cfg.model.dtype == "bfloat16",
+        micro_batch_size=t.micro_batch_size, grad_accum=s.grad_accum,
+        max_grad_norm=t.max_grad_norm, lr=lr or t.actor_lr, betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * total),
+        scheduler=t.lr_scheduler, total_steps=total, offload_optimizer=t.offload_optimizer,
+        offload_params=t.offload_params, ref_offload=t.ref_offload, autotp_size=t.autotp_size,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=t.seed))
+
+
+def uses_reference(cfg: JobConfig) -> bool:
+    return cfg.algorithm.kl_coef > 0 or cfg.algorithm.kl_target > 0
+
+
+def load_causal_lm(path: str, cfg: JobConfig):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code)
+
+
+def build_models(cfg: JobConfig, strategy) -> Models:
+    from transformers import AutoTokenizer
+    path = resolve_model_path(cfg.model.path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    policy = load_causal_lm(path, cfg)
+    if cfg.model.lora_rank:
+        from hpc_rlhf.models.lora import apply_lora
+        policy = apply_lora(policy, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
+                            dropout=cfg.model.lora_dropout, targets=cfg.model.lora_targets)
+    actor = strategy.prepare_model(policy)
+    ref = None
+    if uses_reference(cfg):
+        ref_path = resolve_model_path(cfg.model.ref_path or cfg.model.path)
+        ref = strategy.prepare_eval_model(load_causal_lm(ref_path, cfg))
+    critic = None
+    if cfg.algorithm.name == "ppo":
+        from hpc_rlhf.models.heads import ValueModel
+        critic_path = resolve_model_path(cfg.model.critic_path or cfg.model.path)
+        critic_strategy = build_strategy(cfg, _sizes_of(cfg), lr=cfg.train.critic_lr)
+        critic = critic_strategy.prepare_model(ValueModel.from_pretrained(critic_path))
+    return Models(actor, ref, critic, tok, path, pad_id)
+
+
+def _sizes_of(cfg):
+    from hpc_rlhf.config import sizes
+    return sizes(cfg)
+
+
+def build_engine(cfg: JobConfig, model_path: str, tokenizer):
+    """This rank's rollout engine (or its TP slice of one); HF serves a plain model replica
+    that weight syncs overwrite, like vLLM's copy."""
+    r = cfg.rollout
+    if r.engine == "hf":
+        from hpc_rlhf.rollout.hf_engine import HFEngine
+        replica = load_causal_lm(model_path, cfg).eval().requires_grad_(False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return HFEngine(replica, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad,
+                        tokenizer=tokenizer)
+    from hpc_rlhf.rollout.vllm_engine import VLLMEngine
+    max_len = r.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens
+    backend = "external_launcher" if torch.distributed.is_initialized() else None
+    return VLLMEngine(model_path, tensor_parallel_size=r.tensor_parallel_size,
+                      dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed,
+                      gpu_memory_utilization=r.gpu_memory_utilization,
+                      enable_sleep=r.enable_sleep, distributed_executor_backend=backend)
+
+
+def close_engine(engine) -> None:
+    """Shut a vLLM engine down while the process groups it used still exist (its own
+    at-exit cleanup would run after the topology destroyed them, and fail)."""
+    llm = getattr(engine, "llm", None)
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def local_prompts(step_prompts: list, rank: int, world: int, tp: int) -> list:
+    """This rank's prompts. Ranks of one TP group share an engine, which must see identical
+    requests, so the group generates its engine's share together; the trainer part of each
+    rank then keeps every tp-th prompt of it. Colocated TP>1 generation on CPU is rare; the
+    simple route (generate per rank) is used when tp == 1."""
+    from hpc_rlhf.rl.prompts import shard
+    if tp == 1:
+        return shard(step_prompts, rank, world)
+    return shard(shard(step_prompts, rank // tp, world // tp), rank % tp, tp)
+
+
+def rollout_sampling(cfg: JobConfig, seed: int) -> SamplingConfig:
+    r = cfg.rollout
+    return SamplingConfig(n=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                          temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          stop=tuple(r.stop), seed=seed)
+
+
+def policy_weights(strategy, actor):
+    """(HF name, full tensor) of the policy as a rollout engine loads it (LoRA merged)."""
+    module = getattr(actor, "module", actor)
+    if hasattr(module, "peft_config"):
+        from hpc_rlhf.models.lora import merged_state
+        return merged_state(strategy.gathered_state(actor))
+    return strategy.gathered_state(actor)
+
+
+def sync_weights(strategy, actor, engine) -> None:
+    """Colocated weight sync, in-process: gather ZeRO-3 shards, load them in the engine."""
+    engine.wake(("weights",))
+    engine.load_weights(policy_weights(strategy, actor))
+    engine.wake(("kv_cache",))
+
+
+def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> None:
+    """The final policy as a plain HF directory (safetensors + config + tokenizer)."""
+    from hpc_rlhf.checkpoint.export import export_hf
+    export_hf(policy_weights(strategy, models.actor), models.model_path, out_dir,
+              tokenizer=models.tokenizer, write=rank == 0)

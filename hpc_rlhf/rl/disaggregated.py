@@ -1,0 +1,212 @@
+"""The RL recipe with separate rollout ranks (topology.mode=disaggregated).
+
+Ranks [0, T) train (actor, optionally critic/reward worlds), ranks [T, N) host E vLLM engines
+of TP size P. Every rank reads the same prompt stream, so prompts never travel: engine e
+generates share e of the step's prompts. Per step:
+
+    rollout ranks: generate -> all-gather trajectories over the job group
+    trainer ranks: all-gather -> keep their data-parallel share -> score -> experience -> train
+    weight sync:   actor world gathers ZeRO-3 shards; its rank 0 broadcasts buckets over the
+                   sync group (actor rank 0 + all rollout ranks); engines load them
+    all ranks:     agree on "stop" (preemption signal) over the job group
+
+The critic shares the actor ranks here (topology.critic_ranks=0); separate critic and reward
+worlds are laid out by the topology but not driven by this recipe yet (config refuses them).
+"""
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.config import JobConfig, sizes, to_dict
+from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
+from hpc_rlhf.metrics.logger import MetricsLogger, Timer
+from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
+                                    rollout_sampling)
+from hpc_rlhf.rl.experience import make_batch
+from hpc_rlhf.rl.kl import make_kl_controller
+from hpc_rlhf.rl.prompts import PromptStream, load_prompts, shard
+from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
+from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
+
+
+def all_gather_objects(obj, pg) -> list:
+    """Every rank's picklable `obj`, in rank order, over a standalone gloo group."""
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.long)
+    sizes_ = [torch.zeros(1, dtype=torch.long) for _ in range(pg.size())]
+    pg.allgather([sizes_], [size]).wait()
+    longest = int(max(s.item() for s in sizes_))
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[:data.numel()] = data
+    out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(pg.size())]
+    pg.allgather([out], [padded]).wait()
+    return [pickle.loads(t[:int(s.item())].numpy().tobytes()) for t, s in zip(out, sizes_)]
+
+
+def _agree_any(flag: bool, pg) -> bool:
+    t = torch.tensor([1 if flag else 0], dtype=torch.long)
+    pg.allreduce([t]).wait()
+    return bool(t.item())
+
+
+def run(cfg: JobConfig, topo, run_dir: Path) -> None:
+    if cfg.topology.critic_ranks or cfg.topology.reward_ranks:
+        raise NotImplementedError("separate critic/reward ranks are not driven by the RL recipe "
+                                  "yet; set topology.critic_ranks=0 and topology.reward_ranks=0")
+    s = sizes(cfg)
+    step_prompts_source = _prompts(cfg)
+    job, sync = topo.job_group, topo.sync_group
+    bucket = cfg.rollout.weight_sync_bucket_mb * 2**20
+    if topo.is_rollout:
+        _serve(cfg, topo, step_prompts_source, job, sync)
+    else:
+        _train(cfg, s, topo, step_prompts_source, job, sync, run_dir, bucket)
+
+
+def _prompts(cfg: JobConfig):
+    from transformers import AutoTokenizer
+    from hpc_rlhf.models.resolve import resolve_model_path
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+    stream = PromptStream(load_prompts(
+        cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
+        max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.data.num_task_prompts,
+        seed=cfg.data.seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
+        skip_bad_rows=cfg.data.skip_bad_rows), cfg.rollout.prompts_per_step, cfg.data.seed)
+    return stream
+
+
+def _sampling(cfg: JobConfig, step: int, engine: int):
+    return rollout_sampling(cfg, seed=cfg.train.seed * 1_000_003 + step * 10_007 + engine * 101)
+
+
+# ---- rollout ranks --------------------------------------------------------------------------
+def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
+    from transformers import AutoTokenizer
+    from hpc_rlhf.models.resolve import resolve_model_path
+    from hpc_rlhf.rl.components import build_engine
+    path = resolve_model_path(cfg.model.path)
+    engine = build_engine(cfg, path, AutoTokenizer.from_pretrained(path))
+    e, num_engines = topo.engine_index, topo.layout.num_engines
+    receiver = BroadcastReceiver(sync, 0)
+    try:
+        start = _receive_start(job)
+        if start:  # resumed trainers send their weights first
+            receiver.load_into(engine)
+        prompts.cursor = start * prompts.per_step
+        for step in range(start, cfg.train.num_steps):
+            mine = shard(prompts.next_step(), e, num_engines)
+            t0 = time.perf_counter()
+            rollouts = engine.generate([p.ids for p in mine], _sampling(cfg, step, e))
+            elapsed = time.perf_counter() - t0
+            payload = (e, elapsed, rollouts) if topo.engine_tp_rank == 0 else None
+            all_gather_objects(payload, job)
+            receiver.load_into(engine)
+            if _agree_any(False, job):
+                return
+    finally:
+        close_engine(engine)
+
+
+def _receive_start(job) -> int:
+    """The step the trainers start from (0, or the resumed checkpoint's step)."""
+    t = torch.zeros(1, dtype=torch.long)
+    job.allreduce([t]).wait()  # trainers contribute start on global rank 0 only
+    return int(t.item())
+
+
+# ---- trainer ranks --------------------------------------------------------------------------
+def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket: int) -> None:
+    import torch.distributed as dist
+    strategy = build_strategy(cfg, s)
+    strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
+    models = build_models(cfg, strategy)
+    from hpc_rlhf.rewards.base import build_reward_source
+    reward_source = build_reward_source(cfg)
+    a = cfg.algorithm
+    kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
+    rank0 = topo.rank == 0
+    dp_rank, dp = strategy.dp_rank, strategy.dp_size
+    ckpt_dir = run_dir / "checkpoints"
+    engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
+    start, extra = 0, None
+    if cfg.checkpoint.resume:
+        restored = strategy.load_checkpoint(ckpt_dir, engines)
+        if restored is not None:
+            start, extra = restored
+            prompts.load_state_dict(extra["prompts"])
+            kl_ctl.value = extra["kl_coef"]
+    t = torch.tensor([start if rank0 else 0], dtype=torch.long)
+    job.allreduce([t]).wait()
+    sender = BroadcastSender(sync, 0, bucket_bytes=bucket) if sync is not None else None
+    if start:
+        _send_weights(strategy, models, sender)
+    logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
+                           wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
+                           progress_total=cfg.train.num_steps, progress_bar=cfg.logging.progress_bar,
+                           config=to_dict(cfg), start_step=start)
+    timer = Timer()
+    n = cfg.rollout.n_samples_per_prompt
+    for step in range(start, cfg.train.num_steps):
+        t0 = time.perf_counter()
+        step_prompts = prompts.next_step()
+        with timer("rollout"):  # trainers wait here while the engines generate
+            gathered = [x for x in all_gather_objects(None, job) if x is not None]
+        gathered.sort(key=lambda x: x[0])
+        rollouts = [r for _, _, rs in gathered for r in rs]  # prompt-major over all engines
+        gen_time = max(x[1] for x in gathered)
+        mine = shard(step_prompts, dp_rank, dp)
+        per = len(mine) * n
+        local = rollouts[dp_rank * per:(dp_rank + 1) * per]
+        for k, r in enumerate(local):  # prompt_index relative to this rank's prompts
+            r.prompt_index = k // n
+        with timer("reward"):
+            rewards = score_rollouts(cfg, reward_source, models.tokenizer, mine, local)
+        batch = make_batch([r.prompt_ids for r in local], [r.response_ids for r in local],
+                           [r.logprobs for r in local], rewards, models.pad_id)
+        with timer("experience"):
+            batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
+        with timer("train"):
+            train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
+        with timer("weight_sync"):
+            sync_stats = _send_weights(strategy, models, sender)
+        if "kl/mean" in exp_metrics:
+            kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
+        lengths = batch.action_mask.sum(1).float()
+        metrics = {**exp_metrics, **train_metrics, **timer.pop(), "kl/coef": kl_ctl.value,
+                   "reward/mean": rewards.mean().item(), "rollout/response_len": lengths.mean().item(),
+                   "rollout/generate_s": gen_time, "time/step": time.perf_counter() - t0}
+        if sync_stats is not None:
+            metrics.update(sync_stats.as_metrics())
+        keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))
+        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(vals)
+            vals /= dist.get_world_size()
+        metrics.update(zip(keys, vals.tolist()))
+        logger.log(step + 1, metrics)
+        stop = _agree_any(checkpoint_requested(), job)
+        done = step + 1 == cfg.train.num_steps
+        every = cfg.checkpoint.save_every
+        if stop or done or (every and (step + 1) % every == 0):
+            strategy.save_checkpoint(ckpt_dir, step + 1, engines,
+                                     {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
+                                     keep_last=cfg.checkpoint.keep_last)
+        if stop:
+            if rank0 and not done:
+                request_requeue(run_dir)
+            break
+    logger.close()
+
+
+def _send_weights(strategy, models, sender):
+    """Collective over the actor world; its rank 0 broadcasts buckets to the engines."""
+    weights = policy_weights(strategy, models.actor)
+    if sender is None:  # other actor ranks: take part in the ZeRO-3 gathers only
+        for _ in weights:
+            pass
+        return None
+    return sender.send(weights)

@@ -1,0 +1,185 @@
+"""The RL recipe (PPO, REINFORCE++, REINFORCE++-baseline, GRPO, Dr.GRPO, RLOO), colocated:
+every rank trains (DeepSpeed) and hosts a rollout engine slice (vLLM or HF), time-sharing memory.
+
+One step, top to bottom:
+    prompts -> rollout (n samples each) -> rewards -> experience (old/ref logprobs, values, KL,
+    advantages) -> train (PPO-clip policy loss [+ KL loss, entropy], critic) -> weight sync
+    -> metrics -> checkpoint (on schedule or on a preemption signal, then requeue)
+Disaggregated layouts run `hpc_rlhf.rl.disaggregated` instead (separate rollout ranks).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.config import JobConfig, sizes, to_dict
+from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
+from hpc_rlhf.metrics.logger import MetricsLogger, Timer
+from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
+                                    local_prompts, rollout_sampling, sync_weights)
+from hpc_rlhf.rl.experience import Batch, make_batch
+from hpc_rlhf.rl.kl import make_kl_controller
+from hpc_rlhf.rl.prompts import PromptStream, load_prompts
+from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
+
+
+def run(cfg: JobConfig, topo, run_dir: Path) -> None:
+    if cfg.topology.mode != "colocated":
+        from hpc_rlhf.rl.disaggregated import run as run_disaggregated
+        return run_disaggregated(cfg, topo, run_dir)
+    s = sizes(cfg)
+    strategy = build_strategy(cfg, s)
+    strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    models = build_models(cfg, strategy)            # actor, ref, critic, tokenizer, model_path
+    engine = build_engine(cfg, models.model_path, models.tokenizer)
+    try:
+        _train(cfg, s, strategy, models, engine, rank, world, run_dir)
+    finally:
+        close_engine(engine)
+
+
+def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
+    from hpc_rlhf.rewards.base import build_reward_source
+    reward_source = build_reward_source(cfg)
+    tok = models.tokenizer
+    prompts = PromptStream(load_prompts(
+        cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
+        max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.data.num_task_prompts,
+        seed=cfg.data.seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
+        skip_bad_rows=cfg.data.skip_bad_rows), cfg.rollout.prompts_per_step, cfg.data.seed)
+    eval_prompts = _eval_prompts(cfg, tok)
+    a = cfg.algorithm
+    kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
+
+    ckpt_dir = run_dir / "checkpoints"
+    engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
+    start = 0
+    if cfg.checkpoint.resume:
+        restored = strategy.load_checkpoint(ckpt_dir, engines)
+        if restored is not None:
+            start, extra = restored
+            prompts.load_state_dict(extra["prompts"])
+            kl_ctl.value = extra["kl_coef"]
+            sync_weights(strategy, models.actor, engine)  # the engine still has step-0 weights
+            if rank == 0:
+                print(f"[rl] resumed from step {start} ({ckpt_dir})", flush=True)
+
+    logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                           wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
+                           progress_total=cfg.train.num_steps,
+                           progress_bar=cfg.logging.progress_bar, config=to_dict(cfg),
+                           start_step=start)
+    timer = Timer()
+    for step in range(start, cfg.train.num_steps):
+        t0 = time.perf_counter()
+        # 1. Rollout: this rank's share of the step's prompts, n samples each.
+        with timer("rollout"):
+            mine = local_prompts(prompts.next_step(), rank, world, cfg.rollout.tensor_parallel_size)
+            sampling = rollout_sampling(cfg, seed=cfg.train.seed * 1_000_003 + step * 10_007
+                                        + rank * 101)
+            rollouts = engine.generate([p.ids for p in mine], sampling)
+        # 2. Rewards.
+        with timer("reward"):
+            rewards = score_rollouts(cfg, reward_source, tok, mine, rollouts)
+        batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
+                           [r.logprobs for r in rollouts], rewards, models.pad_id)
+        # 3. Experience: the engine sleeps while the trainer holds the memory.
+        engine.sleep()
+        with timer("experience"):
+            batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
+        # 4. Train.
+        with timer("train"):
+            train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
+        # 5. Weight sync: wake the weights, load the new ones, then the KV cache.
+        with timer("weight_sync"):
+            sync_weights(strategy, models.actor, engine)
+        if "kl/mean" in exp_metrics:
+            kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
+        metrics = {**exp_metrics, **train_metrics, **_rollout_metrics(batch, rollouts),
+                   "kl/coef": kl_ctl.value}
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+            with timer("eval"):
+                metrics["eval/reward"] = _evaluate(cfg, engine, reward_source, tok, eval_prompts,
+                                                   rank, world)
+        metrics.update(timer.pop())
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(
+            metrics["time/rollout"], 1e-9)
+        metrics = _mean_over_ranks(metrics)
+        logger.log(step + 1, metrics)
+
+        # 6. Checkpoint: on schedule, at the end, or when SLURM warned us (then requeue).
+        stop = _agree(checkpoint_requested())
+        done = step + 1 == cfg.train.num_steps
+        every = cfg.checkpoint.save_every
+        if stop or (every and (step + 1) % every == 0) or done:
+            strategy.save_checkpoint(ckpt_dir, step + 1, engines,
+                                     {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
+                                     keep_last=cfg.checkpoint.keep_last)
+        if stop and not done:
+            if rank == 0:
+                request_requeue(run_dir)
+                print(f"[rl] checkpointed at step {step + 1} on a signal; requeue requested",
+                      flush=True)
+            logger.close()
+            return
+    logger.close()
+    if cfg.checkpoint.export_hf:
+        from hpc_rlhf.rl.components import export_actor
+        export_actor(strategy, models, run_dir / "export", rank)
+
+
+def _rollout_metrics(batch: Batch, rollouts) -> dict:
+    lengths = batch.action_mask.sum(1).float()
+    truncated = sum(r.finish_reason == "length" for r in rollouts)
+    return {"reward/mean": batch.rewards.mean().item(), "reward/std": batch.rewards.std().item()
+            if batch.size > 1 else 0.0, "rollout/response_len": lengths.mean().item(),
+            "rollout/truncated_frac": truncated / max(len(rollouts), 1),
+            "rollout/tokens": lengths.sum().item()}
+
+
+def _eval_prompts(cfg: JobConfig, tok):
+    if not cfg.eval.every:
+        return []
+    source = cfg.data.eval_prompts or cfg.data.prompts
+    seed = cfg.data.seed + 7919 if not cfg.data.eval_prompts else cfg.data.seed
+    return load_prompts(source, tok, apply_chat_template=cfg.data.apply_chat_template,
+                        max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.eval.num_prompts,
+                        seed=seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
+                        skip_bad_rows=cfg.data.skip_bad_rows)[:cfg.eval.num_prompts]
+
+
+def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> float:
+    """Mean reward on held-out prompts, greedy (or eval.temperature), one sample each."""
+    from dataclasses import replace
+    usable = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world]
+    mine = local_prompts(usable, rank, world, cfg.rollout.tensor_parallel_size)
+    sampling = replace(rollout_sampling(cfg, seed=cfg.train.seed), n=1,
+                       temperature=cfg.eval.temperature)
+    rollouts = engine.generate([p.ids for p in mine], sampling)
+    texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    scores = reward_source.score([p.text for p in mine], texts, [p.label for p in mine])
+    return float(scores.float().mean())
+
+
+def _mean_over_ranks(metrics: dict) -> dict:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank if any rank got a checkpoint signal (all stop at the same step)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

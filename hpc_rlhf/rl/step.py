@@ -1,0 +1,154 @@
+"""The three compute phases of one RL step: score, make experience, train.
+
+Shapes follow experience.Batch: [B, R] per response token, [B] per sample, where B is this
+rank's samples (its prompts x n) and R the longest response.
+"""
+from __future__ import annotations
+
+import torch
+
+from hpc_rlhf.config import JobConfig, Sizes
+from hpc_rlhf.rl.advantages import compute_advantages
+from hpc_rlhf.rl.experience import Batch, distributed_whiten, micro_batches, with_fields
+from hpc_rlhf.rl.filtering import overlong_penalty
+from hpc_rlhf.rl.kl import kl_estimate
+from hpc_rlhf.rl.losses import aggregate_loss, policy_loss, value_loss
+from hpc_rlhf.rl.masked import masked_mean
+from hpc_rlhf.train.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
+
+WHITENED = ("gae", "reinforce", "reinforce_baseline")  # as OpenRLHF: not grpo/dr_grpo/rloo
+
+
+def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, rollouts) -> torch.Tensor:
+    """[B] rewards; rollouts are prompt-major (n per prompt), prompts this rank's list."""
+    n = cfg.rollout.n_samples_per_prompt
+    texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    queries = [prompts[r.prompt_index].text for r in rollouts]
+    labels = [prompts[r.prompt_index].label for r in rollouts]
+    assert len(rollouts) == len(prompts) * n
+    rewards = reward_source.score(queries, texts, labels).float().reshape(-1)
+    a = cfg.algorithm
+    if a.overlong_buffer:
+        lengths = torch.tensor([len(r.response_ids) for r in rollouts])
+        rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens,
+                                             a.overlong_buffer, a.overlong_penalty)
+    return rewards
+
+
+def _forward_rows(fn, batch: Batch, micro: int) -> torch.Tensor:
+    """Run fn(micro_batch) -> [b, r] over the batch in order; reassemble as [B, R]."""
+    out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
+    for start in range(0, batch.size, micro):
+        idx = torch.arange(start, min(start + micro, batch.size))
+        mb = batch.rows(idx)
+        out[idx, :mb.response_len] = fn(mb).float()
+    return out
+
+
+def _logprobs(engine, mb: Batch, temperature: float) -> torch.Tensor:
+    logits = response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)
+    return logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temperature)
+
+
+def _values(critic, mb: Batch) -> torch.Tensor:
+    # Value of the state before each response token: the critic's output one position
+    # earlier, exactly as logits at position t predict token t + 1.
+    v = critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask)  # [b, T]
+    return v[:, -(mb.response_len + 1):-1]
+
+
+def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:
+    """A separate no-grad pass for old logprobs is needed only if the policy changes before
+    some micro-batch is trained (several optimizer steps or epochs) or for KL in the reward;
+    otherwise the training forward's own logprobs, detached, are exactly the old ones."""
+    return s.optimizer_steps_per_step > 1 or cfg.algorithm.kl_in_reward
+
+
+@torch.no_grad()
+def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: float):
+    a, micro, temp = cfg.algorithm, cfg.train.micro_batch_size, cfg.rollout.temperature
+    metrics = {}
+    old = ref = values = kl = None
+    if needs_old_logprobs(cfg, s):
+        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp), batch, micro)
+    if models.ref is not None:
+        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp), batch, micro)
+        current = old if old is not None else batch.rollout_logp
+        kl = kl_estimate(current, ref, a.kl_estimator)
+        metrics["kl/mean"] = masked_mean(kl, batch.action_mask).item()
+    if models.critic is not None:
+        values = _forward_rows(lambda mb: _values(models.critic, mb), batch, micro)
+    estimator = "gae" if a.name == "ppo" else a.name
+    adv, ret = compute_advantages(
+        estimator, batch.rewards, batch.action_mask,
+        n_samples_per_prompt=cfg.rollout.n_samples_per_prompt, values=values,
+        kl=kl if a.kl_in_reward else None, kl_coef=kl_coef if a.kl_in_reward else 0.0,
+        gamma=a.gamma, lam=a.lam, normalize=False, reward_clip=(-a.reward_clip, a.reward_clip))
+    if estimator in WHITENED:
+        adv = distributed_whiten(adv, batch.action_mask)
+    metrics["advantage/abs_mean"] = masked_mean(adv.abs(), batch.action_mask).item()
+    return with_fields(batch, old_logp=old, ref_logp=ref, values=values, advantages=adv,
+                       returns=ret), metrics
+
+
+def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_coef: float,
+                   step: int) -> dict:
+    """Epochs x micro-batches of the policy (and critic) losses; DeepSpeed steps the optimizer
+    every `grad_accum` micro-batches. Returns metrics averaged over micro-batches."""
+    a, t, temp = cfg.algorithm, cfg.train, cfg.rollout.temperature
+    kl_in_loss = models.ref is not None and not a.kl_in_reward and kl_coef > 0
+    sums: dict[str, float] = {}
+    count = 0
+    gen = torch.Generator().manual_seed(t.seed * 7_919 + step)
+    for epoch in range(t.epochs_per_step):
+        for i, mb in enumerate(micro_batches(batch, t.micro_batch_size, gen)):
+            logits = response_logits(models.actor, mb.input_ids, mb.attention_mask,
+                                     mb.response_len)          # [b, r, v]
+            logp = logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temp)
+            old = mb.old_logp if mb.old_logp is not None else logp.detach()
+            loss, m = policy_loss(
+                logp, old, mb.advantages, mb.action_mask, clip_eps_low=a.clip_eps_low,
+                clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip or None,
+                loss_agg=a.loss_agg, importance=a.importance_level,
+                rollout_logp=mb.rollout_logp if a.off_policy != "none" else None,
+                tis_cap=a.tis_cap if a.off_policy == "tis" else None,
+                icepop=(a.icepop_low, a.icepop_high) if a.off_policy == "icepop" else None,
+                max_len=cfg.rollout.max_new_tokens)
+            m = {f"policy/{k}": float(v) for k, v in m.items()}
+            m["loss/policy"] = loss.item()
+            if kl_in_loss:
+                kl = kl_estimate(logp, mb.ref_logp, a.kl_estimator)
+                kl_loss = aggregate_loss(kl, mb.action_mask, a.loss_agg, cfg.rollout.max_new_tokens)
+                loss = loss + kl_coef * kl_loss
+                m["loss/kl"] = kl_loss.item()
+            if a.entropy_coef:
+                ent = entropy_from_logits(logits, temp)
+                ent_loss = aggregate_loss(ent, mb.action_mask, a.loss_agg, cfg.rollout.max_new_tokens)
+                loss = loss - a.entropy_coef * ent_loss
+                m["policy/entropy"] = ent_loss.item()
+            else:
+                with torch.no_grad():
+                    m["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach(), temp),
+                                                      mb.action_mask).item()
+            if epoch == 0 and i < s.grad_accum:  # before the first update: engine vs trainer
+                gap = (logp.detach() - mb.rollout_logp).abs()
+                m["rollout/logprob_gap_mean"] = masked_mean(gap, mb.action_mask).item()
+            strategy.backward(loss, models.actor)
+            strategy.step(models.actor)
+            if models.critic is not None:
+                v = _values(models.critic, mb)
+                vloss, vm = value_loss(v, mb.values, mb.returns, mb.action_mask,
+                                       clip_eps=a.value_clip, loss_agg=a.loss_agg,
+                                       max_len=cfg.rollout.max_new_tokens)
+                models.critic.backward(vloss)
+                models.critic.step()
+                m["loss/value"] = vloss.item()
+                m.update({f"critic/{k}": float(x) for k, x in vm.items()})
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    out = {k: v / count for k, v in sums.items()}
+    if "rollout/logprob_gap_mean" in sums:  # averaged over the first optimizer step only
+        out["rollout/logprob_gap_mean"] = sums["rollout/logprob_gap_mean"] / min(count, s.grad_accum)
+    out["train/lr"] = models.actor.get_lr()[0] if hasattr(models.actor, "get_lr") else t.actor_lr
+    return out
