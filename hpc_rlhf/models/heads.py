@@ -1,0 +1,75 @@
+"""Critic and reward model: a causal LM backbone plus a scalar value head.
+
+Stored as a standard HF `*ForSequenceClassification` with num_labels=1 (its `score` Linear is
+the value head), so save/load is plain `save_pretrained` / `from_pretrained` and the export is
+servable as a reward model. `ValueModel` wraps it to return a value for *every* position (the
+critic needs per-token values; HF's own forward pools the last token only).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from hpc_rlhf.train.logprobs import position_ids_from_mask
+
+
+class ValueModel(nn.Module):
+    """values = score(backbone(input_ids)) per token: [b, T] float32."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+        self.config = hf_model.config
+
+    @property
+    def backbone(self) -> nn.Module:
+        return getattr(self.hf, self.hf.base_model_prefix)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.hf.score(hidden).squeeze(-1).float()      # [b, T]
+
+    def save_pretrained(self, out_dir: str | os.PathLike, **kwargs) -> None:
+        self.hf.save_pretrained(out_dir, **kwargs)
+
+
+def load_value_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                     **from_pretrained_kwargs) -> ValueModel:
+    """Critic/RM from a causal LM or a saved value model. A causal LM's lm_head is dropped and
+    a fresh `score` head (HF init, seeded by the torch RNG) is added."""
+    from transformers import AutoModelForSequenceClassification
+    hf = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=dtype, **from_pretrained_kwargs)
+    if hf.config.pad_token_id is None:
+        raise ValueError(f"{path}: config.pad_token_id is None; a value model needs it (set it "
+                         "to the tokenizer's pad token id in config.json)")
+    return ValueModel(hf)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token per row (left or right padding): [b, T] -> [b]."""
+    seq = attention_mask.shape[1]
+    return seq - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def sequence_rewards(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score = the value at the last real token: [b, T] -> [b]."""
+    idx = last_token_index(attention_mask)
+    return values.gather(1, idx[:, None]).squeeze(1)
+
+
+def response_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_len: int) -> torch.Tensor:
+    """Critic values V(state before each response token): [b, response_len].
+
+    Aligned with `response_logprobs`: column k is the value at the position whose logits
+    predict response token k.
+    """
+    values = model(input_ids=input_ids, attention_mask=attention_mask)   # [b, T]
+    return values[:, -(response_len + 1):-1]

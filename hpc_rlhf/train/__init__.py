@@ -1,0 +1,1 @@
+"""Training engine: DeepSpeed strategy, logprob utilities, losses and trainers."""

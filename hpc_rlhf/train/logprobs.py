@@ -1,0 +1,107 @@
+"""Per-token log-probabilities and entropies from a causal LM, shared by every trainer.
+
+Pure torch (no DeepSpeed). The vocab dimension is the memory hog: a [b, t, v] float32 logits
+tensor plus its full log_softmax doubles the peak. These functions never materialise the full
+log_softmax; they work on row chunks and keep only [b, t] results.
+
+Conventions: batches are left-padded (prompt padding on the left, responses right-aligned and
+ending at the last column), so "the response" is the last `response_len` columns; responses
+shorter than that are right-padded *inside* that span and masked by the caller.
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows of [*, vocab] processed at once; bounds the float32 temporary to chunk * vocab floats.
+DEFAULT_CHUNK_ROWS = 1024
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 (use 1.0 for the raw model)")
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                         chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """log p(labels) under softmax(logits / temperature); float32 result of labels' shape.
+
+    logits: [..., v] (any float dtype); labels: [...] int64. Each chunk of rows is upcast to
+    float32 before logsumexp so bf16 logits give float32-accurate logprobs.
+    """
+    _check_temperature(temperature)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match labels shape "
+                         f"{tuple(labels.shape)} (expected logits = labels.shape + [vocab])")
+    vocab = logits.shape[-1]
+    flat_logits = logits.reshape(-1, vocab)                 # [n, v]
+    flat_labels = labels.reshape(-1)                        # [n]
+    out = torch.empty(flat_labels.shape, dtype=torch.float32, device=logits.device)
+    for start in range(0, flat_labels.numel(), chunk_rows):
+        rows = flat_logits[start:start + chunk_rows].float()   # [c, v]
+        if temperature != 1.0:
+            rows = rows / temperature
+        picked = rows.gather(-1, flat_labels[start:start + chunk_rows, None]).squeeze(-1)  # [c]
+        out[start:start + chunk_rows] = picked - torch.logsumexp(rows, dim=-1)
+    return out.view(labels.shape)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0,
+                        chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits / temperature) per position: [..., v] -> [...] float32."""
+    _check_temperature(temperature)
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)                        # [n, v]
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], chunk_rows):
+        rows = flat[start:start + chunk_rows].float()         # [c, v]
+        if temperature != 1.0:
+            rows = rows / temperature
+        lse = torch.logsumexp(rows, dim=-1)                 # [c]
+        probs = torch.softmax(rows, dim=-1)                 # [c, v]
+        out[start:start + chunk_rows] = lse - (probs * rows).sum(-1)
+    return out.view(logits.shape[:-1])
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them: [b, T].
+
+    Pad positions get 0 (their outputs are masked anyway); the first real token gets 0.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1        # [b, T]
+    return positions.clamp_(min=0)
+
+
+def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_len: int) -> torch.Tensor:
+    """Logits that predict the last `response_len` tokens: [b, response_len, v].
+
+    Asks the model only for the last response_len + 1 positions (`logits_to_keep`, supported
+    by HF causal LMs and passed through DeepSpeed engines and peft), then drops the final one
+    (it predicts a token after the sequence).
+    """
+    b, seq = input_ids.shape
+    if not 0 < response_len < seq:
+        raise ValueError(f"response_len={response_len} must be in [1, {seq - 1}] for input_ids of "
+                         f"length {seq} (at least one prompt token must precede the response)")
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                logits_to_keep=response_len + 1, use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]   # [b, <=T, v]
+    return logits[:, -(response_len + 1):-1]                 # [b, response_len, v]
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_len: int, temperature: float = 1.0, *,
+                      with_entropy: bool = False):
+    """log p(token) for the tokens in the last `response_len` columns: [b, response_len] float32.
+
+    input_ids / attention_mask: [b, T], left-padded prompt followed by the response. Logits at
+    column j predict the token at j + 1 (shift by one). With `with_entropy=True` returns
+    (logprobs, entropy), both [b, response_len].
+    """
+    logits = response_logits(model, input_ids, attention_mask, response_len)  # [b, r, v]
+    labels = input_ids[:, -response_len:]                    # [b, r]
+    logp = logprobs_from_logits(logits, labels, temperature)
+    if with_entropy:
+        return logp, entropy_from_logits(logits, temperature)
+    return logp
