@@ -179,6 +179,13 @@ def _algorithm_rules(cfg: JobConfig) -> list[str]:
     if a.tis_cap < 1.0:
         errs.append(f"algorithm.tis_cap={a.tis_cap} must be >= 1 (it truncates ratios from "
                     "above); e.g. 2.0")
+    if r.async_steps > 1:
+        errs.append(f"rollout.async_steps={r.async_steps}: only 0 (synchronous) or 1 (rollout one "
+                    "step ahead) are implemented; set rollout.async_steps=1")
+    if r.async_steps and cfg.topology.mode != "disaggregated":
+        errs.append(f"rollout.async_steps={r.async_steps} overlaps rollout with training on "
+                    "separate ranks; set topology.mode=disaggregated (colocated ranks do one "
+                    "thing at a time)")
     if r.async_steps and a.off_policy == "none":
         errs.append(f"rollout.async_steps={r.async_steps} trains on stale rollouts and needs "
                     "off-policy correction; set algorithm.off_policy=tis (or icepop)")

@@ -56,9 +56,11 @@ def build_models(cfg: JobConfig, strategy) -> Models:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = load_causal_lm(path, cfg)
     if cfg.model.lora_rank:
-        from hpc_rlhf.models.lora import apply_lora
-        policy = apply_lora(policy, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
-                            dropout=cfg.model.lora_dropout, targets=cfg.model.lora_targets)
+        from hpc_rlhf.models.lora import LoraSpec, apply_lora
+        policy = apply_lora(policy, LoraSpec(
+            rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
+            dropout=cfg.model.lora_dropout, targets=tuple(cfg.model.lora_targets),
+            qlora=cfg.model.load_in_4bit))
     actor = strategy.prepare_model(policy)
     ref = None
     if uses_reference(cfg):
@@ -66,10 +68,10 @@ def build_models(cfg: JobConfig, strategy) -> Models:
         ref = strategy.prepare_eval_model(load_causal_lm(ref_path, cfg))
     critic = None
     if cfg.algorithm.name == "ppo":
-        from hpc_rlhf.models.heads import ValueModel
+        from hpc_rlhf.models.heads import load_value_model
         critic_path = resolve_model_path(cfg.model.critic_path or cfg.model.path)
         critic_strategy = build_strategy(cfg, _sizes_of(cfg), lr=cfg.train.critic_lr)
-        critic = critic_strategy.prepare_model(ValueModel.from_pretrained(critic_path))
+        critic = critic_strategy.prepare_model(load_value_model(critic_path))
     return Models(actor, ref, critic, tok, path, pad_id)
 
 
@@ -126,9 +128,9 @@ def rollout_sampling(cfg: JobConfig, seed: int) -> SamplingConfig:
 def policy_weights(strategy, actor):
     """(HF name, full tensor) of the policy as a rollout engine loads it (LoRA merged)."""
     module = getattr(actor, "module", actor)
-    if hasattr(module, "peft_config"):
-        from hpc_rlhf.models.lora import merged_state
-        return merged_state(strategy.gathered_state(actor))
+    if hasattr(module, "peft_config"):  # engines serve W + BA merged, under base names
+        from hpc_rlhf.checkpoint.export import hf_state
+        return iter(hf_state(actor, strategy.gathered_state(actor)).items())
     return strategy.gathered_state(actor)
 
 
@@ -142,5 +144,4 @@ def sync_weights(strategy, actor, engine) -> None:
 def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> None:
     """The final policy as a plain HF directory (safetensors + config + tokenizer)."""
     from hpc_rlhf.checkpoint.export import export_hf
-    export_hf(policy_weights(strategy, models.actor), models.model_path, out_dir,
-              tokenizer=models.tokenizer, write=rank == 0)
+    export_hf(models.actor, out_dir, models.tokenizer, strategy=strategy)

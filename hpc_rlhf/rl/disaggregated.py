@@ -8,6 +8,10 @@ generates share e of the step's prompts. Per step:
     trainer ranks: all-gather -> keep their data-parallel share -> score -> experience -> train
     weight sync:   actor world gathers ZeRO-3 shards; its rank 0 broadcasts buckets over the
                    sync group (actor rank 0 + all rollout ranks); engines load them
+
+Async mode (rollout.async_steps=1): engines generate step k+1 with the weights of step k-1
+while the trainers train step k (staleness 1, reported as rollout/staleness); the trainers
+correct the mismatch with TIS/ICEPOP (algorithm.off_policy, required by the config).
     all ranks:     agree on "stop" (preemption signal) over the job group
 
 The critic shares the actor ranks here (topology.critic_ranks=0); separate critic and reward
@@ -26,6 +30,7 @@ from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
                                     rollout_sampling)
+from hpc_rlhf.rl.collect import collect, load_agent
 from hpc_rlhf.rl.experience import make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import PromptStream, load_prompts, shard
@@ -89,24 +94,39 @@ def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
     from hpc_rlhf.models.resolve import resolve_model_path
     from hpc_rlhf.rl.components import build_engine
     path = resolve_model_path(cfg.model.path)
-    engine = build_engine(cfg, path, AutoTokenizer.from_pretrained(path))
+    tok = AutoTokenizer.from_pretrained(path)
+    engine = build_engine(cfg, path, tok)
+    engine.tokenizer_for_agents = tok
     e, num_engines = topo.engine_index, topo.layout.num_engines
     receiver = BroadcastReceiver(sync, 0)
+    agent = load_agent(cfg)
+    tok = engine.tokenizer_for_agents
+    asynchronous = cfg.rollout.async_steps > 0
+
+    def generate(step: int, version: int):
+        mine = shard(prompts.next_step(), e, num_engines)
+        t0 = time.perf_counter()
+        episodes = collect(cfg, engine, tok, mine, _sampling(cfg, step, e), agent, version)
+        return (e, time.perf_counter() - t0, episodes) if topo.engine_tp_rank == 0 else None
+
     try:
         start = _receive_start(job)
         if start:  # resumed trainers send their weights first
             receiver.load_into(engine)
         prompts.cursor = start * prompts.per_step
+        version = start  # optimizer steps behind the weights the engine holds
+        pending = generate(start, version)
         for step in range(start, cfg.train.num_steps):
-            mine = shard(prompts.next_step(), e, num_engines)
-            t0 = time.perf_counter()
-            rollouts = engine.generate([p.ids for p in mine], _sampling(cfg, step, e))
-            elapsed = time.perf_counter() - t0
-            payload = (e, elapsed, rollouts) if topo.engine_tp_rank == 0 else None
-            all_gather_objects(payload, job)
-            receiver.load_into(engine)
+            all_gather_objects(pending, job)      # step's episodes -> trainers
+            last = step + 1 == cfg.train.num_steps
+            if asynchronous and not last:         # overlaps the trainers' step: 1 step stale
+                pending = generate(step + 1, version)
+            receiver.load_into(engine)            # weights after step
+            version = step + 1
             if _agree_any(False, job):
                 return
+            if not asynchronous and not last:
+                pending = generate(step + 1, version)
     finally:
         close_engine(engine)
 
@@ -125,7 +145,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
     models = build_models(cfg, strategy)
     from hpc_rlhf.rewards.base import build_reward_source
-    reward_source = build_reward_source(cfg)
+    reward_source = None if cfg.reward.source == "agent" else build_reward_source(cfg)
     a = cfg.algorithm
     kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
     rank0 = topo.rank == 0
@@ -158,6 +178,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         gathered.sort(key=lambda x: x[0])
         rollouts = [r for _, _, rs in gathered for r in rs]  # prompt-major over all engines
         gen_time = max(x[1] for x in gathered)
+        staleness = step - min(r.version for r in rollouts)
         mine = shard(step_prompts, dp_rank, dp)
         per = len(mine) * n
         local = rollouts[dp_rank * per:(dp_rank + 1) * per]
@@ -166,7 +187,9 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         with timer("reward"):
             rewards = score_rollouts(cfg, reward_source, models.tokenizer, mine, local)
         batch = make_batch([r.prompt_ids for r in local], [r.response_ids for r in local],
-                           [r.logprobs for r in local], rewards, models.pad_id)
+                           [r.logprobs for r in local], rewards, models.pad_id,
+                           action_masks=None if reward_source is not None else
+                           [r.action_mask for r in local])
         with timer("experience"):
             batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
         with timer("train"):
@@ -178,7 +201,8 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         lengths = batch.action_mask.sum(1).float()
         metrics = {**exp_metrics, **train_metrics, **timer.pop(), "kl/coef": kl_ctl.value,
                    "reward/mean": rewards.mean().item(), "rollout/response_len": lengths.mean().item(),
-                   "rollout/generate_s": gen_time, "time/step": time.perf_counter() - t0}
+                   "rollout/generate_s": gen_time, "rollout/staleness": float(staleness),
+                   "time/step": time.perf_counter() - t0}
         if sync_stats is not None:
             metrics.update(sync_stats.as_metrics())
         keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))

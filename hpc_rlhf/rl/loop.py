@@ -20,6 +20,7 @@ from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
                                     local_prompts, rollout_sampling, sync_weights)
+from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import PromptStream, load_prompts
@@ -44,7 +45,8 @@ def run(cfg: JobConfig, topo, run_dir: Path) -> None:
 
 def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     from hpc_rlhf.rewards.base import build_reward_source
-    reward_source = build_reward_source(cfg)
+    agent = load_agent(cfg)
+    reward_source = None if agent is not None else build_reward_source(cfg)
     tok = models.tokenizer
     prompts = PromptStream(load_prompts(
         cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
@@ -76,17 +78,15 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     timer = Timer()
     for step in range(start, cfg.train.num_steps):
         t0 = time.perf_counter()
-        # 1. Rollout: this rank's share of the step's prompts, n samples each.
-        with timer("rollout"):
-            mine = local_prompts(prompts.next_step(), rank, world, cfg.rollout.tensor_parallel_size)
-            sampling = rollout_sampling(cfg, seed=cfg.train.seed * 1_000_003 + step * 10_007
-                                        + rank * 101)
-            rollouts = engine.generate([p.ids for p in mine], sampling)
-        # 2. Rewards.
-        with timer("reward"):
-            rewards = score_rollouts(cfg, reward_source, tok, mine, rollouts)
-        batch = make_batch([r.prompt_ids for r in rollouts], [r.response_ids for r in rollouts],
-                           [r.logprobs for r in rollouts], rewards, models.pad_id)
+        # 1-2. Rollout (n samples per prompt, or agent episodes) and rewards; with dynamic
+        # filtering, groups whose rewards are all equal are replaced by fresh prompts.
+        episodes, rewards, collect_metrics = _collect_step(cfg, engine, tok, prompts,
+                                                           reward_source, agent, rank, world,
+                                                           step, timer)
+        batch = make_batch([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
+                           [e.logprobs for e in episodes], rewards, models.pad_id,
+                           action_masks=None if agent is None else
+                           [e.action_mask for e in episodes])
         # 3. Experience: the engine sleeps while the trainer holds the memory.
         engine.sleep()
         with timer("experience"):
@@ -99,9 +99,9 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
             sync_weights(strategy, models.actor, engine)
         if "kl/mean" in exp_metrics:
             kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
-        metrics = {**exp_metrics, **train_metrics, **_rollout_metrics(batch, rollouts),
-                   "kl/coef": kl_ctl.value}
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+        metrics = {**exp_metrics, **train_metrics, **_rollout_metrics(batch, episodes),
+                   **collect_metrics, "kl/coef": kl_ctl.value}
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and reward_source is not None:
             with timer("eval"):
                 metrics["eval/reward"] = _evaluate(cfg, engine, reward_source, tok, eval_prompts,
                                                    rank, world)
@@ -131,6 +131,48 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     if cfg.checkpoint.export_hf:
         from hpc_rlhf.rl.components import export_actor
         export_actor(strategy, models, run_dir / "export", rank)
+
+
+MAX_FILTER_ROUNDS = 4  # dynamic filtering: generation rounds per step before giving up
+
+
+def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, step, timer):
+    """This rank's episodes and rewards for one step (whole groups of n, prompt-major)."""
+    n = cfg.rollout.n_samples_per_prompt
+    kept, spare, rounds, first_kept = [], [], 0, None
+    quota = cfg.rollout.prompts_per_step // world
+    while True:
+        with timer("rollout"):
+            mine = local_prompts(prompts.next_step(), rank, world, cfg.rollout.tensor_parallel_size)
+            sampling = rollout_sampling(cfg, seed=cfg.train.seed * 1_000_003 + step * 10_007
+                                        + rounds * 1_009 + rank * 101)
+            episodes = collect(cfg, engine, tok, mine, sampling, agent)
+        with timer("reward"):
+            rewards = score_rollouts(cfg, reward_source, tok, mine, episodes)
+        groups = [(episodes[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
+                  for g in range(len(mine))]
+        rounds += 1
+        if not cfg.algorithm.dynamic_filtering:
+            kept = groups
+            break
+        varied = varied_groups(rewards, n)
+        first_kept = first_kept if first_kept is not None else sum(varied) / len(varied)
+        kept += [g for g, v in zip(groups, varied) if v]
+        spare += [g for g, v in zip(groups, varied) if not v]
+        # Every rank must train on the same number of groups: stop when all have enough.
+        if _agree_all(len(kept) >= quota) or rounds >= MAX_FILTER_ROUNDS:
+            kept = (kept + spare)[:quota]  # short of varied groups: flat ones add no gradient
+            break
+    episodes = [e for g, _ in kept for e in g]
+    rewards = torch.cat([r for _, r in kept])
+    metrics = {}
+    if cfg.algorithm.dynamic_filtering:
+        metrics = {"filter/kept_frac": first_kept, "filter/rounds": float(rounds)}
+    return episodes, rewards, metrics
+
+
+def _agree_all(flag: bool) -> bool:
+    return not _agree(not flag)
 
 
 def _rollout_metrics(batch: Batch, rollouts) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from hpc_rlhf.config import JobConfig, Sizes
+from hpc_rlhf.models.heads import response_values
 from hpc_rlhf.rl.advantages import compute_advantages
 from hpc_rlhf.rl.experience import Batch, distributed_whiten, micro_batches, with_fields
 from hpc_rlhf.rl.filtering import overlong_penalty
@@ -19,17 +20,20 @@ from hpc_rlhf.train.logprobs import entropy_from_logits, logprobs_from_logits, r
 WHITENED = ("gae", "reinforce", "reinforce_baseline")  # as OpenRLHF: not grpo/dr_grpo/rloo
 
 
-def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, rollouts) -> torch.Tensor:
-    """[B] rewards; rollouts are prompt-major (n per prompt), prompts this rank's list."""
-    n = cfg.rollout.n_samples_per_prompt
-    texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    queries = [prompts[r.prompt_index].text for r in rollouts]
-    labels = [prompts[r.prompt_index].label for r in rollouts]
-    assert len(rollouts) == len(prompts) * n
-    rewards = reward_source.score(queries, texts, labels).float().reshape(-1)
+def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes) -> torch.Tensor:
+    """[B] rewards of `episodes` (collect.Episode or rollout.Rollout, prompt-major, n per
+    prompt; prompt_index into `prompts`). Agent episodes bring their own reward."""
+    rewards_given = [getattr(e, "reward", None) for e in episodes]
+    if all(r is not None for r in rewards_given) and episodes:
+        rewards = torch.tensor(rewards_given, dtype=torch.float32)
+    else:
+        texts = tok.batch_decode([e.response_ids for e in episodes], skip_special_tokens=True)
+        queries = [prompts[e.prompt_index].text for e in episodes]
+        labels = [prompts[e.prompt_index].label for e in episodes]
+        rewards = reward_source.score(queries, texts, labels).float().reshape(-1)
     a = cfg.algorithm
     if a.overlong_buffer:
-        lengths = torch.tensor([len(r.response_ids) for r in rollouts])
+        lengths = torch.tensor([len(e.response_ids) for e in episodes])
         rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens,
                                              a.overlong_buffer, a.overlong_penalty)
     return rewards
@@ -51,10 +55,8 @@ def _logprobs(engine, mb: Batch, temperature: float) -> torch.Tensor:
 
 
 def _values(critic, mb: Batch) -> torch.Tensor:
-    # Value of the state before each response token: the critic's output one position
-    # earlier, exactly as logits at position t predict token t + 1.
-    v = critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask)  # [b, T]
-    return v[:, -(mb.response_len + 1):-1]
+    # V(state before each response token), aligned with the logprobs: [b, r].
+    return response_values(critic, mb.input_ids, mb.attention_mask, mb.response_len)
 
 
 def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:

@@ -1,0 +1,125 @@
+"""Iterative (online) DPO, colocated: generate candidates, score them, build best-vs-worst
+pairs, train DPO for a few steps, sync the rollout engine, repeat.
+
+One round, top to bottom (train.num_steps rounds):
+    prompts  = the next rollout.prompts_per_step prompts; this rank generates for its share
+    cands    = engine.generate(share, n=train.rs_candidates)       # prompt-major [P_r * n]
+    rewards  = reward_source.score(...)                            # [P_r * n]
+    pairs    = (best, worst) of each prompt; prompts whose candidates all score the same
+               are skipped (no preference to learn)
+    pairs    = all_gather(pairs)                                   # every rank: all pairs
+    train_dpo(policy, ref, pairs) for steps_per_round optimizer steps   # the DPO recipe's loop
+    sync weights: gathered ZeRO-3 state -> engine.load_weights
+
+Reference: the *initial* policy (model.ref_path or model.path), fixed for the whole run, so
+the implicit reward beta * log(pi / ref) stays comparable across rounds and no second
+ZeRO-3 model has to be re-loaded each round. Round -> optimizer steps as in
+rejection_sampling.py (epochs_per_step * ceil(prompts_per_step / batch_size)); a round with
+fewer pairs cycles over them.
+
+Metrics per round (step = round): reward/best, reward/mean, reward/worst, pairs,
+dpo/loss_last, and the chosen-minus-rejected reward margin beta * [(pi - ref)(chosen) -
+(pi - ref)(rejected)] on the round's fresh pairs before training on them
+(margin/before: how well earlier rounds generalise) and after (margin/after).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.data import PairSample
+from hpc_rlhf.rl.components import close_engine, sync_weights
+from hpc_rlhf.rl.prompts import PromptStream
+from hpc_rlhf.rl.rejection_sampling import (Scored, all_gather_list, build_rollout_replica,
+                                            check_round_sizes, generate_scored, load_rl_prompts,
+                                            mean_over_ranks, round_sampling, steps_per_round)
+from hpc_rlhf.train.dpo import train_dpo
+from hpc_rlhf.train.recipe_common import (MetricLog, export_hf, load_causal_lm, load_tokenizer,
+                                          make_strategy)
+
+
+def best_worst(rewards: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rewards [P * n] prompt-major -> (best index [P], worst index [P], has_pair [P] bool).
+
+    Ties go to the first sample on both sides; a prompt whose rewards are all equal has no pair.
+    """
+    grouped = rewards.reshape(-1, n)                                   # [P, n]
+    best, worst = grouped.argmax(dim=1), grouped.argmin(dim=1)         # [P], [P]
+    has_pair = grouped.max(dim=1).values > grouped.min(dim=1).values   # [P]
+    return best, worst, has_pair
+
+
+def build_pairs(scored: Scored) -> list[PairSample]:
+    """This rank's (prompt, best, worst) pairs, ties and empty responses skipped."""
+    best, worst, has_pair = best_worst(scored.rewards, scored.n)
+    pairs = []
+    for i in range(len(scored.prompts)):
+        if not has_pair[i]:
+            continue
+        chosen = scored.rollouts[i * scored.n + int(best[i])]
+        rejected = scored.rollouts[i * scored.n + int(worst[i])]
+        if chosen.response_ids and rejected.response_ids:
+            pairs.append(PairSample(chosen.prompt_ids, chosen.response_ids,
+                                    rejected.response_ids))
+    return pairs
+
+
+def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
+                        stream: PromptStream, cfg, log: MetricLog) -> list[dict]:
+    """`cfg.train.num_steps` rounds of generate -> pair -> DPO -> weight sync.
+
+    policy: DeepSpeed engine; ref: frozen engine of the initial policy; engine: a
+    RolloutEngine holding the policy's current weights. Returns the per-round history."""
+    rank, world = strategy.rank, strategy.world_size
+    dpo_cfg = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
+    for rnd in range(cfg.train.num_steps):
+        scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
+                                 round_sampling(cfg, rnd, rank), rank, world,
+                                 cfg.rollout.tensor_parallel_size)
+        pairs = all_gather_list(build_pairs(scored))   # identical on every rank
+        grouped = scored.rewards.reshape(-1, scored.n)
+        metrics = mean_over_ranks({"reward/best": grouped.max(1).values.mean().item(),
+                                   "reward/worst": grouped.min(1).values.mean().item(),
+                                   "reward/mean": scored.rewards.mean().item()})
+        metrics["pairs"] = len(pairs)
+        if pairs:   # same decision on every rank (pairs are gathered)
+            engine.sleep()
+            dpo_cfg = replace(dpo_cfg, seed=cfg.train.seed + rnd)
+            inner = MetricLog(None, rank, cfg.logging.log_every)
+            history = train_dpo(policy, ref, strategy, pairs, train_cfg=dpo_cfg,
+                                packing=cfg.data.packing, pad_id=tokenizer.pad_token_id,
+                                log=inner, eval_samples=pairs)
+            sync_weights(strategy, policy, engine)
+            metrics.update({"dpo/loss_last": history[-1]["loss"],
+                            "margin/before": history[0]["eval_reward_margin"],
+                            "margin/after": history[-1]["eval_reward_margin"],
+                            "accuracy/after": history[-1]["eval_reward_accuracy"]})
+        log(rnd, metrics)
+    return log.history
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_round_sizes(cfg, world)
+    total = cfg.train.num_steps * steps_per_round(cfg.train, cfg.rollout.prompts_per_step)
+    strategy = make_strategy(cfg, total_steps=total,
+                             warmup_steps=int(cfg.train.lr_warmup_ratio * total))
+    from hpc_rlhf.rewards.base import build_reward_source
+    reward_source = build_reward_source(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
+    stream = load_rl_prompts(cfg, tokenizer)
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
+                                                     cfg.model))
+    engine = build_rollout_replica(cfg, tokenizer)
+    try:
+        log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+        train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer, stream,
+                            cfg, log)
+    finally:
+        close_engine(engine)
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

@@ -1,0 +1,200 @@
+"""Rejection sampling (best-of-n, then SFT), colocated: every rank trains (DeepSpeed) and
+hosts its own rollout engine replica (vLLM, or HF generate with rollout.engine=hf).
+
+One round, top to bottom (train.num_steps rounds):
+    prompts  = the next rollout.prompts_per_step prompts; this rank generates for its share
+    cands    = engine.generate(share, n=train.rs_candidates)        # prompt-major [P_r * n]
+    rewards  = reward_source.score(queries, decoded cands, labels)  # [P_r * n]
+    kept     = the best candidate of each prompt (ties: the first)  # [P_r]
+    kept     = all_gather(kept)                                     # every rank: all P
+    train_sft(policy, kept) for steps_per_round optimizer steps     # the SFT recipe's loop
+    sync weights: gathered ZeRO-3 state -> engine.load_weights
+Metrics per round (run_dir/metrics.jsonl, step = round): reward/best (mean best reward per
+prompt, the target), reward/mean (all candidates), sft/loss_first, sft/loss_last.
+
+Round -> optimizer steps: each round trains train.epochs_per_step passes over its
+rollout.prompts_per_step kept samples in optimizer steps of train.batch_size samples, i.e.
+steps_per_round = epochs_per_step * ceil(prompts_per_step / batch_size); the LR schedule spans
+num_steps * steps_per_round optimizer steps. rollout.n_samples_per_prompt is not used here
+(train.rs_candidates is the n). The engine never runs the partitioned ZeRO-3 model: it is a
+separate replica (collective ZeRO-3 forwards of different lengths on each rank would hang).
+iterative_dpo.py reuses the generate / score / gather pieces of this file.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.data import SFTSample
+from hpc_rlhf.rl.components import build_engine, close_engine, rollout_sampling, sync_weights
+from hpc_rlhf.rl.prompts import Prompt, PromptStream, load_prompts, shard
+from hpc_rlhf.rollout.protocol import Rollout, SamplingConfig
+from hpc_rlhf.train.recipe_common import (MetricLog, export_hf, load_causal_lm, load_tokenizer,
+                                          make_strategy)
+from hpc_rlhf.train.sft import train_sft
+
+
+# ---- pure pieces ----------------------------------------------------------------------------
+def best_per_prompt(rewards: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards [P * n] prompt-major -> (index of the best sample within each prompt [P],
+    its reward [P]); ties go to the first sample (torch.argmax returns the first maximum)."""
+    grouped = rewards.reshape(-1, n)                      # [P, n]
+    idx = grouped.argmax(dim=1)                           # [P]
+    return idx, grouped.gather(1, idx[:, None]).squeeze(1)
+
+
+def steps_per_round(train_cfg, prompts_per_step: int) -> int:
+    """Optimizer steps trained per round (see the module doc)."""
+    return train_cfg.epochs_per_step * math.ceil(prompts_per_step / train_cfg.batch_size)
+
+
+def check_round_sizes(cfg, world: int) -> None:
+    """Each engine (TP group) generates whole prompts: prompts_per_step must split evenly."""
+    r = cfg.rollout
+    engines = world // r.tensor_parallel_size
+    if r.prompts_per_step % world:
+        raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of "
+                         f"the {world} ranks for train.trainer={cfg.train.trainer!r} (each "
+                         f"rank generates for whole prompts); set it to "
+                         f"{max(r.prompts_per_step // world, 1) * world}")
+    if world % r.tensor_parallel_size or engines < 1:
+        raise ValueError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} must divide "
+                         f"the world size {world}")
+
+
+# ---- generation + scoring (also used by iterative_dpo.py) -----------------------------------
+@dataclass
+class Scored:
+    """This rank's prompts, their candidates (prompt-major) and rewards."""
+    prompts: list[Prompt]          # P_r
+    rollouts: list[Rollout]        # P_r * n, rollouts[i * n + j] = sample j of prompt i
+    rewards: torch.Tensor          # [P_r * n] float32
+    n: int
+
+
+def generate_scored(engine, reward_source, tokenizer, step_prompts: list[Prompt],
+                    sampling: SamplingConfig, rank: int, world: int, tp: int = 1) -> Scored:
+    """Generate n candidates for this rank's share of `step_prompts` and score them.
+
+    With tp > 1 the ranks of one TP group share an engine and must submit identical requests,
+    so the group generates its engine's share together and each rank keeps every tp-th slice.
+    """
+    engine_share = shard(step_prompts, rank // tp, world // tp)
+    rollouts = engine.generate([p.ids for p in engine_share], sampling)
+    n = sampling.n
+    if tp > 1:
+        size = len(engine_share) // tp
+        lo, hi = (rank % tp) * size, (rank % tp + 1) * size
+        engine_share, rollouts = engine_share[lo:hi], rollouts[lo * n:hi * n]
+        rollouts = [replace(r, prompt_index=r.prompt_index - lo) for r in rollouts]
+    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    queries = [engine_share[r.prompt_index].text for r in rollouts]
+    labels = [engine_share[r.prompt_index].label for r in rollouts]
+    rewards = reward_source.score(queries, texts, labels).float().reshape(-1)   # [P_r * n]
+    return Scored(engine_share, rollouts, rewards, n)
+
+
+def all_gather_list(items: list) -> list:
+    """Every rank's `items`, concatenated in rank order (a plain copy in a world of one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(items)
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def mean_over_ranks(metrics: dict) -> dict:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def kept_samples(scored: Scored) -> tuple[list[SFTSample], torch.Tensor]:
+    """(SFT samples of each prompt's best candidate, best rewards [P_r])."""
+    idx, best = best_per_prompt(scored.rewards, scored.n)
+    out = []
+    for i, j in enumerate(idx.tolist()):
+        r = scored.rollouts[i * scored.n + j]
+        if r.response_ids:    # an empty response has nothing to train on
+            out.append(SFTSample(r.prompt_ids + r.response_ids,
+                                 [0] * len(r.prompt_ids) + [1] * len(r.response_ids)))
+    return out, best
+
+
+def round_sampling(cfg, round_index: int, rank: int) -> SamplingConfig:
+    """rollout.* sampling with n = train.rs_candidates and a seed per (round, rank)."""
+    seed = cfg.train.seed * 1_000_003 + round_index * 10_007 + rank * 101
+    return replace(rollout_sampling(cfg, seed=seed), n=cfg.train.rs_candidates)
+
+
+def load_rl_prompts(cfg, tokenizer) -> PromptStream:
+    d = cfg.data
+    prompts = load_prompts(d.prompts, tokenizer, apply_chat_template=d.apply_chat_template,
+                           max_prompt_len=d.max_prompt_len, num_task_prompts=d.num_task_prompts,
+                           seed=d.seed, input_key=d.input_key, label_key=d.label_key,
+                           skip_bad_rows=d.skip_bad_rows)
+    return PromptStream(prompts, cfg.rollout.prompts_per_step, d.seed)
+
+
+def build_rollout_replica(cfg, tokenizer):
+    """This rank's rollout engine over its own copy of the initial weights (never the ZeRO-3
+    partitioned model)."""
+    from hpc_rlhf.models.resolve import resolve_model_path
+    return build_engine(cfg, resolve_model_path(cfg.model.path), tokenizer)
+
+
+# ---- the loop -------------------------------------------------------------------------------
+def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
+                             stream: PromptStream, cfg, log: MetricLog) -> list[dict]:
+    """`cfg.train.num_steps` rounds of generate -> keep best -> SFT -> weight sync.
+
+    policy: DeepSpeed engine; engine: a RolloutEngine holding the policy's current weights.
+    Returns the per-round metric history (also logged)."""
+    rank, world = strategy.rank, strategy.world_size
+    sft_cfg = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
+    for rnd in range(cfg.train.num_steps):
+        scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
+                                 round_sampling(cfg, rnd, rank), rank, world,
+                                 cfg.rollout.tensor_parallel_size)
+        mine, best = kept_samples(scored)
+        kept = all_gather_list(mine)            # identical on every rank: SFT reads by index
+        metrics = mean_over_ranks({"reward/best": best.mean().item(),
+                                   "reward/mean": scored.rewards.mean().item()})
+        engine.sleep()
+        sft_cfg = replace(sft_cfg, seed=cfg.train.seed + rnd)
+        inner = MetricLog(None, rank, cfg.logging.log_every)
+        history = train_sft(policy, strategy, kept, train_cfg=sft_cfg, packing=cfg.data.packing,
+                            pad_id=tokenizer.pad_token_id, log=inner)
+        sync_weights(strategy, policy, engine)
+        log(rnd, {**metrics, "kept": len(kept), "sft/loss_first": history[0]["loss"],
+                  "sft/loss_last": history[-1]["loss"]})
+    return log.history
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_round_sizes(cfg, world)
+    total = cfg.train.num_steps * steps_per_round(cfg.train, cfg.rollout.prompts_per_step)
+    strategy = make_strategy(cfg, total_steps=total,
+                             warmup_steps=int(cfg.train.lr_warmup_ratio * total))
+    from hpc_rlhf.rewards.base import build_reward_source
+    reward_source = build_reward_source(cfg)
+    tokenizer = load_tokenizer(cfg.model.path)
+    stream = load_rl_prompts(cfg, tokenizer)
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    engine = build_rollout_replica(cfg, tokenizer)
+    try:
+        log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+        train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer, stream,
+                                 cfg, log)
+    finally:
+        close_engine(engine)
+    if cfg.checkpoint.export_hf:
+        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
