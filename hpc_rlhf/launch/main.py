@@ -82,9 +82,19 @@ def _log(rank: int, msg: str) -> None:
     print(f"[rank {rank}] {msg}", flush=True)
 
 
+def _quiet_libraries() -> None:
+    """vLLM logs every engine step at INFO and torch warns about its own deprecations on every
+    collective; keep the console for our progress and errors (users can raise them again)."""
+    import warnings
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     signals.install()
     faulthandler.enable()  # segfaults print Python stacks
+    _quiet_libraries()
     args = parse_args(argv)
     from hpc_rlhf.config import ConfigError, load_config
 

@@ -127,11 +127,13 @@ def rollout_sampling(cfg: JobConfig, seed: int) -> SamplingConfig:
 
 def policy_weights(strategy, actor):
     """(HF name, full tensor) of the policy as a rollout engine loads it (LoRA merged)."""
+    from hpc_rlhf.weight_sync.tied import with_tied_outputs
     module = getattr(actor, "module", actor)
+    named = strategy.gathered_state(actor)
     if hasattr(module, "peft_config"):  # engines serve W + BA merged, under base names
         from hpc_rlhf.checkpoint.export import hf_state
-        return iter(hf_state(actor, strategy.gathered_state(actor)).items())
-    return strategy.gathered_state(actor)
+        named = iter(hf_state(actor, named).items())
+    return with_tied_outputs(named, actor)
 
 
 def sync_weights(strategy, actor, engine) -> None:

@@ -150,3 +150,29 @@ def test_tied_embeddings_sync(tmp_path):
     rollouts = eng.generate(PROMPTS[:2], sampling)
     gap = logprob_gap(rollouts, [hf_logprobs(trained, r, 1.0) for r in rollouts])
     assert gap["logprob_gap_max"] < LOGPROB_TOL
+
+
+def test_tied_embeddings_sync_from_named_parameters(tmp_path):
+    """The trainer's parameter list names a tied embedding once; the sync must still update
+    vLLM's lm_head (regression: without with_tied_outputs the gap stayed ~2.5)."""
+    from transformers import AutoModelForCausalLM
+
+    from hpc_rlhf.rollout.vllm_engine import VLLMEngine
+    from hpc_rlhf.weight_sync.tied import tied_output_name, with_tied_outputs
+    path = build_tiny_model(tmp_path / "tied2", tie_word_embeddings=True)
+    trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert tied_output_name(trained) == ("model.embed_tokens.weight", "lm_head.weight")
+    with torch.no_grad():
+        trained.model.embed_tokens.weight.add_(
+            0.05 * torch.randn(trained.model.embed_tokens.weight.shape,
+                               generator=torch.Generator().manual_seed(0)))
+    names = [n for n, _ in trained.named_parameters()]
+    assert "lm_head.weight" not in names  # what ZeRO-3 gathering iterates
+    eng = VLLMEngine(path, dtype="float32", max_model_len=128, seed=0, enforce_eager=True)
+    eng.load_weights(with_tied_outputs(
+        ((n, p.detach().clone()) for n, p in trained.named_parameters()), trained))
+    sampling = SamplingConfig(n=2, max_new_tokens=8, temperature=1.0, seed=0)
+    rollouts = eng.generate(PROMPTS[:2], sampling)
+    gap = logprob_gap(rollouts, [hf_logprobs(trained, r, 1.0) for r in rollouts])
+    assert gap["logprob_gap_max"] < LOGPROB_TOL
+    eng.llm.llm_engine.engine_core.shutdown()
