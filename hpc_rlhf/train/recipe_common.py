@@ -7,6 +7,7 @@ Recipes (sft.py, rm.py, dpo.py, ...) are loops read top to bottom over these.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -70,13 +71,29 @@ def strategy_config(cfg, dp_size: int, **overrides):
     return StrategyConfig(**kw)
 
 
-def make_strategy(cfg, **overrides):
-    """A DeepSpeedStrategy on the already-initialised default world (or a world of one)."""
+def make_strategy(cfg, *, ring: bool = False, **overrides):
+    """A DeepSpeedStrategy on the already-initialised default world (or a world of one).
+
+    ring=True: the recipe implements train.ring_attn_size (sft.py via ring_sft.py), so the
+    data-parallel size behind grad_accum is world / (autotp x ring). Recipes that do not
+    refuse ring_attn_size > 1 here instead of silently training without it.
+    """
     import torch.distributed as dist
 
     from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    strategy = DeepSpeedStrategy(strategy_config(cfg, world // cfg.train.autotp_size, **overrides))
+    t = cfg.train
+    if t.ring_attn_size > 1 and not ring:
+        raise ValueError(f"train.ring_attn_size={t.ring_attn_size} is implemented for train."
+                         f"trainer='sft' only, not {t.trainer!r}; set train.ring_attn_size=1")
+    # not initialised yet: setup_distributed below joins the torchrun world (WORLD_SIZE)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    per_replica = t.autotp_size * (t.ring_attn_size if ring else 1)
+    if world % per_replica:
+        raise ValueError(f"train.autotp_size={t.autotp_size} x train.ring_attn_size="
+                         f"{t.ring_attn_size} = {per_replica} must divide the {world} training "
+                         "ranks; change one of them or the number of ranks")
+    dp_size = world // per_replica
+    strategy = DeepSpeedStrategy(strategy_config(cfg, dp_size, **overrides))
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
     return strategy
 

@@ -5,6 +5,10 @@
     for step:                                             # batch_size samples per step
         for micro-batch of this rank:                     # padded or packed
             loss = sft_loss(token logprobs, loss_mask); backward; step
+
+train.ring_attn_size > 1 (RingAttention, see ring_sft.py): each micro-batch is packed into one
+row whose sequence is split over the ring; ring ranks read the same micro-batches, and the
+loss is backpropagated times the ring size (DeepSpeed averages over ring ranks too).
 """
 from __future__ import annotations
 
@@ -14,43 +18,51 @@ from pathlib import Path
 import torch
 
 from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sample, step_indices
+from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
 from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, forward_token_logprobs,
                                           load_causal_lm, load_tokenizer, make_strategy)
+from hpc_rlhf.train.ring_sft import RingSFT, ring_sft_loss, ring_sft_setup
 
 
-def sft_batch_loss(model, samples, *, pad_id: int, packing: bool, device) -> torch.Tensor:
+def sft_batch_loss(model, samples, *, pad_id: int, packing: bool, device,
+                   ring: RingSFT | None = None) -> torch.Tensor:
+    if ring is not None:  # one packed row split over the ring (packing is implied)
+        return ring_sft_loss(model, samples, pad_id=pad_id, ring=ring, device=device)
     batch = sft_batch(samples, pad_id=pad_id, packing=packing).to(device)
     return sft_loss(forward_token_logprobs(model, batch), batch.loss_mask)
 
 
 @torch.no_grad()
 def eval_sft_loss(model, samples, *, pad_id: int, packing: bool, device,
-                  micro_batch_size: int) -> float:
+                  micro_batch_size: int, ring: RingSFT | None = None) -> float:
     """Mean per-batch loss over `samples`; every rank evaluates all of them (ZeRO-3 forwards
     are collective, so all ranks must run the same number)."""
     losses = [sft_batch_loss(model, samples[i:i + micro_batch_size], pad_id=pad_id,
-                             packing=packing, device=device).item()
+                             packing=packing, device=device, ring=ring).item()
               for i in range(0, len(samples), micro_batch_size)]
     return sum(losses) / len(losses)
 
 
 def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-              log: MetricLog, eval_samples=None) -> list[dict]:
-    """The loop. Returns the metric history (also logged)."""
+              log: MetricLog, eval_samples=None, ring: RingSFT | None = None) -> list[dict]:
+    """The loop. Returns the metric history (also logged). `ring` (ring_sft_setup): sequence
+    parallelism; the engine's model must then use ring attention."""
     evaluate = partial(eval_sft_loss, pad_id=pad_id, packing=packing, device=strategy.device,
-                       micro_batch_size=train_cfg.micro_batch_size)
+                       micro_batch_size=train_cfg.micro_batch_size, ring=ring)
+    # data-parallel coordinates: with a ring, all its ranks read the same micro-batches
+    dp_rank, dp_size = (ring.dp_rank, ring.dp_size) if ring else (strategy.dp_rank,
+                                                                  strategy.dp_size)
     if eval_samples:
         log(-1, {"eval_loss": evaluate(engine, eval_samples)})
     for step in range(train_cfg.num_steps):
         engine.train()
         indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
         losses = []
-        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
-                                        train_cfg.micro_batch_size):
+        for micro in rank_micro_batches(indices, dp_rank, dp_size, train_cfg.micro_batch_size):
             loss = sft_batch_loss(engine, [samples[i] for i in micro], pad_id=pad_id,
-                                  packing=packing, device=strategy.device)
-            strategy.backward(loss, engine)
+                                  packing=packing, device=strategy.device, ring=ring)
+            strategy.backward(ring.scale_for_backward(loss) if ring else loss, engine)
             strategy.step(engine)
             losses.append(loss.item())
         metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses))}
@@ -62,7 +74,8 @@ def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: in
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
+    ring = ring_sft_setup(cfg.train, topo)    # None unless train.ring_attn_size > 1
     tokenizer = load_tokenizer(cfg.model.path)
     fmt = chat_format(tokenizer, cfg.data)
     d = cfg.data
@@ -75,9 +88,12 @@ def run(cfg, topo, run_dir: Path) -> None:
                                        skip_bad_rows=d.skip_bad_rows)
     if strategy.rank == 0:
         print(f"sft data {d.prompts}: {stats.summary()}", flush=True)
-    engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    model = load_causal_lm(cfg.model.path, cfg.model)
+    if ring is not None:
+        enable_ring_attention(model)  # attention "ring"; forwards need ring_attention_scope
+    engine = strategy.prepare_model(model)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_sft(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
     if cfg.checkpoint.export_hf:
         export_hf(strategy, engine, tokenizer, Path(run_dir) / "hf")
