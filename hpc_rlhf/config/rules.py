@@ -122,6 +122,10 @@ def _topology_rules(cfg: JobConfig) -> list[str]:
         errs.append(f"train.autotp_size={tr.autotp_size} x train.ring_attn_size="
                     f"{tr.ring_attn_size} = {per_model} must divide the {s.actor_ranks} actor "
                     "ranks; change one of them")
+    if tr.ring_attn_size > 1 and tr.trainer != "sft":
+        errs.append(f"train.ring_attn_size={tr.ring_attn_size} (sequence parallelism) is wired "
+                    f"into the sft trainer only, not train.trainer={tr.trainer!r} yet; set "
+                    "train.ring_attn_size=1")
     if tr.autotp_size > 1 and tr.zero_stage == 3:
         errs.append(f"train.autotp_size={tr.autotp_size} works with ZeRO stages 0-2 only, got "
                     "train.zero_stage=3; set train.zero_stage=2 or train.autotp_size=1")
@@ -145,7 +149,8 @@ def _batch_rules(cfg: JobConfig) -> list[str]:
                     f"(rollout.prompts_per_step={r.prompts_per_step} x rollout."
                     f"n_samples_per_prompt={r.n_samples_per_prompt} = {s.samples_per_step}); "
                     f"set train.batch_size to a divisor such as {s.samples_per_step}")
-    if tr.trainer == "rl" and cfg.topology.mode == "colocated" and r.prompts_per_step % s.world:
+    if (tr.trainer in GENERATING_TRAINERS and cfg.topology.mode == "colocated"
+            and r.prompts_per_step % s.world):
         errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                     f"{s.world} ranks (each rank rolls out whole prompt groups); set it to "
                     f"{max(r.prompts_per_step // s.world, 1) * s.world}")

@@ -107,15 +107,21 @@ def close_engine(engine) -> None:
         llm.llm_engine.engine_core.shutdown()
 
 
-def local_prompts(step_prompts: list, rank: int, world: int, tp: int) -> list:
-    """This rank's prompts. Ranks of one TP group share an engine, which must see identical
-    requests, so the group generates its engine's share together; the trainer part of each
-    rank then keeps every tp-th prompt of it. Colocated TP>1 generation on CPU is rare; the
-    simple route (generate per rank) is used when tp == 1."""
+def local_prompts(step_prompts: list, rank: int, world: int, tp: int) -> tuple[list, slice]:
+    """(prompts this rank's engine generates, the slice of them this rank trains on).
+
+    Ranks of one TP group share an engine, which must receive identical requests (vLLM's
+    external_launcher): they all generate their engine's share, then each keeps its own
+    contiguous part of the groups for training. With tp == 1 both are the rank's share.
+    """
     from hpc_rlhf.rl.prompts import shard
-    if tp == 1:
-        return shard(step_prompts, rank, world)
-    return shard(shard(step_prompts, rank // tp, world // tp), rank % tp, tp)
+    engine_prompts = shard(step_prompts, rank // tp, world // tp)
+    per = len(engine_prompts) // tp
+    if per * tp != len(engine_prompts):
+        raise ValueError(f"{len(engine_prompts)} prompts per engine cannot be split over its "
+                         f"{tp} tensor-parallel ranks")
+    part = rank % tp
+    return engine_prompts, slice(part * per, (part + 1) * per)
 
 
 def rollout_sampling(cfg: JobConfig, seed: int) -> SamplingConfig:

@@ -143,10 +143,15 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
     quota = cfg.rollout.prompts_per_step // world
     while True:
         with timer("rollout"):
-            mine = local_prompts(prompts.next_step(), rank, world, cfg.rollout.tensor_parallel_size)
+            tp = cfg.rollout.tensor_parallel_size
+            engine_prompts, keep = local_prompts(prompts.next_step(), rank, world, tp)
             sampling = rollout_sampling(cfg, seed=cfg.train.seed * 1_000_003 + step * 10_007
-                                        + rounds * 1_009 + rank * 101)
-            episodes = collect(cfg, engine, tok, mine, sampling, agent)
+                                        + rounds * 1_009 + (rank // tp) * 101)
+            episodes = collect(cfg, engine, tok, engine_prompts, sampling, agent)
+            mine = engine_prompts[keep]
+            episodes = episodes[keep.start * n:keep.stop * n]
+            for k, e in enumerate(episodes):  # index into `mine` from here on
+                e.prompt_index = k // n
         with timer("reward"):
             rewards = score_rollouts(cfg, reward_source, tok, mine, episodes)
         groups = [(episodes[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
@@ -199,10 +204,11 @@ def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> flo
     """Mean reward on held-out prompts, greedy (or eval.temperature), one sample each."""
     from dataclasses import replace
     usable = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world]
-    mine = local_prompts(usable, rank, world, cfg.rollout.tensor_parallel_size)
+    engine_prompts, keep = local_prompts(usable, rank, world, cfg.rollout.tensor_parallel_size)
+    mine = engine_prompts[keep]
     sampling = replace(rollout_sampling(cfg, seed=cfg.train.seed), n=1,
                        temperature=cfg.eval.temperature)
-    rollouts = engine.generate([p.ids for p in mine], sampling)
+    rollouts = engine.generate([p.ids for p in engine_prompts], sampling)[keep]
     texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
     scores = reward_source.score([p.text for p in mine], texts, [p.label for p in mine])
     return float(scores.float().mean())
