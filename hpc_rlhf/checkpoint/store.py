@@ -28,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 import torch.distributed as dist
+
+from hpc_rlhf.launch.faults import fault_point
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -46,6 +49,10 @@ def _world() -> int:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); nothing was committed."""
 
 
 def step_dir_name(step: int) -> str:
@@ -123,12 +130,22 @@ def save_checkpoint(root: str | os.PathLike, step: int, engines: dict,
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-    if rank == 0:
-        torch.save({"step": step, "extra": extra_state}, tmp / "trainer_state.pt")
+    try:
+        for name, engine in engines.items():
+            engine.save_checkpoint(str(tmp), tag=name, client_state={}, save_latest=False)
+        torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        if rank == 0:
+            torch.save({"step": step, "extra": extra_state}, tmp / "trainer_state.pt")
+    except (OSError, RuntimeError) as e:
+        # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos".
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        raise CheckpointWriteError(
+            f"rank {rank}: writing checkpoint step {step} into {tmp} failed ({e}). The disk may "
+            f"be full or over quota: {free / 2**20:.1f} MiB free under {root}. The previous "
+            "checkpoint is intact; free space, point launch.run_dir at a larger file system, "
+            "or lower checkpoint.keep_last") from e
     _barrier()
+    fault_point("checkpoint_save")
     _fsync_tree(tmp)  # every rank: flushes what it wrote (others' files are clean: cheap)
     _barrier()
     if rank == 0:

@@ -7,6 +7,7 @@ name the field, the value, the constraint and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 
@@ -26,6 +27,9 @@ def field_errors(obj: Any, prefix: str) -> list[str]:
     for f in dataclasses.fields(obj):
         value, meta, name = getattr(obj, f.name), f.metadata, f"{prefix}.{f.name}"
         if dataclasses.is_dataclass(value):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{name}={value!r} must be a finite number; give a real value")
             continue
         choices = meta.get("choices")
         if choices is not None and value not in choices:

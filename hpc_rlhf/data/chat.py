@@ -44,9 +44,19 @@ class ChatFormat:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-            chat_template=self.chat_template)
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template)
+        except TemplateError:
+            raise
+        except Exception as e:  # jinja2 syntax/undefined errors, raised from the template
+            if type(e).__module__.split(".")[0] != "jinja2":
+                raise
+            which = ("the chat template given in data.chat_template" if self.chat_template
+                     else "the tokenizer's chat template")
+            raise TemplateError(f"{which} failed to render: {type(e).__name__}: {e}; fix the "
+                                "template (or set data.apply_chat_template=false)") from e
 
     @property
     def eos_id(self) -> int:

@@ -1,6 +1,7 @@
 """The run directory: one per job, the same one again after a requeue.
 
-    <run_dir>/config.yaml      resolved config (all defaults filled in, overrides applied)
+    <run_dir>/config.yaml      resolved config (all defaults filled in, overrides applied; secrets
+                           in reward.remote_url masked, so the file can be shared)
     <run_dir>/layout.txt       Layout.describe() of the job
     <run_dir>/logs/rank<R>.log every rank's stdout+stderr lines (tee'd, the console keeps them)
     <run_dir>/REQUEUE          written after a signal-triggered checkpoint (see signals.py)
@@ -12,6 +13,7 @@ job finds its checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -26,13 +28,24 @@ def resolve_run_dir(cfg: JobConfig) -> Path:
     return Path(env) if env else Path(cfg.launch.run_dir.format(name=cfg.launch.name))
 
 
+def redacted(cfg: JobConfig) -> JobConfig:
+    """`cfg` with the password and query values of reward.remote_url masked ('***'); for
+    everything written to the run directory or sent to trackers (wandb, tensorboard)."""
+    from hpc_rlhf.rewards.remote import mask_url
+    if not cfg.reward.remote_url:
+        return cfg
+    return dataclasses.replace(cfg, reward=dataclasses.replace(
+        cfg.reward, remote_url=mask_url(cfg.reward.remote_url)))
+
+
 def prepare_run_dir(cfg: JobConfig, layout_text: str, rank: int) -> Path:
     """Create the run directory; global rank 0 writes config.yaml and layout.txt (atomically,
     so a requeued job rewriting them never leaves half a file)."""
     run_dir = resolve_run_dir(cfg)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        for name, text in (("config.yaml", to_yaml(cfg)), ("layout.txt", layout_text + "\n")):
+        for name, text in (("config.yaml", to_yaml(redacted(cfg))),
+                           ("layout.txt", layout_text + "\n")):
             tmp = run_dir / f".{name}.tmp"
             tmp.write_text(text)
             os.replace(tmp, run_dir / name)

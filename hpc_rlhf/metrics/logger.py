@@ -73,8 +73,9 @@ class MetricsLogger:
             self._wandb.log(clean, step=step)
         if self._bar is not None:
             self._bar.update(1)
-            shown = {k.split("/")[-1]: f"{clean[k]:.3g}" for k in
-                     ("reward/mean", "eval/reward", "loss/policy", "time/step") if k in clean}
+            names = {"reward/mean": "reward", "eval/reward": "eval_reward", "loss/policy": "loss",
+                     "time/step": "step_s"}
+            shown = {short: f"{clean[k]:.3g}" for k, short in names.items() if k in clean}
             self._bar.set_postfix(shown)
 
     def close(self) -> None:

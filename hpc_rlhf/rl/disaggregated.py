@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from hpc_rlhf.config import JobConfig, sizes, to_dict
+from hpc_rlhf.launch.faults import fault_point
+from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
@@ -80,7 +82,7 @@ def _prompts(cfg: JobConfig):
         cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
         max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.data.num_task_prompts,
         seed=cfg.data.seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
-        skip_bad_rows=cfg.data.skip_bad_rows), cfg.rollout.prompts_per_step, cfg.data.seed)
+        skip_bad_rows=cfg.data.skip_bad_rows, chat_template=cfg.data.chat_template), cfg.rollout.prompts_per_step, cfg.data.seed)
     return stream
 
 
@@ -106,6 +108,7 @@ def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
     def generate(step: int, version: int):
         mine = shard(prompts.next_step(), e, num_engines)
         t0 = time.perf_counter()
+        fault_point("rollout")
         episodes = collect(cfg, engine, tok, mine, _sampling(cfg, step, e), agent, version)
         return (e, time.perf_counter() - t0, episodes) if topo.engine_tp_rank == 0 else None
 
@@ -167,7 +170,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
                            progress_total=cfg.train.num_steps, progress_bar=cfg.logging.progress_bar,
-                           config=to_dict(cfg), start_step=start)
+                           config=to_dict(redacted(cfg)), start_step=start)
     timer = Timer()
     n = cfg.rollout.n_samples_per_prompt
     for step in range(start, cfg.train.num_steps):
@@ -193,8 +196,10 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         with timer("experience"):
             batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
         with timer("train"):
+            fault_point("train")
             train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
         with timer("weight_sync"):
+            fault_point("weight_sync")
             sync_stats = _send_weights(strategy, models, sender)
         if "kl/mean" in exp_metrics:
             kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.config import JobConfig, sizes, to_dict
+from hpc_rlhf.launch.faults import fault_point
+from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
@@ -52,7 +54,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
         cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
         max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.data.num_task_prompts,
         seed=cfg.data.seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
-        skip_bad_rows=cfg.data.skip_bad_rows), cfg.rollout.prompts_per_step, cfg.data.seed)
+        skip_bad_rows=cfg.data.skip_bad_rows, chat_template=cfg.data.chat_template), cfg.rollout.prompts_per_step, cfg.data.seed)
     eval_prompts = _eval_prompts(cfg, tok)
     a = cfg.algorithm
     kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
@@ -73,7 +75,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
                            progress_total=cfg.train.num_steps,
-                           progress_bar=cfg.logging.progress_bar, config=to_dict(cfg),
+                           progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
                            start_step=start)
     timer = Timer()
     for step in range(start, cfg.train.num_steps):
@@ -93,9 +95,11 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
             batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
         # 4. Train.
         with timer("train"):
+            fault_point("train")
             train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
         # 5. Weight sync: wake the weights, load the new ones, then the KV cache.
         with timer("weight_sync"):
+            fault_point("weight_sync")
             sync_weights(strategy, models.actor, engine)
         if "kl/mean" in exp_metrics:
             kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
@@ -147,6 +151,7 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
             engine_prompts, keep = local_prompts(prompts.next_step(), rank, world, tp)
             sampling = rollout_sampling(cfg, seed=cfg.train.seed * 1_000_003 + step * 10_007
                                         + rounds * 1_009 + (rank // tp) * 101)
+            fault_point("rollout")
             episodes = collect(cfg, engine, tok, engine_prompts, sampling, agent)
             mine = engine_prompts[keep]
             episodes = episodes[keep.start * n:keep.stop * n]
@@ -197,7 +202,7 @@ def _eval_prompts(cfg: JobConfig, tok):
     return load_prompts(source, tok, apply_chat_template=cfg.data.apply_chat_template,
                         max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.eval.num_prompts,
                         seed=seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
-                        skip_bad_rows=cfg.data.skip_bad_rows)[:cfg.eval.num_prompts]
+                        skip_bad_rows=cfg.data.skip_bad_rows, chat_template=cfg.data.chat_template)[:cfg.eval.num_prompts]
 
 
 def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> float:

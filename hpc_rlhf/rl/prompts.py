@@ -23,9 +23,11 @@ class Prompt:
 
 def load_prompts(source: str, tokenizer, *, apply_chat_template: bool, max_prompt_len: int,
                  num_task_prompts: int, seed: int, input_key: str = "prompt",
-                 label_key: str = "label", skip_bad_rows: bool = False) -> list[Prompt]:
+                 label_key: str = "label", skip_bad_rows: bool = False,
+                 chat_template: str = "") -> list[Prompt]:
     """Every prompt of `source` ('task:<name>' or a data file), too-long ones dropped."""
-    fmt = ChatFormat(tokenizer, apply_chat_template=apply_chat_template)
+    fmt = ChatFormat(tokenizer, apply_chat_template=apply_chat_template,
+                     chat_template=chat_template or None)
     if source.startswith("task:"):
         rows = [(s.prompt, s.label) for s in make_task(source, num_task_prompts, seed)]
         prompts = [Prompt(fmt.prompt_ids(q), q, lab) for q, lab in rows]

@@ -139,7 +139,7 @@ def load_rl_prompts(cfg, tokenizer) -> PromptStream:
     prompts = load_prompts(d.prompts, tokenizer, apply_chat_template=d.apply_chat_template,
                            max_prompt_len=d.max_prompt_len, num_task_prompts=d.num_task_prompts,
                            seed=d.seed, input_key=d.input_key, label_key=d.label_key,
-                           skip_bad_rows=d.skip_bad_rows)
+                           skip_bad_rows=d.skip_bad_rows, chat_template=d.chat_template)
     return PromptStream(prompts, cfg.rollout.prompts_per_step, d.seed)
 
 

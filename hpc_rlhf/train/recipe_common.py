@@ -41,7 +41,9 @@ def load_causal_lm(path: str, model_cfg):
 
 
 def chat_format(tokenizer, data_cfg, chat_template: str | None = None) -> ChatFormat:
-    return ChatFormat(tokenizer, data_cfg.apply_chat_template, chat_template)
+    """The config's chat format: `data.chat_template` overrides the tokenizer's template."""
+    return ChatFormat(tokenizer, data_cfg.apply_chat_template,
+                      chat_template or data_cfg.chat_template or None)
 
 
 # ---- strategy -----------------------------------------------------------------------------

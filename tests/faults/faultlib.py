@@ -1,0 +1,148 @@
+"""Helpers for the fault tests: start the real RL job (torchrun, gloo, 2 colocated ranks, HF
+rollout engine, tiny Llama), find its rank processes, wait for metrics, compare metrics."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from hpc_rlhf.launch.plan import torchrun_argv
+from hpc_rlhf.topology import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+GRPO = str(REPO / "configs" / "grpo_tiny.yaml")
+STEPS = 5
+# grpo_tiny with the HF engine on 2 colocated ranks; every run of the suite uses these, so the
+# reference run's metrics are comparable with every resumed run's.
+RL_OVERRIDES = ["rollout.engine=hf", "topology.procs_per_node=2", f"train.num_steps={STEPS}",
+                "logging.tensorboard=false", "topology.timeout_s=30"]
+# Metrics that depend on wall time, not on the computation.
+TIMING_PREFIXES = ("time/", "throughput/")
+REL_TOL, ABS_TOL = 1e-5, 1e-6
+
+
+def rl_argv(overrides: list[str]) -> list[str]:
+    argv = torchrun_argv(GRPO, [*RL_OVERRIDES, *overrides], 1, 2, f"127.0.0.1:{free_port()}",
+                         "faults", 10)
+    return argv
+
+
+def rl_env(run_dir: Path, fault: str = "") -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                        "HPC_RLHF_FAULT", "HPC_RLHF_PROGRAM")}
+    env.update(HPC_RLHF_RUN_DIR=str(run_dir), OMP_NUM_THREADS="1", HPC_RLHF_TERM_GRACE_S="3",
+               PYTHONUNBUFFERED="1")
+    if fault:
+        env["HPC_RLHF_FAULT"] = fault
+    return env
+
+
+def start_rl(run_dir: Path, overrides: list[str] = (), fault: str = "") -> subprocess.Popen:
+    return subprocess.Popen(rl_argv(list(overrides)), cwd=REPO, env=rl_env(run_dir, fault),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_rl(run_dir: Path, overrides: list[str] = (), fault: str = "",
+           timeout: float = 240) -> tuple[int, str, float]:
+    """(exit code, output, seconds from the injected fault to the launcher's exit, or from the
+    start when no fault was injected) of one whole job."""
+    t0 = time.monotonic()
+    proc = start_rl(run_dir, overrides, fault)
+    lines, t_fault = [], None
+    try:
+        for line in proc.stdout:  # bounded by the pytest timeout and the kill below
+            lines.append(line)
+            if t_fault is None and "HPC_RLHF_FAULT: injecting" in line:
+                t_fault = time.monotonic()
+            if time.monotonic() - t0 > timeout:
+                break
+        proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    finally:
+        kill_tree(proc)
+    return proc.returncode, "".join(lines), time.monotonic() - (t_fault or t0)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and its ranks if still alive (only the processes this test started)."""
+    if proc.poll() is not None:
+        return
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in [*children]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def rank_pid(proc: subprocess.Popen, rank: int, timeout: float = 60) -> int:
+    """pid of global rank `rank` among the launcher's children (read from their RANK env)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.environ().get("RANK") == str(rank):
+                    return child.pid
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.2)
+    raise TimeoutError(f"rank {rank} never started")
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> metrics; for a step logged twice (killed, then resumed) the last entry wins."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            out[d["step"]] = d
+    return out
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while step not in metrics(run_dir):
+        if proc.poll() is not None:
+            raise AssertionError(f"job exited ({proc.returncode}) before step {step}:\n"
+                                 + proc.stdout.read()[-5000:])
+        if time.monotonic() > deadline:
+            raise AssertionError(f"step {step} not logged within {timeout}s")
+        time.sleep(0.1)
+
+
+def assert_same_metrics(got: dict, want: dict, steps) -> int:
+    """Every non-timing metric of `steps` equal within REL_TOL/ABS_TOL; returns values compared."""
+    n = 0
+    for s in steps:
+        assert s in got and s in want, (s, sorted(got), sorted(want))
+        keys = {k for k in want[s] if not k.startswith(TIMING_PREFIXES)}
+        assert keys == {k for k in got[s] if not k.startswith(TIMING_PREFIXES)}, s
+        for k in sorted(keys):
+            assert math.isclose(got[s][k], want[s][k], rel_tol=REL_TOL, abs_tol=ABS_TOL), \
+                f"step {s} {k}: resumed {got[s][k]!r} vs uninterrupted {want[s][k]!r}"
+            n += 1
+    return n
+
+
+def root_cause(text: str) -> str:
+    """torchrun's 'Root Cause (first observed failure)' section."""
+    assert "Root Cause" in text, text[-5000:]
+    return text.split("Root Cause", 1)[1]
+
+
+def python() -> str:
+    return sys.executable
