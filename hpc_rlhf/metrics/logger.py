@@ -72,7 +72,8 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
         if self._bar is not None:
-            self._bar.update(1)
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
             names = {"reward/mean": "reward", "eval/reward": "eval_reward", "loss/policy": "loss",
                      "time/step": "step_s"}
             shown = {short: f"{clean[k]:.3g}" for k, short in names.items() if k in clean}

@@ -78,6 +78,9 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                            progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
                            start_step=start)
     timer = Timer()
+    if cfg.eval.every and start == 0 and reward_source is not None:  # the baseline
+        baseline = _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world)
+        logger.log(0, {"eval/reward": baseline})
     for step in range(start, cfg.train.num_steps):
         t0 = time.perf_counter()
         # 1-2. Rollout (n samples per prompt, or agent episodes) and rewards; with dynamic
@@ -135,6 +138,29 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     if cfg.checkpoint.export_hf:
         from hpc_rlhf.rl.components import export_actor
         export_actor(strategy, models, run_dir / "export", rank)
+    if rank == 0:
+        print(summary(run_dir), flush=True)
+
+
+def summary(run_dir: Path) -> str:
+    """What the run did, from its metrics file: reward at the start and end, evaluations."""
+    from hpc_rlhf.metrics.logger import read_metrics
+    everything = read_metrics(run_dir)
+    rows = [r for r in everything if "reward/mean" in r]
+    if not rows:
+        return f"[rl] no steps run; see {run_dir}"
+    k = max(len(rows) // 4, 1)
+    first = sum(r["reward/mean"] for r in rows[:k]) / k
+    last = sum(r["reward/mean"] for r in rows[-k:]) / k
+    evals = ", ".join(f"step {r['step']}: {r['eval/reward']:.3f}" for r in everything
+                      if "eval/reward" in r)
+    lines = [f"[rl] {len(rows)} steps in {run_dir}: mean reward {first:.3f} (first {k} steps) -> "
+             f"{last:.3f} (last {k} steps)"]
+    if evals:
+        lines.append(f"[rl] held-out reward ({len(evals.split(','))} evaluations): {evals}")
+    lines.append(f"[rl] metrics: {run_dir / 'metrics.jsonl'}; tensorboard --logdir "
+                 f"{run_dir / 'tensorboard'}; policy: {run_dir / 'export'}")
+    return "\n".join(lines)
 
 
 MAX_FILTER_ROUNDS = 4  # dynamic filtering: generation rounds per step before giving up

