@@ -111,10 +111,14 @@ def _topology_rules(cfg: JobConfig) -> list[str]:
                 f"reward {s.reward_ranks}) but the world has {s.world} (topology.nodes="
                 f"{t.nodes} x topology.procs_per_node={t.procs_per_node}); make them add up, "
                 "e.g. set topology.actor_ranks=0 to give the actor every rank left")
-        if t.critic_ranks and cfg.algorithm.name != "ppo":
+        if tr.trainer == "rl" and (t.critic_ranks or t.reward_ranks):
+            errs.append(f"topology.critic_ranks={t.critic_ranks} / reward_ranks={t.reward_ranks}: "
+                        "the RL recipe runs the critic and reward model on the actor ranks (or a "
+                        "reward server) for now; set both to 0")
+        elif t.critic_ranks and cfg.algorithm.name != "ppo":
             errs.append(f"topology.critic_ranks={t.critic_ranks} but algorithm.name="
                         f"{cfg.algorithm.name!r} has no critic; set topology.critic_ranks=0")
-        if t.reward_ranks and cfg.reward.source != "model":
+        elif t.reward_ranks and cfg.reward.source != "model":
             errs.append(f"topology.reward_ranks={t.reward_ranks} but reward.source="
                         f"{cfg.reward.source!r}; set topology.reward_ranks=0 or reward.source=model")
     per_model = tr.autotp_size * tr.ring_attn_size

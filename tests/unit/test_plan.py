@@ -70,7 +70,7 @@ def test_dry_run_prints_layout_memory_and_commands():
     assert "   7   7   63  rollout" in text  # node 7, GPU 7, rank 63
     assert "--nnodes 8 --nproc-per-node 8" in text and "#SBATCH --nodes=8" in text
     assert "WARNING" not in text
-    small = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "40")
+    small = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "32")
     assert "WARNING: world actor needs" in small.stdout
 
 
