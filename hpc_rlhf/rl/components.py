@@ -80,6 +80,18 @@ def _sizes_of(cfg):
     return sizes(cfg)
 
 
+AGENT_FEEDBACK_TOKENS = 64  # budget per environment turn when rollout.max_model_len=0
+
+
+def default_max_model_len(cfg: JobConfig) -> int:
+    """Prompt + response budget; multi-turn agents add every turn and its feedback."""
+    r = cfg.rollout
+    if cfg.reward.source == "agent":
+        turns = cfg.reward.max_turns
+        return cfg.data.max_prompt_len + turns * (r.max_new_tokens + AGENT_FEEDBACK_TOKENS)
+    return cfg.data.max_prompt_len + r.max_new_tokens
+
+
 def build_engine(cfg: JobConfig, model_path: str, tokenizer):
     """This rank's rollout engine (or its TP slice of one); HF serves a plain model replica
     that weight syncs overwrite, like vLLM's copy."""
@@ -91,7 +103,7 @@ def build_engine(cfg: JobConfig, model_path: str, tokenizer):
         return HFEngine(replica, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad,
                         tokenizer=tokenizer)
     from hpc_rlhf.rollout.vllm_engine import VLLMEngine
-    max_len = r.max_model_len or cfg.data.max_prompt_len + r.max_new_tokens
+    max_len = r.max_model_len or default_max_model_len(cfg)
     backend = "external_launcher" if torch.distributed.is_initialized() else None
     return VLLMEngine(model_path, tensor_parallel_size=r.tensor_parallel_size,
                       dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed,
