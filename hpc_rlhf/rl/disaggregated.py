@@ -35,7 +35,7 @@ from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, 
 from hpc_rlhf.rl.collect import collect, load_agent
 from hpc_rlhf.rl.experience import make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
-from hpc_rlhf.rl.prompts import PromptStream, load_prompts, shard
+from hpc_rlhf.rl.prompts import PromptStream, prompt_stream, shard
 from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
 from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
 
@@ -78,12 +78,7 @@ def _prompts(cfg: JobConfig):
     from transformers import AutoTokenizer
     from hpc_rlhf.models.resolve import resolve_model_path
     tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
-    stream = PromptStream(load_prompts(
-        cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
-        max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.data.num_task_prompts,
-        seed=cfg.data.seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
-        skip_bad_rows=cfg.data.skip_bad_rows, chat_template=cfg.data.chat_template), cfg.rollout.prompts_per_step, cfg.data.seed)
-    return stream
+    return prompt_stream(cfg, tok)
 
 
 def _sampling(cfg: JobConfig, step: int, engine: int):

@@ -25,7 +25,7 @@ from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, 
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
-from hpc_rlhf.rl.prompts import PromptStream, load_prompts
+from hpc_rlhf.rl.prompts import config_prompts, prompt_stream
 from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
 
 
@@ -50,11 +50,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     agent = load_agent(cfg)
     reward_source = None if agent is not None else build_reward_source(cfg)
     tok = models.tokenizer
-    prompts = PromptStream(load_prompts(
-        cfg.data.prompts, tok, apply_chat_template=cfg.data.apply_chat_template,
-        max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.data.num_task_prompts,
-        seed=cfg.data.seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
-        skip_bad_rows=cfg.data.skip_bad_rows, chat_template=cfg.data.chat_template), cfg.rollout.prompts_per_step, cfg.data.seed)
+    prompts = prompt_stream(cfg, tok)
     eval_prompts = _eval_prompts(cfg, tok)
     a = cfg.algorithm
     kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
@@ -225,10 +221,8 @@ def _eval_prompts(cfg: JobConfig, tok):
         return []
     source = cfg.data.eval_prompts or cfg.data.prompts
     seed = cfg.data.seed + 7919 if not cfg.data.eval_prompts else cfg.data.seed
-    return load_prompts(source, tok, apply_chat_template=cfg.data.apply_chat_template,
-                        max_prompt_len=cfg.data.max_prompt_len, num_task_prompts=cfg.eval.num_prompts,
-                        seed=seed, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
-                        skip_bad_rows=cfg.data.skip_bad_rows, chat_template=cfg.data.chat_template)[:cfg.eval.num_prompts]
+    return config_prompts(cfg.data, tok, source=source, num=cfg.eval.num_prompts,
+                          seed=seed)[:cfg.eval.num_prompts]
 
 
 def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> float:

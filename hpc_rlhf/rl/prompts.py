@@ -46,6 +46,24 @@ def load_prompts(source: str, tokenizer, *, apply_chat_template: bool, max_promp
     return kept
 
 
+def config_prompts(data_cfg, tokenizer, *, source: str | None = None, num: int | None = None,
+                   seed: int | None = None) -> list[Prompt]:
+    """`load_prompts` with every option taken from the config's `data` section."""
+    d = data_cfg
+    return load_prompts(source or d.prompts, tokenizer, apply_chat_template=d.apply_chat_template,
+                        max_prompt_len=d.max_prompt_len,
+                        num_task_prompts=num or d.num_task_prompts,
+                        seed=d.seed if seed is None else seed, input_key=d.input_key,
+                        label_key=d.label_key, skip_bad_rows=d.skip_bad_rows,
+                        chat_template=d.chat_template)
+
+
+def prompt_stream(cfg, tokenizer) -> "PromptStream":
+    """The RL prompt stream of a job config (same order on every rank)."""
+    return PromptStream(config_prompts(cfg.data, tokenizer), cfg.rollout.prompts_per_step,
+                        cfg.data.seed)
+
+
 class PromptStream:
     """Hands out `per_step` prompts per step from a shuffled, epoch-cycled prompt list."""
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from hpc_rlhf.data import SFTSample
 from hpc_rlhf.rl.components import build_engine, close_engine, rollout_sampling, sync_weights
-from hpc_rlhf.rl.prompts import Prompt, PromptStream, load_prompts, shard
+from hpc_rlhf.rl.prompts import Prompt, PromptStream, prompt_stream, shard
 from hpc_rlhf.rollout.protocol import Rollout, SamplingConfig
 from hpc_rlhf.train.recipe_common import (MetricLog, export_hf, load_causal_lm, load_tokenizer,
                                           make_strategy)
@@ -135,12 +135,7 @@ def round_sampling(cfg, round_index: int, rank: int) -> SamplingConfig:
 
 
 def load_rl_prompts(cfg, tokenizer) -> PromptStream:
-    d = cfg.data
-    prompts = load_prompts(d.prompts, tokenizer, apply_chat_template=d.apply_chat_template,
-                           max_prompt_len=d.max_prompt_len, num_task_prompts=d.num_task_prompts,
-                           seed=d.seed, input_key=d.input_key, label_key=d.label_key,
-                           skip_bad_rows=d.skip_bad_rows, chat_template=d.chat_template)
-    return PromptStream(prompts, cfg.rollout.prompts_per_step, d.seed)
+    return prompt_stream(cfg, tokenizer)
 
 
 def build_rollout_replica(cfg, tokenizer):
