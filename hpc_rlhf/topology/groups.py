@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,10 @@ import torch.distributed as dist
 
 from hpc_rlhf.config import JobConfig
 from .layout import Layout, RankInfo, build_layout
+
+
+PEER_FAILURE_MESSAGES = ("Connection closed by peer", "Connection reset by peer",
+                         "Broken pipe")
 
 
 class CollectiveError(RuntimeError):
@@ -224,6 +229,10 @@ class Topology:
         try:
             yield
         except Exception as e:  # gloo: RuntimeError/DistBackendError with a bare socket message
+            if any(m in str(e) for m in PEER_FAILURE_MESSAGES):
+                # A peer died. Let its own error reach torchrun first, so the job's "root cause"
+                # names the rank that failed, not the first of its victims to notice.
+                time.sleep(float(os.environ.get("HPC_RLHF_PEER_FAILURE_GRACE_S", "3")))
             raise CollectiveError(
                 f"rank {self.rank} ({'+'.join(self.roles)}, world {self.info.world!r}): {op} on "
                 f"group {name!r} (global ranks {list(self.group_ranks.get(name, ()))}) failed "

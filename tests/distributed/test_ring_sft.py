@@ -195,11 +195,11 @@ def test_one_row_packing_and_labels_follow_the_batch_convention():
 @pytest.mark.unit
 def test_recipes_without_a_ring_path_refuse_ring_size_above_1(monkeypatch):
     """Other recipes would silently train without the ring (and with the wrong grad_accum)."""
-    from hpc_rlhf.config import load_config
+    from hpc_rlhf.config import ConfigError, load_config
     from hpc_rlhf.train.recipe_common import make_strategy
-    cfg = load_config(ROOT / "configs" / "dpo_tiny.yaml", ["train.ring_attn_size=2"])
-    with pytest.raises(ValueError, match="ring_attn_size=2 is implemented for train.trainer='sft'"):
-        make_strategy(cfg)
+    # Refused by the config, before any job is queued ...
+    with pytest.raises(ConfigError, match="wired into the sft trainer only"):
+        load_config(ROOT / "configs" / "dpo_tiny.yaml", ["train.ring_attn_size=2"])
     monkeypatch.setenv("WORLD_SIZE", "3")
     sft_cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", ["train.ring_attn_size=2"])
     if not torch.distributed.is_initialized():  # a world of 3 ranks cannot hold rings of 2
