@@ -262,10 +262,21 @@ def wait_job(job, poll_s: float = 0.5) -> int:
         time.sleep(0.25)
     tail = "\n".join(((job.stdout() or "") + (job.stderr() or "")).splitlines()[-60:])
     print(f"[submit] job {job.job_id} ended; log tail ({job.paths.stdout}):\n{tail}", flush=True)
-    try:
-        job.results()  # one per node task; raises with the failed task's traceback
-    except Exception as e:  # submitit raises with the task's traceback
-        print(f"[submit] job {job.job_id} FAILED: {str(e).splitlines()[0]}", file=sys.stderr)
+    # Read each node task's result file directly: submitit's own job.results() waits for
+    # missing ones through sacct (absent on many clusters) with growing back-off, so a task
+    # killed by srun --kill-on-bad-exit (no result file) would keep us waiting for minutes.
+    from submitit.core.utils import pickle_load
+    failed = []
+    for task in range(job.num_tasks):
+        path = job.task(task).paths.result_pickle
+        if not path.exists():
+            failed.append(f"task {task}: ended without a result (killed after another failed)")
+            continue
+        outcome, value = pickle_load(path)
+        if outcome != "success":
+            failed.append(f"task {task}: {str(value).strip().splitlines()[-1]}")
+    if failed:
+        print(f"[submit] job {job.job_id} FAILED: " + "; ".join(failed), file=sys.stderr)
         return 1
     return 0
 
