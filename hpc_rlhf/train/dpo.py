@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import load_samples, pair_batch, pair_sample, rank_micro_batches, step_indices
+from hpc_rlhf.data import pair_batch, pair_sample, rank_micro_batches, step_indices
 from hpc_rlhf.train.losses_pref import preference_loss
-from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, load_causal_lm,
-                                          load_tokenizer, make_strategy, sequence_logps)
+from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_causal_lm, load_tokenizer,
+                                          load_train_eval, make_strategy, MetricLog,
+                                          sequence_logps)
 
 
 def pair_logps(model, samples, *, pad_id: int, packing: bool, device):
@@ -87,12 +88,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     d = cfg.data
     make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    chosen_key=d.chosen_key, rejected_key=d.rejected_key)
-    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows)
-    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
-                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
-    if strategy.rank == 0:
-        print(f"dpo data {d.prompts}: {stats.summary()}", flush=True)
+    samples, eval_samples, _ = load_train_eval(d, make, name="dpo",
+                                               rank=strategy.rank)
     policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
                                                      cfg.model))

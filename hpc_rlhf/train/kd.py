@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sample, step_indices
+from hpc_rlhf.data import rank_micro_batches, sft_batch, sft_sample, step_indices
 from hpc_rlhf.train.losses_pref import kd_forward_kl
-from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, forward_logits,
-                                          load_causal_lm, load_tokenizer, make_strategy)
+from hpc_rlhf.train.recipe_common import (chat_format, export_hf, forward_logits, load_causal_lm,
+                                          load_tokenizer, load_train_eval, make_strategy,
+                                          MetricLog)
 
 
 def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.Tensor:
@@ -73,12 +74,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     d = cfg.data
     make = partial(sft_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    output_key=d.output_key)
-    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows)
-    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
-                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
-    if strategy.rank == 0:
-        print(f"kd data {d.prompts}: {stats.summary()}", flush=True)
+    samples, eval_samples, _ = load_train_eval(d, make, name="kd",
+                                               rank=strategy.rank)
     student = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     teacher = strategy.prepare_eval_model(load_causal_lm(cfg.train.teacher_path, cfg.model))
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)

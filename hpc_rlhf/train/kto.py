@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import (kto_batch, kto_sample, load_samples, prompt_response_batch,
+from hpc_rlhf.data import (kto_batch, kto_sample, prompt_response_batch,
                            rank_micro_batches, step_indices)
 from hpc_rlhf.train.losses_pref import kto_loss
-from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, load_causal_lm,
-                                          load_tokenizer, make_strategy, sequence_logps)
+from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_causal_lm, load_tokenizer,
+                                          load_train_eval, make_strategy, MetricLog,
+                                          sequence_logps)
 
 # Loss weights of desirable / undesirable samples (no config fields yet; TRL's defaults).
 DESIRABLE_WEIGHT = 1.0
@@ -92,12 +93,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     d = cfg.data
     make = partial(kto_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    output_key=d.output_key, label_key=d.label_key)
-    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows)
-    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
-                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
-    if strategy.rank == 0:
-        print(f"kto data {d.prompts}: {stats.summary()}", flush=True)
+    samples, eval_samples, _ = load_train_eval(d, make, name="kto",
+                                               rank=strategy.rank)
     policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
                                                      cfg.model))

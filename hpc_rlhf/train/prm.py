@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import load_samples, prm_batch, prm_sample, rank_micro_batches, step_indices
+from hpc_rlhf.data import prm_batch, prm_sample, rank_micro_batches, step_indices
 from hpc_rlhf.train.losses_pref import prm_loss
-from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, forward_logits,
-                                          load_causal_lm, load_tokenizer, make_strategy)
+from hpc_rlhf.train.recipe_common import (chat_format, export_hf, forward_logits, load_causal_lm,
+                                          load_tokenizer, load_train_eval, make_strategy,
+                                          MetricLog)
 
 # Placeholder after each step and the reward tokens (no config fields yet); each must be one
 # token of the tokenizer.
@@ -87,12 +88,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     d = cfg.data
     make = partial(prm_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    output_key=d.output_key, label_key=d.label_key, step_tag_id=tag)
-    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows)
-    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
-                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
-    if strategy.rank == 0:
-        print(f"prm data {d.prompts}: {stats.summary()}", flush=True)
+    samples, eval_samples, _ = load_train_eval(d, make, name="prm",
+                                               rank=strategy.rank)
     engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_prm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,

@@ -150,3 +150,17 @@ def export_hf(strategy, engine, tokenizer, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         module.save_pretrained(out_dir, state_dict=state)
         tokenizer.save_pretrained(out_dir)
+
+
+def load_train_eval(data_cfg, make, *, name: str, rank: int):
+    """(train samples, held-out samples or None, stats) of a trainer's data, the train file's
+    filter/skip counts printed once (rank 0)."""
+    from hpc_rlhf.data import load_samples
+    d = data_cfg
+    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
+                                  skip_bad_rows=d.skip_bad_rows)
+    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
+                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
+    if rank == 0:
+        print(f"{name} data {d.prompts}: {stats.summary()}", flush=True)
+    return samples, eval_samples, stats

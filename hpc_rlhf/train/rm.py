@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import (pair_batch, pair_sample, load_samples, rank_micro_batches,
+from hpc_rlhf.data import (pair_batch, pair_sample, rank_micro_batches,
                            segment_last_index, step_indices)
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
-from hpc_rlhf.train.recipe_common import MetricLog, chat_format, load_tokenizer, make_strategy
+from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
+                                          make_strategy, MetricLog)
 
 
 class ScoreModel(torch.nn.Module):
@@ -110,12 +111,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     d = cfg.data
     make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    chosen_key=d.chosen_key, rejected_key=d.rejected_key)
-    samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows)
-    eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
-                                 skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
-    if strategy.rank == 0:
-        print(f"rm data {d.prompts}: {stats.summary()}", flush=True)
+    samples, eval_samples, _ = load_train_eval(d, make, name="rm",
+                                               rank=strategy.rank)
     engine = strategy.prepare_model(ScoreModel.from_pretrained(cfg.model.path, cfg.model))
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_rm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,

@@ -123,7 +123,21 @@ KILLED_SAVE = textwrap.dedent("""
 
 
 @pytest.mark.timeout(300)
-def test_kill_during_save_keeps_previous_checkpoint(tiny_path, tmp_path):
+@pytest.fixture
+def in_process_world(monkeypatch):
+    """The load-back below joins a 1-rank world in the pytest process itself: restore the
+    environment (RANK, MASTER_PORT, ...) and drop the group afterwards, or later tests that
+    start jobs inherit a rank and a port that is already taken."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    yield
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tiny_path, tmp_path, in_process_world):
     from transformers import AutoModelForCausalLM
 
     from hpc_rlhf.checkpoint.store import latest_checkpoint, list_checkpoints

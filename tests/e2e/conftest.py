@@ -30,6 +30,9 @@ def job_env() -> dict:
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.pop("HPC_RLHF_RUN_DIR", None)  # launch.run_dir must win
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT", "HPC_RLHF_FAULT", "HPC_RLHF_PROGRAM"):
+        env.pop(key, None)  # a job is its own world, whatever this process joined
     return env
 
 
