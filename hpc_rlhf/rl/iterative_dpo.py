@@ -32,13 +32,13 @@ import torch.distributed as dist
 
 from hpc_rlhf.data import PairSample
 from hpc_rlhf.rl.components import close_engine, sync_weights
-from hpc_rlhf.rl.prompts import PromptStream
+from hpc_rlhf.rl.prompts import PromptStream, prompt_stream
 from hpc_rlhf.rl.rejection_sampling import (Scored, all_gather_list, build_rollout_replica,
-                                            check_round_sizes, generate_scored, load_rl_prompts,
+                                            check_round_sizes, generate_scored,
                                             mean_over_ranks, round_sampling, steps_per_round)
 from hpc_rlhf.train.dpo import train_dpo
-from hpc_rlhf.train.recipe_common import (MetricLog, export_hf, load_causal_lm, load_tokenizer,
-                                          make_strategy)
+from hpc_rlhf.train.recipe_common import (export_hf, load_tokenizer, make_strategy, MetricLog,
+                                          policy_and_reference)
 
 
 def best_worst(rewards: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,10 +110,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     from hpc_rlhf.rewards.base import build_reward_source
     reward_source = build_reward_source(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
-    stream = load_rl_prompts(cfg, tokenizer)
-    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
-    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
-                                                     cfg.model))
+    stream = prompt_stream(cfg, tokenizer)
+    policy, ref = policy_and_reference(cfg, strategy)
     engine = build_rollout_replica(cfg, tokenizer)
     try:
         log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)

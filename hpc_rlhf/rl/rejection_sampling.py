@@ -134,10 +134,6 @@ def round_sampling(cfg, round_index: int, rank: int) -> SamplingConfig:
     return replace(rollout_sampling(cfg, seed=seed), n=cfg.train.rs_candidates)
 
 
-def load_rl_prompts(cfg, tokenizer) -> PromptStream:
-    return prompt_stream(cfg, tokenizer)
-
-
 def build_rollout_replica(cfg, tokenizer):
     """This rank's rollout engine over its own copy of the initial weights (never the ZeRO-3
     partitioned model)."""
@@ -182,7 +178,7 @@ def run(cfg, topo, run_dir: Path) -> None:
     from hpc_rlhf.rewards.base import build_reward_source
     reward_source = build_reward_source(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
-    stream = load_rl_prompts(cfg, tokenizer)
+    stream = prompt_stream(cfg, tokenizer)
     policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     engine = build_rollout_replica(cfg, tokenizer)
     try:

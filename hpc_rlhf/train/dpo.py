@@ -16,8 +16,8 @@ import torch
 
 from hpc_rlhf.data import pair_batch, pair_sample, rank_micro_batches, step_indices
 from hpc_rlhf.train.losses_pref import preference_loss
-from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_causal_lm, load_tokenizer,
-                                          load_train_eval, make_strategy, MetricLog,
+from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
+                                          make_strategy, MetricLog, policy_and_reference,
                                           sequence_logps)
 
 
@@ -90,9 +90,7 @@ def run(cfg, topo, run_dir: Path) -> None:
                    chosen_key=d.chosen_key, rejected_key=d.rejected_key)
     samples, eval_samples, _ = load_train_eval(d, make, name="dpo",
                                                rank=strategy.rank)
-    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
-    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
-                                                     cfg.model))
+    policy, ref = policy_and_reference(cfg, strategy)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
               pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)

@@ -16,8 +16,8 @@ import torch
 from hpc_rlhf.data import (kto_batch, kto_sample, prompt_response_batch,
                            rank_micro_batches, step_indices)
 from hpc_rlhf.train.losses_pref import kto_loss
-from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_causal_lm, load_tokenizer,
-                                          load_train_eval, make_strategy, MetricLog,
+from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
+                                          make_strategy, MetricLog, policy_and_reference,
                                           sequence_logps)
 
 # Loss weights of desirable / undesirable samples (no config fields yet; TRL's defaults).
@@ -95,9 +95,7 @@ def run(cfg, topo, run_dir: Path) -> None:
                    output_key=d.output_key, label_key=d.label_key)
     samples, eval_samples, _ = load_train_eval(d, make, name="kto",
                                                rank=strategy.rank)
-    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
-    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
-                                                     cfg.model))
+    policy, ref = policy_and_reference(cfg, strategy)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
               pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)

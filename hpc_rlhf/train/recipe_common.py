@@ -164,3 +164,11 @@ def load_train_eval(data_cfg, make, *, name: str, rank: int):
     if rank == 0:
         print(f"{name} data {d.prompts}: {stats.summary()}", flush=True)
     return samples, eval_samples, stats
+
+
+def policy_and_reference(cfg, strategy):
+    """(trained policy engine, frozen reference engine) from model.path / model.ref_path."""
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
+                                                     cfg.model))
+    return policy, ref
