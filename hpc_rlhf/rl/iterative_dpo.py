@@ -28,17 +28,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from hpc_rlhf.data import PairSample
 from hpc_rlhf.rl.components import close_engine, sync_weights
-from hpc_rlhf.rl.prompts import PromptStream, prompt_stream
+from hpc_rlhf.rl.prompts import PromptStream
 from hpc_rlhf.rl.rejection_sampling import (Scored, all_gather_list, build_rollout_replica,
-                                            check_round_sizes, generate_scored,
-                                            mean_over_ranks, round_sampling, steps_per_round)
+                                            generate_scored, mean_over_ranks, round_sampling,
+                                            round_setup, steps_per_round)
 from hpc_rlhf.train.dpo import train_dpo
-from hpc_rlhf.train.recipe_common import (export_hf, load_tokenizer, make_strategy, MetricLog,
-                                          policy_and_reference)
+from hpc_rlhf.train.recipe_common import (export_hf, MetricLog, policy_and_reference)
 
 
 def best_worst(rewards: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -102,15 +100,7 @@ def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    check_round_sizes(cfg, world)
-    total = cfg.train.num_steps * steps_per_round(cfg.train, cfg.rollout.prompts_per_step)
-    strategy = make_strategy(cfg, total_steps=total,
-                             warmup_steps=int(cfg.train.lr_warmup_ratio * total))
-    from hpc_rlhf.rewards.base import build_reward_source
-    reward_source = build_reward_source(cfg)
-    tokenizer = load_tokenizer(cfg.model.path)
-    stream = prompt_stream(cfg, tokenizer)
+    strategy, reward_source, tokenizer, stream = round_setup(cfg)
     policy, ref = policy_and_reference(cfg, strategy)
     engine = build_rollout_replica(cfg, tokenizer)
     try:

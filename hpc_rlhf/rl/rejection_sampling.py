@@ -169,7 +169,9 @@ def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
     return log.history
 
 
-def run(cfg, topo, run_dir: Path) -> None:
+def round_setup(cfg):
+    """What every generate-score-train recipe needs, sized for all its rounds:
+    (strategy, reward source, tokenizer, prompt stream)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_round_sizes(cfg, world)
     total = cfg.train.num_steps * steps_per_round(cfg.train, cfg.rollout.prompts_per_step)
@@ -179,6 +181,11 @@ def run(cfg, topo, run_dir: Path) -> None:
     reward_source = build_reward_source(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
     stream = prompt_stream(cfg, tokenizer)
+    return strategy, reward_source, tokenizer, stream
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    strategy, reward_source, tokenizer, stream = round_setup(cfg)
     policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     engine = build_rollout_replica(cfg, tokenizer)
     try:
