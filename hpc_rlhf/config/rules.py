@@ -142,11 +142,13 @@ def _topology_rules(cfg: JobConfig) -> list[str]:
 def _batch_rules(cfg: JobConfig) -> list[str]:
     r, tr, errs = cfg.rollout, cfg.train, []
     s = sizes(cfg)
+    t = cfg.topology
+    world = f"(topology.nodes={t.nodes} x topology.procs_per_node={t.procs_per_node})"
     per_opt = tr.micro_batch_size * s.actor_dp
     if tr.batch_size % per_opt:
         errs.append(f"train.batch_size={tr.batch_size} must be a multiple of train."
                     f"micro_batch_size={tr.micro_batch_size} x actor data-parallel size "
-                    f"{s.actor_dp} = {per_opt}; set train.batch_size="
+                    f"{s.actor_dp} {world} = {per_opt}; set train.batch_size="
                     f"{max(tr.batch_size // per_opt, 1) * per_opt}")
     if tr.trainer == "rl" and s.samples_per_step % tr.batch_size:
         errs.append(f"train.batch_size={tr.batch_size} must divide the samples per RL step "
@@ -156,13 +158,13 @@ def _batch_rules(cfg: JobConfig) -> list[str]:
     if (tr.trainer in GENERATING_TRAINERS and cfg.topology.mode == "colocated"
             and r.prompts_per_step % s.world):
         errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
-                    f"{s.world} ranks (each rank rolls out whole prompt groups); set it to "
+                    f"{s.world} ranks {world} (each rank rolls out whole prompt groups); set it to "
                     f"{max(r.prompts_per_step // s.world, 1) * s.world}")
     if tr.trainer == "rl" and cfg.topology.mode == "disaggregated" and (
             r.prompts_per_step % max(s.actor_dp, 1) or r.prompts_per_step % max(s.num_engines, 1)):
         errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                     f"actor data-parallel size {s.actor_dp} and of the {s.num_engines} rollout "
-                    "engines (whole prompt groups per rank)")
+                    f"engines {world} (whole prompt groups per rank)")
     if r.max_model_len and cfg.data.max_prompt_len + r.max_new_tokens > r.max_model_len:
         errs.append(f"data.max_prompt_len={cfg.data.max_prompt_len} + rollout.max_new_tokens="
                     f"{r.max_new_tokens} exceeds rollout.max_model_len={r.max_model_len}; "
@@ -183,7 +185,8 @@ def _algorithm_rules(cfg: JobConfig) -> list[str]:
     if a.dual_clip and a.dual_clip <= 1.0:
         errs.append(f"algorithm.dual_clip={a.dual_clip} must be > 1 (or 0 = off); try 3.0")
     if not a.icepop_low < 1.0 < a.icepop_high:
-        errs.append(f"algorithm.icepop_low={a.icepop_low} and icepop_high={a.icepop_high} must "
+        errs.append(f"algorithm.icepop_low={a.icepop_low} and algorithm.icepop_high="
+                    f"{a.icepop_high} must "
                     "bracket 1 (low < 1 < high); e.g. 0.5 and 5.0")
     if a.tis_cap < 1.0:
         errs.append(f"algorithm.tis_cap={a.tis_cap} must be >= 1 (it truncates ratios from "
