@@ -15,7 +15,12 @@ from .schema import JobConfig
 GROUP_ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
 GENERATING_TRAINERS = ("rl", "rejection_sampling", "iterative_dpo")
 EMBEDDED_MODELS = ("embedded:smollm2-135m",)
-TINY_MODELS = ("tiny:llama", "tiny:qwen2")
+TINY_MODELS = ("tiny:llama", "tiny:qwen2", "tiny:mixtral", "tiny:qwen2_moe",
+               "tiny:qwen3_moe")
+# trainers with a RingAttention path (hpc_rlhf/train/ring_common.py); the others would train
+# without it (and with the wrong grad_accum), so the config refuses ring_attn_size > 1 there
+RING_TRAINERS = ("sft", "dpo", "rm", "kto", "rl")
+AUX_LOSS_TRAINERS = ("sft", "dpo", "rl")  # trainers that add train.aux_loss_coef x aux_loss
 _TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}(:\d{2})?$|^\d+$")
 
 
@@ -79,6 +84,15 @@ def _model_rules(cfg: JobConfig) -> list[str]:
     if m.load_in_4bit and m.lora_rank == 0:
         errs.append("model.load_in_4bit=True trains nothing without LoRA (model.lora_rank=0); "
                     "set model.lora_rank=16 (QLoRA) or model.load_in_4bit=false")
+    tr = cfg.train
+    if tr.aux_loss_coef > 0 and tr.trainer not in AUX_LOSS_TRAINERS:
+        errs.append(f"train.aux_loss_coef={tr.aux_loss_coef} (MoE load-balancing loss) is wired "
+                    f"into the {list(AUX_LOSS_TRAINERS)} trainers only, not train.trainer="
+                    f"{tr.trainer!r}; set train.aux_loss_coef=0")
+    if tr.aux_loss_coef > 0 and tr.ring_attn_size > 1:
+        errs.append(f"train.aux_loss_coef={tr.aux_loss_coef} with train.ring_attn_size="
+                    f"{tr.ring_attn_size}: the load-balancing loss of a sequence split over a ring "
+                    "is not implemented; set train.aux_loss_coef=0 or train.ring_attn_size=1")
     return errs
 
 
@@ -126,10 +140,10 @@ def _topology_rules(cfg: JobConfig) -> list[str]:
         errs.append(f"train.autotp_size={tr.autotp_size} x train.ring_attn_size="
                     f"{tr.ring_attn_size} = {per_model} must divide the {s.actor_ranks} actor "
                     "ranks; change one of them")
-    if tr.ring_attn_size > 1 and tr.trainer != "sft":
+    if tr.ring_attn_size > 1 and tr.trainer not in RING_TRAINERS:
         errs.append(f"train.ring_attn_size={tr.ring_attn_size} (sequence parallelism) is wired "
-                    f"into the sft trainer only, not train.trainer={tr.trainer!r} yet; set "
-                    "train.ring_attn_size=1")
+                    f"into the trainers {list(RING_TRAINERS)}, not train.trainer={tr.trainer!r}; "
+                    "set train.ring_attn_size=1")
     if tr.autotp_size > 1 and tr.zero_stage == 3:
         errs.append(f"train.autotp_size={tr.autotp_size} works with ZeRO stages 0-2 only, got "
                     "train.zero_stage=3; set train.zero_stage=2 or train.autotp_size=1")

@@ -97,6 +97,9 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1", ge=0.0, lt=1.0)
     adam_beta2: float = opt(0.95, "AdamW beta2", ge=0.0, lt=1.0)
     max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0.0)
+    aux_loss_coef: float = opt(0.0, "MoE router load-balancing (auxiliary) loss coefficient: "
+                               "loss += coef x aux_loss (0 = off; MoE models such as Mixtral / "
+                               "Qwen-MoE only; sft, dpo and rl trainers)", ge=0.0)
     lr_scheduler: str = opt("constant", "learning-rate schedule",
                             choices=("constant", "cosine", "linear"))
     lr_warmup_ratio: float = opt(0.0, "fraction of steps spent warming up", ge=0.0, le=1.0)

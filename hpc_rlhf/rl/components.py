@@ -55,12 +55,10 @@ def build_models(cfg: JobConfig, strategy) -> Models:
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     policy = load_causal_lm(path, cfg)
-    if cfg.model.lora_rank:
-        from hpc_rlhf.models.lora import LoraSpec, apply_lora
-        policy = apply_lora(policy, LoraSpec(
-            rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
-            dropout=cfg.model.lora_dropout, targets=tuple(cfg.model.lora_targets),
-            qlora=cfg.model.load_in_4bit))
+    lora = _lora_spec(cfg)
+    if lora is not None:
+        from hpc_rlhf.models.lora import apply_lora
+        policy = apply_lora(policy, lora)
     actor = strategy.prepare_model(policy)
     ref = None
     if uses_reference(cfg):
@@ -71,8 +69,18 @@ def build_models(cfg: JobConfig, strategy) -> Models:
         from hpc_rlhf.models.heads import load_value_model
         critic_path = resolve_model_path(cfg.model.critic_path or cfg.model.path)
         critic_strategy = build_strategy(cfg, _sizes_of(cfg), lr=cfg.train.critic_lr)
-        critic = critic_strategy.prepare_model(load_value_model(critic_path))
+        critic = critic_strategy.prepare_model(load_value_model(critic_path, lora=lora))
     return Models(actor, ref, critic, tok, path, pad_id)
+
+
+def _lora_spec(cfg: JobConfig):
+    """model.lora_* as a LoraSpec (actor and critic alike), or None without LoRA."""
+    if not cfg.model.lora_rank:
+        return None
+    from hpc_rlhf.models.lora import LoraSpec
+    return LoraSpec(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
+                    dropout=cfg.model.lora_dropout, targets=tuple(cfg.model.lora_targets),
+                    qlora=cfg.model.load_in_4bit)
 
 
 def _sizes_of(cfg):

@@ -16,6 +16,10 @@ from hpc_rlhf.rl.kl import kl_estimate
 from hpc_rlhf.rl.losses import aggregate_loss, policy_loss, value_loss
 from hpc_rlhf.rl.masked import masked_mean
 from hpc_rlhf.train.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
+from hpc_rlhf.train.moe import attach_router_aux_loss
+from hpc_rlhf.train.ring_common import scaled
+from hpc_rlhf.train.ring_rl import (gather_ring_batch, ring_response_logprobs,
+                                    ring_response_values, rl_ring)
 
 WHITENED = ("gae", "reinforce", "reinforce_baseline")  # as OpenRLHF: not grpo/dr_grpo/rloo
 
@@ -49,13 +53,33 @@ def _forward_rows(fn, batch: Batch, micro: int) -> torch.Tensor:
     return out
 
 
-def _logprobs(engine, mb: Batch, temperature: float) -> torch.Tensor:
+def _logprobs(engine, mb: Batch, temperature: float, ring=None) -> torch.Tensor:
+    if ring is not None:  # train.ring_attn_size > 1: the sequence split over the ring
+        return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
+                                      ring, temperature)
     logits = response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)
     return logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temperature)
 
 
-def _values(critic, mb: Batch) -> torch.Tensor:
+def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: bool):
+    """(logprobs [b, r] with grad, entropy [b, r]: with grad only if entropy_grad)."""
+    if ring is not None:
+        return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
+                                      ring, temperature,
+                                      entropy="grad" if entropy_grad else "detached")
+    logits = response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)  # [b,r,v]
+    logp = logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temperature)
+    if entropy_grad:
+        return logp, entropy_from_logits(logits, temperature)
+    with torch.no_grad():
+        return logp, entropy_from_logits(logits.detach(), temperature)
+
+
+def _values(critic, mb: Batch, ring=None) -> torch.Tensor:
     # V(state before each response token), aligned with the logprobs: [b, r].
+    if ring is not None:
+        return ring_response_values(critic, mb.input_ids, mb.attention_mask, mb.response_len,
+                                    ring)
     return response_values(critic, mb.input_ids, mb.attention_mask, mb.response_len)
 
 
@@ -70,16 +94,18 @@ def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:
 def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: float):
     a, micro, temp = cfg.algorithm, cfg.train.micro_batch_size, cfg.rollout.temperature
     metrics = {}
+    ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1
+    batch = gather_ring_batch(batch, ring)  # a ring's members train on all their rows
     old = ref = values = kl = None
     if needs_old_logprobs(cfg, s):
-        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp), batch, micro)
+        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp, ring), batch, micro)
     if models.ref is not None:
-        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp), batch, micro)
+        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp, ring), batch, micro)
         current = old if old is not None else batch.rollout_logp
         kl = kl_estimate(current, ref, a.kl_estimator)
         metrics["kl/mean"] = masked_mean(kl, batch.action_mask).item()
     if models.critic is not None:
-        values = _forward_rows(lambda mb: _values(models.critic, mb), batch, micro)
+        values = _forward_rows(lambda mb: _values(models.critic, mb, ring), batch, micro)
     estimator = "gae" if a.name == "ppo" else a.name
     adv, ret = compute_advantages(
         estimator, batch.rewards, batch.action_mask,
@@ -99,14 +125,14 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
     every `grad_accum` micro-batches. Returns metrics averaged over micro-batches."""
     a, t, temp = cfg.algorithm, cfg.train, cfg.rollout.temperature
     kl_in_loss = models.ref is not None and not a.kl_in_reward and kl_coef > 0
+    aux = attach_router_aux_loss(models.actor, t.aux_loss_coef)  # MoE router balance (0 = off)
+    ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1 (then loss x ring)
     sums: dict[str, float] = {}
     count = 0
     gen = torch.Generator().manual_seed(t.seed * 7_919 + step)
     for epoch in range(t.epochs_per_step):
         for i, mb in enumerate(micro_batches(batch, t.micro_batch_size, gen)):
-            logits = response_logits(models.actor, mb.input_ids, mb.attention_mask,
-                                     mb.response_len)          # [b, r, v]
-            logp = logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temp)
+            logp, ent = _policy_forward(models.actor, mb, temp, ring, bool(a.entropy_coef))
             old = mb.old_logp if mb.old_logp is not None else logp.detach()
             loss, m = policy_loss(
                 logp, old, mb.advantages, mb.action_mask, clip_eps_low=a.clip_eps_low,
@@ -124,25 +150,23 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
                 loss = loss + kl_coef * kl_loss
                 m["loss/kl"] = kl_loss.item()
             if a.entropy_coef:
-                ent = entropy_from_logits(logits, temp)
                 ent_loss = aggregate_loss(ent, mb.action_mask, a.loss_agg, cfg.rollout.max_new_tokens)
                 loss = loss - a.entropy_coef * ent_loss
                 m["policy/entropy"] = ent_loss.item()
             else:
-                with torch.no_grad():
-                    m["policy/entropy"] = masked_mean(entropy_from_logits(logits.detach(), temp),
-                                                      mb.action_mask).item()
+                m["policy/entropy"] = masked_mean(ent, mb.action_mask).item()
             if epoch == 0 and i < s.grad_accum:  # before the first update: engine vs trainer
                 gap = (logp.detach() - mb.rollout_logp).abs()
                 m["rollout/logprob_gap_mean"] = masked_mean(gap, mb.action_mask).item()
-            strategy.backward(loss, models.actor)
+            loss = aux.add_to(loss, m, "loss/moe_aux")  # + coef x aux of this actor forward
+            strategy.backward(scaled(loss, ring), models.actor)
             strategy.step(models.actor)
             if models.critic is not None:
-                v = _values(models.critic, mb)
+                v = _values(models.critic, mb, ring)
                 vloss, vm = value_loss(v, mb.values, mb.returns, mb.action_mask,
                                        clip_eps=a.value_clip, loss_agg=a.loss_agg,
                                        max_len=cfg.rollout.max_new_tokens)
-                models.critic.backward(vloss)
+                models.critic.backward(scaled(vloss, ring))
                 models.critic.step()
                 m["loss/value"] = vloss.item()
                 m.update({f"critic/{k}": float(x) for k, x in vm.items()})

@@ -6,6 +6,9 @@
         logps = sum of response-token logprobs (policy, ref)
         loss  = preference_loss(...); backward; step
     margin = beta * [(pi - ref)(chosen) - (pi - ref)(rejected)]
+
+train.ring_attn_size > 1 (ring_common.py): each micro-batch (chosen + rejected) is packed into
+one row split over the ring; ring ranks read the same micro-batches; loss x ring in backward.
 """
 from __future__ import annotations
 
@@ -16,27 +19,31 @@ import torch
 
 from hpc_rlhf.data import pair_batch, pair_sample, rank_micro_batches, step_indices
 from hpc_rlhf.train.losses_pref import preference_loss
+from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, policy_and_reference,
-                                          sequence_logps)
+                                          make_strategy, MetricLog, policy_and_reference)
+from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring, ring_setup,
+                                        scaled, sequence_logps_any)
 
 
-def pair_logps(model, samples, *, pad_id: int, packing: bool, device):
+def pair_logps(model, samples, *, pad_id: int, packing: bool, device, ring: Ring | None = None):
     """(chosen logps [n], rejected logps [n]) from one forward over both."""
     n = len(samples)
-    logps = sequence_logps(model, pair_batch(samples, pad_id=pad_id, packing=packing).to(device))
+    batch = pair_batch(samples, pad_id=pad_id, **batch_kwargs(packing, ring)).to(device)
+    logps = sequence_logps_any(model, batch, ring)
     return logps[:n], logps[n:]
 
 
 @torch.no_grad()
 def eval_pairs(policy, ref, samples, *, beta: float, pad_id: int, packing: bool, device,
-               micro_batch_size: int) -> dict:
+               micro_batch_size: int, ring: Ring | None = None) -> dict:
     """Reward margin / accuracy and the policy's own logp margin (all ranks evaluate all)."""
     margins, logp_margins = [], []
     for i in range(0, len(samples), micro_batch_size):
         chunk = samples[i:i + micro_batch_size]
-        pc, pr = pair_logps(policy, chunk, pad_id=pad_id, packing=packing, device=device)
-        rc, rr = pair_logps(ref, chunk, pad_id=pad_id, packing=packing, device=device)
+        pc, pr = pair_logps(policy, chunk, pad_id=pad_id, packing=packing, device=device,
+                            ring=ring)
+        rc, rr = pair_logps(ref, chunk, pad_id=pad_id, packing=packing, device=device, ring=ring)
         margins.append(beta * ((pc - rc) - (pr - rr)))
         logp_margins.append(pc - pr)
     m = torch.cat(margins)
@@ -45,13 +52,17 @@ def eval_pairs(policy, ref, samples, *, beta: float, pad_id: int, packing: bool,
 
 
 def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-              log: MetricLog, eval_samples=None) -> list[dict]:
+              log: MetricLog, eval_samples=None, ring: Ring | None = None) -> list[dict]:
+    """The loop. `ring` (ring_common.ring_setup): sequence parallelism; both models must then
+    use ring attention (ring_common.enable_ring)."""
     t = train_cfg
     if t.preference_loss == "cdpo" and t.label_smoothing == 0:
         raise ValueError("train.preference_loss='cdpo' with train.label_smoothing=0 is plain DPO;"
                          " set train.label_smoothing (e.g. 0.1) or train.preference_loss=dpo")
-    common = dict(pad_id=pad_id, packing=packing, device=strategy.device)
+    common = dict(pad_id=pad_id, packing=packing, device=strategy.device, ring=ring)
+    dp_rank, dp_size = data_coords(ring, strategy)
     evaluate = partial(eval_pairs, beta=t.beta, micro_batch_size=t.micro_batch_size, **common)
+    aux = attach_router_aux_loss(policy, getattr(t, "aux_loss_coef", 0.0))  # MoE policy only
     if eval_samples:
         policy.eval()
         log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
@@ -59,8 +70,7 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
         policy.train()
         indices = step_indices(len(samples), t.batch_size, step, t.seed)
         losses, margins, accs = [], [], []
-        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
-                                        t.micro_batch_size):
+        for micro in rank_micro_batches(indices, dp_rank, dp_size, t.micro_batch_size):
             chunk = [samples[i] for i in micro]
             with torch.no_grad():
                 ref_c, ref_r = pair_logps(ref, chunk, **common)
@@ -68,7 +78,8 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
             loss, rew_c, rew_r = preference_loss(pol_c, pol_r, ref_c, ref_r, beta=t.beta,
                                                  loss_type=t.preference_loss,
                                                  label_smoothing=t.label_smoothing)
-            strategy.backward(loss, policy)
+            # + train.aux_loss_coef x MoE load-balancing loss of the policy forward (0 = off)
+            strategy.backward(scaled(aux.add_to(loss), ring), policy)
             strategy.step(policy)
             losses.append(loss.item())
             margins.append((rew_c - rew_r).mean().item())
@@ -83,7 +94,8 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
+    ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
     tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
     make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
@@ -91,8 +103,11 @@ def run(cfg, topo, run_dir: Path) -> None:
     samples, eval_samples, _ = load_train_eval(d, make, name="dpo",
                                                rank=strategy.rank)
     policy, ref = policy_and_reference(cfg, strategy)
+    if ring is not None:
+        enable_ring(policy)
+        enable_ring(ref)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
     if cfg.checkpoint.export_hf:
         export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

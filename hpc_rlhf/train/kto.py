@@ -5,6 +5,9 @@
         r   = log pi(y|x) - log ref(y|x)                  (policy with grad, ref without)
         z0  = mean over ranks of the same on mismatched pairs (x_i, y_{i+1}), >= 0
         loss = kto_loss(r, desirable, z0)
+
+train.ring_attn_size > 1 (ring_common.py): each micro-batch (and its mismatched-pair batch) is
+packed into one row split over the ring; ring ranks read the same micro-batches; loss x ring.
 """
 from __future__ import annotations
 
@@ -17,45 +20,51 @@ from hpc_rlhf.data import (kto_batch, kto_sample, prompt_response_batch,
                            rank_micro_batches, step_indices)
 from hpc_rlhf.train.losses_pref import kto_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, policy_and_reference,
-                                          sequence_logps)
+                                          make_strategy, MetricLog, policy_and_reference)
+from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring, ring_setup,
+                                        scaled, sequence_logps_any)
 
 # Loss weights of desirable / undesirable samples (no config fields yet; TRL's defaults).
 DESIRABLE_WEIGHT = 1.0
 UNDESIRABLE_WEIGHT = 1.0
 
 
-def _logps(model, chunk, pad_id, packing, device):
-    batch, desirable = kto_batch(chunk, pad_id=pad_id, packing=packing)
-    return sequence_logps(model, batch.to(device)), desirable.to(device)
+def _logps(model, chunk, pad_id, packing, device, ring: Ring | None = None):
+    batch, desirable = kto_batch(chunk, pad_id=pad_id, **batch_kwargs(packing, ring))
+    return sequence_logps_any(model, batch.to(device), ring), desirable.to(device)
 
 
 @torch.no_grad()
-def kl_estimate(policy, ref, chunk, *, pad_id, packing, device) -> torch.Tensor:
+def kl_estimate(policy, ref, chunk, *, pad_id, packing, device, ring=None) -> torch.Tensor:
     """Mean log pi - log ref on mismatched pairs (prompt i, response i+1): a KL(pi||ref) proxy."""
     prompts = [s.prompt_ids for s in chunk]
     shifted = [chunk[(i + 1) % len(chunk)].response_ids for i in range(len(chunk))]
-    batch = prompt_response_batch(prompts, shifted, pad_id=pad_id, packing=packing).to(device)
-    return (sequence_logps(policy, batch) - sequence_logps(ref, batch)).mean()
+    batch = prompt_response_batch(prompts, shifted, pad_id=pad_id,
+                                  **batch_kwargs(packing, ring)).to(device)
+    return (sequence_logps_any(policy, batch, ring) - sequence_logps_any(ref, batch, ring)).mean()
 
 
 @torch.no_grad()
-def eval_kto(policy, ref, samples, *, pad_id, packing, device, micro_batch_size) -> dict:
+def eval_kto(policy, ref, samples, *, pad_id, packing, device, micro_batch_size,
+             ring=None) -> dict:
     """Mean implicit reward of desirable minus undesirable samples (all ranks evaluate all)."""
     rs, flags = [], []
     for i in range(0, len(samples), micro_batch_size):
         chunk = samples[i:i + micro_batch_size]
-        pol, flag = _logps(policy, chunk, pad_id, packing, device)
-        rs.append(pol - _logps(ref, chunk, pad_id, packing, device)[0])
+        pol, flag = _logps(policy, chunk, pad_id, packing, device, ring)
+        rs.append(pol - _logps(ref, chunk, pad_id, packing, device, ring)[0])
         flags.append(flag)
     r, f = torch.cat(rs), torch.cat(flags)
     return {"reward_gap": (r[f].mean() - r[~f].mean()).item()}
 
 
 def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log,
-              eval_samples=None) -> list[dict]:
+              eval_samples=None, ring: Ring | None = None) -> list[dict]:
+    """The loop. `ring` (ring_common.ring_setup): sequence parallelism; both models must then
+    use ring attention (ring_common.enable_ring)."""
     t = train_cfg
-    common = dict(pad_id=pad_id, packing=packing, device=strategy.device)
+    common = dict(pad_id=pad_id, packing=packing, device=strategy.device, ring=ring)
+    dp_rank, dp_size = data_coords(ring, strategy)
     evaluate = partial(eval_kto, micro_batch_size=t.micro_batch_size, **common)
     if eval_samples:
         policy.eval()
@@ -64,17 +73,16 @@ def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log
         policy.train()
         indices = step_indices(len(samples), t.batch_size, step, t.seed)
         losses, kls = [], []
-        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
-                                        t.micro_batch_size):
+        for micro in rank_micro_batches(indices, dp_rank, dp_size, t.micro_batch_size):
             chunk = [samples[i] for i in micro]
             z0 = strategy.all_reduce_mean(kl_estimate(policy, ref, chunk, **common))
             with torch.no_grad():
-                ref_logps, _ = _logps(ref, chunk, pad_id, packing, strategy.device)
-            pol_logps, desirable = _logps(policy, chunk, pad_id, packing, strategy.device)
+                ref_logps, _ = _logps(ref, chunk, pad_id, packing, strategy.device, ring)
+            pol_logps, desirable = _logps(policy, chunk, pad_id, packing, strategy.device, ring)
             loss = kto_loss(pol_logps, ref_logps, desirable, z0, beta=t.beta,
                             desirable_weight=DESIRABLE_WEIGHT,
                             undesirable_weight=UNDESIRABLE_WEIGHT)
-            strategy.backward(loss, policy)
+            strategy.backward(scaled(loss, ring), policy)
             strategy.step(policy)
             losses.append(loss.item())
             kls.append(float(z0))
@@ -88,7 +96,8 @@ def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
+    ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
     tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
     make = partial(kto_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
@@ -96,8 +105,11 @@ def run(cfg, topo, run_dir: Path) -> None:
     samples, eval_samples, _ = load_train_eval(d, make, name="kto",
                                                rank=strategy.rank)
     policy, ref = policy_and_reference(cfg, strategy)
+    if ring is not None:
+        enable_ring(policy)
+        enable_ring(ref)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
     if cfg.checkpoint.export_hf:
         export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

@@ -76,7 +76,7 @@ def strategy_config(cfg, dp_size: int, **overrides):
 def make_strategy(cfg, *, ring: bool = False, **overrides):
     """A DeepSpeedStrategy on the already-initialised default world (or a world of one).
 
-    ring=True: the recipe implements train.ring_attn_size (sft.py via ring_sft.py), so the
+    ring=True: the recipe implements train.ring_attn_size (train/ring_common.py), so the
     data-parallel size behind grad_accum is world / (autotp x ring). Recipes that do not
     refuse ring_attn_size > 1 here instead of silently training without it.
     """
@@ -85,8 +85,10 @@ def make_strategy(cfg, *, ring: bool = False, **overrides):
     from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy
     t = cfg.train
     if t.ring_attn_size > 1 and not ring:
+        from hpc_rlhf.config.rules import RING_TRAINERS
         raise ValueError(f"train.ring_attn_size={t.ring_attn_size} is implemented for train."
-                         f"trainer='sft' only, not {t.trainer!r}; set train.ring_attn_size=1")
+                         f"trainer in {list(RING_TRAINERS)}, not {t.trainer!r}; set "
+                         "train.ring_attn_size=1")
     # not initialised yet: setup_distributed below joins the torchrun world (WORLD_SIZE)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
     per_replica = t.autotp_size * (t.ring_attn_size if ring else 1)

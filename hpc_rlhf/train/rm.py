@@ -5,6 +5,9 @@
     for step, micro-batch:  score(prompt+chosen), score(prompt+rejected) at each last token
         loss = -log sigmoid(s_w - s_l - margin); backward; step
     held-out accuracy = P(s_w > s_l)
+
+train.ring_attn_size > 1 (ring_common.py): each micro-batch (chosen + rejected) is packed into
+one row split over the ring; per-token scores are gathered back; loss x ring in backward.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from hpc_rlhf.data import (pair_batch, pair_sample, rank_micro_batches,
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
 from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
                                           make_strategy, MetricLog)
+from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
+                                        ring_setup, ring_token_outputs, scaled)
 
 
 class ScoreModel(torch.nn.Module):
@@ -51,11 +56,14 @@ class ScoreModel(torch.nn.Module):
         return self.score(hidden).squeeze(-1).float()                                  # [b, T]
 
 
-def pair_scores(model, samples, *, pad_id: int, packing: bool, device):
+def pair_scores(model, samples, *, pad_id: int, packing: bool, device, ring: Ring | None = None):
     """(chosen scores [n], rejected scores [n]): the score at each sequence's last token."""
     n = len(samples)
-    batch = pair_batch(samples, pad_id=pad_id, packing=packing).to(device)
-    values = model(**batch.model_inputs())                                  # [b, T]
+    batch = pair_batch(samples, pad_id=pad_id, **batch_kwargs(packing, ring)).to(device)
+    if ring is not None:  # one row split over the ring, scores gathered back: [1, T]
+        values = ring_token_outputs(model, batch, ring, use_cache=False)
+    else:
+        values = model(**batch.model_inputs())                              # [b, T]
     last = segment_last_index(batch.segment_ids, 2 * n)                     # [2n]
     scores = values.reshape(-1)[last]
     return scores[:n], scores[n:]
@@ -63,21 +71,25 @@ def pair_scores(model, samples, *, pad_id: int, packing: bool, device):
 
 @torch.no_grad()
 def eval_pair_accuracy(model, samples, *, pad_id: int, packing: bool, device,
-                       micro_batch_size: int) -> dict:
+                       micro_batch_size: int, ring: Ring | None = None) -> dict:
     """Accuracy (s_w > s_l) and mean score gap over `samples` (all ranks evaluate all)."""
     wins, gaps = [], []
     for i in range(0, len(samples), micro_batch_size):
         c, r = pair_scores(model, samples[i:i + micro_batch_size], pad_id=pad_id,
-                           packing=packing, device=device)
+                           packing=packing, device=device, ring=ring)
         wins.append((c > r).float())
         gaps.append(c - r)
     return {"accuracy": torch.cat(wins).mean().item(), "score_gap": torch.cat(gaps).mean().item()}
 
 
 def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-             log: MetricLog, eval_samples=None) -> list[dict]:
+             log: MetricLog, eval_samples=None, ring: Ring | None = None) -> list[dict]:
+    """The loop. `ring` (ring_common.ring_setup): sequence parallelism; the engine's backbone
+    must then use ring attention (ring_common.enable_ring)."""
     evaluate = partial(eval_pair_accuracy, pad_id=pad_id, packing=packing,
-                       device=strategy.device, micro_batch_size=train_cfg.micro_batch_size)
+                       device=strategy.device, micro_batch_size=train_cfg.micro_batch_size,
+                       ring=ring)
+    dp_rank, dp_size = data_coords(ring, strategy)
     if eval_samples:
         engine.eval()
         log(-1, {f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
@@ -85,14 +97,13 @@ def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int
         engine.train()
         indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
         losses, accs = [], []
-        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
-                                        train_cfg.micro_batch_size):
+        for micro in rank_micro_batches(indices, dp_rank, dp_size, train_cfg.micro_batch_size):
             chunk = [samples[i] for i in micro]
             chosen, rejected = pair_scores(engine, chunk, pad_id=pad_id, packing=packing,
-                                           device=strategy.device)
+                                           device=strategy.device, ring=ring)
             margin = torch.tensor([s.margin for s in chunk], device=chosen.device)
             loss = bradley_terry_loss(chosen, rejected, margin)
-            strategy.backward(loss, engine)
+            strategy.backward(scaled(loss, ring), engine)
             strategy.step(engine)
             losses.append(loss.item())
             accs.append((chosen > rejected).float().mean().item())
@@ -106,7 +117,8 @@ def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg)
+    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
+    ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
     tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
     make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
@@ -114,9 +126,11 @@ def run(cfg, topo, run_dir: Path) -> None:
     samples, eval_samples, _ = load_train_eval(d, make, name="rm",
                                                rank=strategy.rank)
     engine = strategy.prepare_model(ScoreModel.from_pretrained(cfg.model.path, cfg.model))
+    if ring is not None:
+        enable_ring(engine)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     train_rm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
+             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
     if cfg.checkpoint.export_hf:
         state = dict(strategy.gathered_state(engine))
         if strategy.rank == 0:

@@ -20,6 +20,7 @@ import torch
 from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sample, step_indices
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
+from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, forward_token_logprobs,
                                           load_causal_lm, load_tokenizer, make_strategy)
 from hpc_rlhf.train.ring_sft import RingSFT, ring_sft_loss, ring_sft_setup
@@ -53,19 +54,26 @@ def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: in
     # data-parallel coordinates: with a ring, all its ranks read the same micro-batches
     dp_rank, dp_size = (ring.dp_rank, ring.dp_size) if ring else (strategy.dp_rank,
                                                                   strategy.dp_size)
+    # MoE: loss + train.aux_loss_coef x router load-balancing loss (off at 0; refused on dense)
+    aux = attach_router_aux_loss(engine, getattr(train_cfg, "aux_loss_coef", 0.0))
     if eval_samples:
         log(-1, {"eval_loss": evaluate(engine, eval_samples)})
     for step in range(train_cfg.num_steps):
         engine.train()
         indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
-        losses = []
+        losses, aux_losses = [], []
         for micro in rank_micro_batches(indices, dp_rank, dp_size, train_cfg.micro_batch_size):
             loss = sft_batch_loss(engine, [samples[i] for i in micro], pad_id=pad_id,
                                   packing=packing, device=strategy.device, ring=ring)
-            strategy.backward(ring.scale_for_backward(loss) if ring else loss, engine)
+            aux_m: dict = {}
+            total = aux.add_to(loss, aux_m)   # "loss" stays the SFT loss; the aux term is logged
+            strategy.backward(ring.scale_for_backward(total) if ring else total, engine)
             strategy.step(engine)
             losses.append(loss.item())
+            aux_losses.extend(aux_m.values())
         metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses))}
+        if aux_losses:
+            metrics["moe_aux_loss"] = strategy.all_reduce_mean(sum(aux_losses) / len(aux_losses))
         if eval_samples and step == train_cfg.num_steps - 1:
             engine.eval()
             metrics["eval_loss"] = evaluate(engine, eval_samples)

@@ -198,8 +198,8 @@ def test_recipes_without_a_ring_path_refuse_ring_size_above_1(monkeypatch):
     from hpc_rlhf.config import ConfigError, load_config
     from hpc_rlhf.train.recipe_common import make_strategy
     # Refused by the config, before any job is queued ...
-    with pytest.raises(ConfigError, match="wired into the sft trainer only"):
-        load_config(ROOT / "configs" / "dpo_tiny.yaml", ["train.ring_attn_size=2"])
+    with pytest.raises(ConfigError, match="not train.trainer='csft'; set train.ring_attn_size=1"):
+        load_config(ROOT / "configs" / "csft_tiny.yaml", ["train.ring_attn_size=2"])
     monkeypatch.setenv("WORLD_SIZE", "3")
     sft_cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", ["train.ring_attn_size=2"])
     if not torch.distributed.is_initialized():  # a world of 3 ranks cannot hold rings of 2

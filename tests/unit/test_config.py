@@ -137,7 +137,8 @@ RULE_CASES = [
      "does not generate"),
     (["topology.procs_per_node=2", "train.autotp_size=2", "train.zero_stage=2",
       "train.ring_attn_size=2", "train.trainer=sft"], "must divide the 2 actor ranks"),
-    (["topology.procs_per_node=2", "train.ring_attn_size=2"], "wired into the sft trainer only"),
+    (["topology.procs_per_node=2", "train.ring_attn_size=2", "train.trainer=csft"],
+     "not train.trainer='csft'; set train.ring_attn_size=1"),
     (["topology.procs_per_node=2", "train.autotp_size=2"], "works with ZeRO stages 0-2 only"),
     (["train.offload_params=true", "train.zero_stage=2"], "offload_params=True needs"),
     (["rollout.max_model_len=100"], "exceeds rollout.max_model_len=100"),
@@ -169,6 +170,16 @@ RULE_CASES = [
 @pytest.mark.parametrize("overrides,words", RULE_CASES)
 def test_cross_field_rules(overrides, words):
     assert words in one_error(*overrides)
+
+
+@pytest.mark.parametrize("trainer", ["rl", "sft", "dpo", "rm", "kto"])
+def test_ring_attention_is_a_config_change_for_wired_trainers(trainer):
+    """ring_attn_size=2 on 2 ranks validates for every trainer with a ring path (rules.py
+    RING_TRAINERS), and the actor's data-parallel size counts rings, not ranks."""
+    from hpc_rlhf.config import sizes
+    cfg = load_config(None, ["topology.procs_per_node=2", "train.ring_attn_size=2",
+                             f"train.trainer={trainer}"])
+    assert cfg.train.ring_attn_size == 2 and sizes(cfg).actor_dp == 1
 
 
 def test_every_field_is_documented():
