@@ -6,20 +6,23 @@ copied as soon as it is yielded, so the gather may be released right after.
 
 Broadcast wire format, per bucket, over any `torch.distributed` ProcessGroup object (a
 standalone `ProcessGroupGloo`/`ProcessGroupNCCL` spanning trainer and rollout ranks, or one
-made by `new_group`): header int64[3] = (meta bytes, buffer bytes, checksum or -1), then the
-pickled `TensorMeta` list as uint8, then the uint8 buffer. A header of zeros ends the sync.
-The sender packs bucket k+1 while bucket k is on the wire.
+made by `new_group`): a fixed-size control message (wire.py: sizes, checksum, metas), then
+the uint8 bucket buffer; an end control closes the sync. All asynchronous: the sender packs
+bucket k+1 while bucket k is on the wire, the receiver's consumer loads bucket k while k+1
+arrives, and nobody waits for a per-bucket handshake.
 """
 from __future__ import annotations
 
-import pickle
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from hpc_rlhf.weight_sync.bucket import Bucket, TensorMeta, bucketize, checksum, unbucketize
+from hpc_rlhf.weight_sync.wire import (CONTROL_BYTES, decode_control, decode_metas,
+                                       encode_control, end_control)
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
 
@@ -67,12 +70,15 @@ def sync_in_process(engine, named_tensors: Iterable[tuple[str, torch.Tensor]], *
     return stats
 
 
-def _bcast(group, tensor: torch.Tensor, src: int, async_op: bool = False):
-    work = group.broadcast(tensor, src)
-    if async_op:
-        return work
-    work.wait()
-    return None
+def _bcast(group, tensor: torch.Tensor, src: int):
+    """Post a broadcast; returns its work (or None for an empty tensor: nothing to move)."""
+    return group.broadcast(tensor, src) if tensor.numel() else None
+
+
+def _wait(works) -> None:
+    for work in works:
+        if work is not None:
+            work.wait()
 
 
 class BroadcastSender:
@@ -80,8 +86,12 @@ class BroadcastSender:
 
     device: where buckets live for the wire ("cpu" for gloo, the local CUDA device for NCCL).
     verify: send a checksum per bucket; receivers raise on a mismatch (debug; costs a pass).
-    Holds two bucket buffers (2 * bucket_bytes) between syncs: bucket k+1 is packed into one
-    while bucket k is on the wire from the other.
+    Holds two bucket buffers (2 * bucket_bytes) between syncs. Every message is posted
+    asynchronously: bucket k+1 is packed into one buffer while bucket k leaves from the other,
+    and its control message and payload queue up behind bucket k (no per-bucket round trip
+    to the receivers). A contiguous tensor that alone fills a bucket is sent from its own
+    memory (no copy); the sender then waits for it before pulling the next tensor, which the
+    source (a ZeRO-3 gather) may free.
     """
 
     def __init__(self, group, src: int, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -90,30 +100,37 @@ class BroadcastSender:
         self.device, self.verify = torch.device(device), verify
         self._buffers: list[torch.Tensor] = []
 
+    def _post(self, bucket: Bucket) -> list:
+        check = checksum(bucket.buffer) if self.verify else -1
+        ctrl, overflow = encode_control(bucket.metas, bucket.nbytes, check, self.bucket_bytes)
+        works = [_bcast(self.group, ctrl.to(self.device), self.src)]
+        if overflow is not None:
+            works.append(_bcast(self.group, overflow.to(self.device), self.src))
+        works.append(_bcast(self.group, bucket.buffer, self.src))
+        return works
+
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         if not self._buffers:
             self._buffers = [torch.empty(self.bucket_bytes, dtype=torch.uint8,
                                          device=self.device) for _ in range(2)]
-        group, src, device = self.group, self.src, self.device
         stats = SyncStats()
         start = time.perf_counter()
-        pending = None  # (work, bucket): the buffer stays untouched until its broadcast is done
-        for bucket in bucketize(named_tensors, self.bucket_bytes, device=device,
-                                buffers=self._buffers):
-            if pending is not None:
-                pending[0].wait()
-            meta = torch.frombuffer(bytearray(pickle.dumps(bucket.metas)), dtype=torch.uint8)
-            check = checksum(bucket.buffer) if self.verify else -1
-            header = torch.tensor([meta.numel(), bucket.nbytes, check], dtype=torch.int64)
-            _bcast(group, header.to(device), src)
-            _bcast(group, meta.to(device), src)
-            pending = (_bcast(group, bucket.buffer, src, async_op=True), bucket)
-            stats.buckets += 1
-            stats.tensors += len(bucket.metas)
-            stats.bytes += bucket.nbytes
-        if pending is not None:
-            pending[0].wait()
-        _bcast(group, torch.zeros(3, dtype=torch.int64, device=device), src)
+        in_flight: deque[list] = deque()  # posted works per bucket, oldest first
+        try:
+            for bucket in bucketize(named_tensors, self.bucket_bytes, device=self.device,
+                                    buffers=self._buffers, borrow=True):
+                in_flight.append(self._post(bucket))
+                # the next bucket is packed into the buffer of the one before this one
+                keep = 0 if bucket.borrowed else 1
+                while len(in_flight) > keep:
+                    _wait(in_flight.popleft())
+                stats.buckets += 1
+                stats.tensors += len(bucket.metas)
+                stats.bytes += bucket.nbytes
+            in_flight.append([_bcast(self.group, end_control().to(self.device), self.src)])
+        finally:  # never return (or raise) with a buffer still being read by the wire
+            while in_flight:
+                _wait(in_flight.popleft())
         stats.seconds = time.perf_counter() - start
         return stats
 
@@ -121,48 +138,69 @@ class BroadcastSender:
 class BroadcastReceiver:
     """Rollout side: receive a `BroadcastSender`'s buckets; reusable across syncs.
 
-    Bucket buffers are pooled (at most `pool` kept): a buffer is reused only when no tensor
-    viewing it is alive any more (vLLM's layer-wise reload holds views until a whole layer has
-    arrived), otherwise a fresh one is allocated.
+    Bucket k+1 is received while the consumer loads bucket k: its receive is posted before
+    bucket k's tensors are yielded. Bucket buffers are pooled (at most `pool` kept): a buffer
+    is reused only when no tensor viewing it is alive any more (vLLM's layer-wise reload holds
+    views until a whole layer has arrived), otherwise a fresh one is allocated.
     """
 
     def __init__(self, group, src: int, *, device="cpu", pool: int = 3):
         self.group, self.src, self.device, self.pool = group, src, torch.device(device), pool
         self._pool: list[tuple[torch.Tensor, int]] = []  # (buffer, its idle storage use count)
 
-    def _buffer(self, nbytes: int) -> torch.Tensor:
+    def _buffer(self, nbytes: int, capacity: int) -> torch.Tensor:
         for buf, idle in self._pool:
             if buf.numel() >= nbytes and _use_count(buf) == idle:
                 return buf[:nbytes]
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        idle = _use_count(buf)
-        if idle is not None and len(self._pool) < self.pool:
-            self._pool.append((buf, idle))
-        return buf
+        if len(self._pool) < self.pool:  # pooled: sized so that every later bucket fits
+            buf = torch.empty(max(nbytes, capacity), dtype=torch.uint8, device=self.device)
+            idle = _use_count(buf)
+            if idle is not None:
+                self._pool.append((buf, idle))
+            return buf[:nbytes]
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _post_bucket(self, ctrl: torch.Tensor):
+        """Read a received control message and post its payload's receive.
+        Returns None at the end of the sync, else (Bucket, checksum, work)."""
+        nbytes, check, meta_len, overflow_len, capacity = decode_control(ctrl)
+        if meta_len == 0:
+            return None
+        overflow = None
+        if overflow_len:
+            overflow = torch.empty(overflow_len, dtype=torch.uint8, device=self.device)
+            _wait([_bcast(self.group, overflow, self.src)])
+        metas: tuple[TensorMeta, ...] = decode_metas(ctrl, meta_len, overflow)
+        buffer = self._buffer(nbytes, capacity)
+        return Bucket(buffer, metas), check, _bcast(self.group, buffer, self.src)
 
     def receive(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, tensor) bucket by bucket until the sender's end marker. Lazy: nothing
         is received until iterated, so pass it straight to `engine.load_weights`."""
-        group, src, device = self.group, self.src, self.device
+        ctrl = torch.empty(CONTROL_BYTES, dtype=torch.uint8, device=self.device)
+        _wait([_bcast(self.group, ctrl, self.src)])
+        current = self._post_bucket(ctrl)
         index = 0
-        while True:
-            header = torch.empty(3, dtype=torch.int64, device=device)
-            _bcast(group, header, src)
-            meta_len, buf_len, check = (int(v) for v in header.tolist())
-            if meta_len == 0:
-                return
-            meta = torch.empty(meta_len, dtype=torch.uint8, device=device)
-            _bcast(group, meta, src)
-            metas: tuple[TensorMeta, ...] = pickle.loads(meta.cpu().numpy().tobytes())
-            buffer = self._buffer(buf_len)
-            _bcast(group, buffer, src)
-            if check != -1 and checksum(buffer) != check:
-                names = [m.name for m in metas]
+        while current is not None:
+            ctrl_work = _bcast(self.group, ctrl, self.src)  # bucket k+1's control
+            bucket, check, work = current
+            _wait([work])
+            if check != -1 and checksum(bucket.buffer) != check:
+                names = [m.name for m in bucket.metas]
                 raise RuntimeError(f"weight sync bucket {index} ({len(names)} tensors, first "
                                    f"{names[:3]}) failed its checksum: the transfer corrupted "
                                    "data")
-            yield from unbucketize(Bucket(buffer, metas))
-            index += 1
+            following = None
+            if ctrl_work.is_completed():  # usual case: post k+1's receive before k is loaded
+                ctrl_work.wait()
+                following, ctrl_work = self._post_bucket(ctrl), None
+            current = None  # our reference would keep the pool from reusing the buffer
+            yield from unbucketize(bucket)
+            del bucket
+            if ctrl_work is not None:  # the sender was still packing (or gathering) k+1
+                ctrl_work.wait()
+                following = self._post_bucket(ctrl)
+            current, index = following, index + 1
 
     def load_into(self, engine) -> None:
         """Stream one sync into `engine.load_weights`."""

@@ -1,7 +1,11 @@
 """Bucketed weight broadcast over a standalone gloo group spanning separate processes.
 
-1. three processes, pure torch: one sender, two receivers (like two vLLM TP slices), many
-   small buckets of mixed dtypes, checksums on; every receiver gets every tensor bit-exact.
+1. three processes, pure torch: one sender, two receivers (like two vLLM TP slices), five
+   syncs through the same pipelined sender/receiver objects: mixed dtypes, tensors larger
+   than a bucket and exactly one bucket (sent without packing), 600 tensors in one bucket
+   (control message overflow), checksums on and off, a source that overwrites each tensor as
+   soon as it is resumed (ZeRO-3 release) and stalls now and then, one fast receiver and one
+   slow receiver holding views across buckets; every receiver gets every tensor bit-exact.
 2. two processes, sender (HF model, perturbed = "trained") and receiver (a real VLLMEngine):
    after the sync the engine's logprobs equal the trained model's (float32 tolerance 1e-4),
    checked by the parent process with its own recompute.
@@ -10,6 +14,7 @@ mode; vLLM's uniprocess executor then makes its own one-rank default world undis
 """
 import multiprocessing as mp
 import socket
+import time
 import traceback
 from datetime import timedelta
 
@@ -45,8 +50,8 @@ def put(queue, rank, kind, payload):
     queue.put((rank, kind, buf.getvalue()))
 
 
-def mixed_tensors():
-    g = torch.Generator().manual_seed(11)
+def mixed_tensors(seed=11):
+    g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(12):
         dtype = (torch.float32, torch.bfloat16, torch.float16, torch.int64)[i % 4]
@@ -56,16 +61,61 @@ def mixed_tensors():
     return out
 
 
+def scenario_tensors(name):
+    """Deterministic per scenario, so sender, receivers and the parent rebuild them alike."""
+    if name == "mixed_2k":
+        return mixed_tensors()
+    if name in ("big_64k", "big_64k_again"):  # a tensor 2.4x the bucket, dtypes mixed
+        out = mixed_tensors(seed=12 if name == "big_64k" else 13)
+        return out[:5] + [("big", torch.randn(40_000, generator=torch.Generator().manual_seed(
+            len(name))))] + out[5:]
+    if name == "exact_4k":  # tensors of exactly one bucket (sent unpacked) between small ones
+        g = torch.Generator().manual_seed(14)
+        return [(f"t{i}", torch.randn(1024 if i % 2 else 7, generator=g)) for i in range(9)]
+    if name == "tiny_many":  # 600 metas in one bucket: the control message overflows
+        return [(f"tiny{i}", torch.full((4,), float(i))) for i in range(600)]
+    raise KeyError(name)
+
+
+# (name, bucket bytes, verify); one sender and one receiver object per rank serve them all,
+# so later syncs reuse the buffers of earlier ones
+SCENARIOS = [("mixed_2k", 2048, True), ("big_64k", 65536, False), ("exact_4k", 4096, True),
+             ("tiny_many", 65536, False), ("big_64k_again", 65536, True)]
+
+
+def released_after_yield(tensors, pause_s):
+    """Like a ZeRO-3 gather: each tensor is overwritten as soon as the consumer resumes us,
+    and gathering is slow now and then (the receiver must then wait for a control message)."""
+    for i, (name, t) in enumerate(tensors):
+        if i % 3 == 0:
+            time.sleep(pause_s)
+        t = t.clone()
+        yield name, t
+        t.fill_(-1)
+
+
 def _pure_worker(rank, world, port, queue):
     try:
-        from hpc_rlhf.weight_sync import broadcast_weights, receive_weights
+        from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
         group = sync_group(rank, world, port)
         if rank == 0:
-            stats = broadcast_weights(iter(mixed_tensors()), group, src=0, bucket_bytes=2048,
-                                      verify=True)
-            put(queue, rank, "stats", (stats.tensors, stats.buckets, stats.bytes))
+            stats = []
+            for name, bucket_bytes, verify in SCENARIOS:
+                sender = BroadcastSender(group, 0, bucket_bytes=bucket_bytes, verify=verify)
+                st = sender.send(released_after_yield(scenario_tensors(name), 0.005))
+                stats.append((st.tensors, st.buckets, st.bytes))
+            put(queue, rank, "stats", stats)
         else:
-            got = [(n, t.clone()) for n, t in receive_weights(group, src=0)]
+            receiver, got = BroadcastReceiver(group, src=0), []
+            for name, _, _ in SCENARIOS:
+                if rank == 1:  # fast consumer, copies at once
+                    got.append([(n, t.clone()) for n, t in receiver.receive()])
+                else:  # slow consumer that holds views across buckets (vLLM layer-wise)
+                    views = []
+                    for n, t in receiver.receive():
+                        time.sleep(0.0005)
+                        views.append((n, t))
+                    got.append([(n, t.clone()) for n, t in views])
             put(queue, rank, "got", got)
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
@@ -127,17 +177,21 @@ def run_procs(target, world, *args):
     return results
 
 
-def test_broadcast_reaches_every_receiver_bit_exact():
+def test_pipelined_broadcast_reaches_every_receiver_bit_exact():
     results = run_procs(_pure_worker, 3)
-    want = mixed_tensors()
-    tensors, buckets, nbytes = results[0]
-    assert tensors == len(want) and buckets > 3
-    assert nbytes >= sum(t.numel() * t.element_size() for _, t in want)
-    for rank in (1, 2):
-        got = results[rank]
-        assert [n for n, _ in got] == [n for n, _ in want]
-        for (name, a), (_, b) in zip(want, got):
-            assert a.dtype == b.dtype and torch.equal(a, b), (rank, name)
+    for k, (name, bucket_bytes, _) in enumerate(SCENARIOS):
+        want = scenario_tensors(name)
+        tensors, buckets, nbytes = results[0][k]
+        assert tensors == len(want), name
+        assert nbytes >= sum(t.numel() * t.element_size() for _, t in want), name
+        if name == "mixed_2k":
+            assert buckets > 3
+        for rank in (1, 2):
+            got = results[rank][k]
+            assert [n for n, _ in got] == [n for n, _ in want], (rank, name)
+            for (tname, a), (_, b) in zip(want, got):
+                assert a.dtype == b.dtype and a.shape == b.shape, (rank, name, tname)
+                assert torch.equal(a, b), (rank, name, tname)
 
 
 @pytest.mark.vllm
