@@ -4,11 +4,14 @@
 
 At the NTH (default 1) time global rank RANK passes `fault_point(PHASE)`, it
   kill   SIGKILLs itself (an OOM kill, a node loss),
-  term   sends itself SIGTERM (what torchrun / SLURM send; the signals watchdog handles it),
+  term   sends itself SIGTERM (what torchrun / SLURM send: the rank checkpoints at the next
+         step boundary, or hard-exits 143 after HPC_RLHF_TERM_GRACE_S; launch/signals.py),
   raise  raises FaultInjected (a Python error in that phase),
   hang   sleeps HPC_RLHF_FAULT_HANG_S seconds (default 3600: a stuck rank; the collective
          timeout or the launcher must end the job).
-PHASE is free text; the RL loops name: rollout, reward, train, weight_sync, checkpoint_save.
+PHASE is free text; the RL loops name: rollout, reward, train, weight_sync, checkpoint_save
+(in disaggregated mode the rollout-only ranks pass `rollout` once per generation, the first
+for step 1, and the trainers pass train / weight_sync).
 Unset (the normal case) it costs one dict lookup. Counting is per process, so a requeued /
 resumed job only fails again if the variable is still set.
 """

@@ -2,8 +2,10 @@
 
     install()                        # once, in the rank's main thread, before heavy imports
     ...
-    if checkpoint_requested():       # poll once per step; agree across ranks (all_reduce a
-        save(...)                    #   flag) so every rank stops at the same step
+    vote = all_reduce_max(stop_vote())  # poll once per step; agree across ranks so every
+    if vote:                         #   rank stops at the same step and knows why
+        stop_agreed(vote)
+        save(...)
         request_requeue(run_dir)     # global rank 0 only; then barrier and return
         return
 
@@ -11,28 +13,52 @@ SIGUSR1 (SLURM's `--signal=B:USR1@lead`, forwarded by the sbatch script / our su
 srun -> torchrun -> ranks) only sets the flag: the job has `launch.signal_lead_s` to save.
 A rank may get it twice (from the step and from torchrun): the flag is idempotent.
 SIGUSR2 is treated like SIGUSR1: it is submitit's preemption signal, and SLURM delivers a
-step signal to every process of the step (torchrun and the ranks too), not only to the task.
+step signal to every process of the step, not only to the task. After either, the program
+checkpoints and `request_requeue` writes the marker: the launcher requeues the job.
 
-SIGTERM also sets the flag, but it is what torchrun sends to the surviving ranks when another
-rank has died, and those ranks are usually blocked inside a C++ collective where a Python
-signal handler never runs. A Python-only handler would turn "the job fails now" into "the job
-hangs until torchrun's --shutdown-timeout SIGKILLs it". So a watchdog thread learns about the
-signal from `signal.set_wakeup_fd` (written by the C-level handler even while the main thread
-is blocked), dumps every thread's stack to stderr and hard-exits with 128+15 if the process is
-still alive `HPC_RLHF_TERM_GRACE_S` (default 10) seconds later.
+SIGTERM means one of three things, and the rank cannot tell which when it arrives:
+  1. SLURM preempts the job (PreemptMode=REQUEUE/CANCEL): SIGCONT+SIGTERM to every process
+     of every step (torchrun and the ranks; not the batch shell), SIGKILL after the
+     partition's GraceTime;
+  2. scancel / the time limit: the same SIGTERM, SIGKILL after KillWait;
+  3. torchrun stopping the survivors after another rank died: those ranks are usually blocked
+     inside a C++ collective where a Python signal handler never runs.
+So SIGTERM sets the flag (the program checkpoints at the next step boundary) and arms a
+watchdog: a thread learns about the signal from `signal.set_wakeup_fd` (written by the
+C-level handler even while the main thread is blocked) and, unless the program called
+`stop_agreed()` within `HPC_RLHF_TERM_GRACE_S` (default 10) seconds, dumps every thread's
+stack to stderr and hard-exits with 128+15. `stop_agreed()` is the proof that this rank is not
+stuck: every rank has just finished a collective after the signal, so no peer is dead; the save
+then runs with no watchdog (collective timeouts and SLURM's SIGKILL still bound it). A rank
+that cannot reach the step boundary in the grace exits without saving: checkpoints are written
+atomically, so the previous complete one is what the next run resumes from. Choose the grace
+below GraceTime/KillWait minus the save time; 0 means "never save on SIGTERM, exit at once".
+Only the first SIGTERM arms the watchdog (torchrun forwards SLURM's SIGTERM, so ranks get two).
+
+Requeue after SIGTERM: SLURM requeues a preempted job only if the job is still running when
+GraceTime ends; a job that checkpoints and exits inside the grace ends COMPLETED and is never
+rerun (seen on SLURM 22.05; tests/slurm/test_rl_preempt_slurm.py). So after a SIGTERM-only
+stop `request_requeue` writes the marker iff SLURM says the job was preempted (`scontrol show
+job`: PreemptTime set); after scancel, a time limit or a dead peer it writes nothing.
 """
 from __future__ import annotations
 
 import faulthandler
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 REQUEUE_FILE = "REQUEUE"
+_WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
 _flag = threading.Event()
-_state: dict = {"installed": False, "signals": []}
+_lock = threading.Lock()
+# warned: USR1/USR2 or request_checkpoint() (a requeue is wanted); agreed: stop_agreed() ran;
+# timer: the armed SIGTERM watchdog, if any.
+_state: dict = {"installed": False, "signals": [], "warned": False, "agreed": False,
+                "timer": None, "armed": False}
 
 
 def checkpoint_requested() -> bool:
@@ -46,13 +72,59 @@ def received_signals() -> list:
 
 
 def request_checkpoint() -> None:
-    """Set the flag from code (tests, a time budget check)."""
+    """Set the flag from code (tests, a time budget check); counts as a warning (requeue)."""
+    _state["warned"] = True
     _flag.set()
 
 
-def request_requeue(run_dir: str | os.PathLike) -> Path:
-    """Write the REQUEUE marker after a checkpoint was saved (global rank 0 only). The sbatch
-    script / submitit task requeues the job when it sees the marker after torchrun ends."""
+STOP_TERM, STOP_WARNED = 1, 2
+
+
+def stop_vote() -> int:
+    """This rank's stop vote: 0 no signal, STOP_TERM SIGTERM only, STOP_WARNED a warning
+    (USR1/USR2/request_checkpoint). Programs agree on the MAX over all ranks: rank 0 must know
+    that some other rank was warned to write the REQUEUE marker."""
+    if not _flag.is_set():
+        return 0
+    return STOP_WARNED if _state["warned"] else STOP_TERM
+
+
+def stop_agreed(vote: int = STOP_TERM) -> None:
+    """Every rank agreed to stop at this step boundary (`vote`: the MAX of `stop_vote()` over
+    ranks): record whether any rank was warned, and disarm the SIGTERM watchdog so the
+    checkpoint may take as long as the scheduler's grace allows (see the module doc)."""
+    with _lock:
+        _state["agreed"] = True
+        if vote >= STOP_WARNED:
+            _state["warned"] = True
+        if _state["timer"] is not None:
+            _state["timer"].cancel()
+            _state["timer"] = None
+
+
+def slurm_preempted(job_id: str | None = None) -> bool:
+    """True if SLURM marked job `job_id` (default $SLURM_JOB_ID) preempted (PreemptTime set).
+    False outside SLURM or when scontrol fails (the reason goes to stderr)."""
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return False
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        sys.stderr.write(f"[signals] scontrol show job {job_id} failed ({e}); not requeueing\n")
+        return False
+    fields = dict(w.split("=", 1) for w in out.stdout.split() if "=" in w)
+    return fields.get("PreemptTime", "None") not in ("None", "Unknown", "")
+
+
+def request_requeue(run_dir: str | os.PathLike) -> Path | None:
+    """After a signal-triggered checkpoint (global rank 0 only): write the REQUEUE marker if a
+    requeue is wanted (a warning signal, or SIGTERM of a SLURM preemption; module doc) and
+    return its path, else None. The sbatch script / submitit task requeues the job when it sees
+    the marker after torchrun ends."""
+    if not _state["warned"] and not slurm_preempted():
+        return None
     path = Path(run_dir) / REQUEUE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch()
@@ -64,10 +136,24 @@ def requeue_requested(run_dir: str | os.PathLike) -> bool:
 
 
 def _on_signal(signum, frame) -> None:
+    if signum in _WARNINGS:
+        _state["warned"] = True
     _flag.set()
     name = signal.Signals(signum).name
     if not _state["signals"] or _state["signals"][-1] != name:
         _state["signals"].append(name)
+
+
+def _arm(grace_s: float, rank: str) -> None:
+    """Start the hard-exit timer on the first SIGTERM, unless the ranks already agreed."""
+    with _lock:
+        if _state["armed"] or _state["agreed"]:
+            return
+        _state["armed"] = True
+        timer = threading.Timer(grace_s, _hard_exit, (rank, grace_s))
+        timer.daemon = True
+        _state["timer"] = timer
+        timer.start()
 
 
 def _watchdog(read_fd: int, grace_s: float, rank: str) -> None:
@@ -79,16 +165,21 @@ def _watchdog(read_fd: int, grace_s: float, rank: str) -> None:
         if not data:
             return
         for signum in data:
-            if signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+            if signum in _WARNINGS:
+                _state["warned"] = True
+            if signum in (*_WARNINGS, signal.SIGTERM):
                 _flag.set()
             if signum == signal.SIGTERM:
-                threading.Timer(grace_s, _hard_exit, (rank, grace_s)).start()
-                return
+                _arm(grace_s, rank)
 
 
 def _hard_exit(rank: str, grace_s: float) -> None:
-    sys.stderr.write(f"[rank {rank}] SIGTERM: still alive {grace_s:.0f}s later (likely blocked "
-                     "in a collective with a dead peer); stacks follow, exiting 143\n")
+    with _lock:
+        if _state["agreed"]:  # stop_agreed() won the race
+            return
+    sys.stderr.write(f"[rank {rank}] SIGTERM: no checkpoint agreed within {grace_s:g}s "
+                     "(HPC_RLHF_TERM_GRACE_S; a long step, or blocked in a collective with a "
+                     "dead peer); stacks follow, exiting 143 without saving\n")
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
     os._exit(143)

@@ -28,7 +28,7 @@ import torch
 from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
-from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
+from hpc_rlhf.launch.signals import request_requeue, stop_agreed, stop_vote
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
                                     rollout_sampling)
@@ -38,6 +38,7 @@ from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import PromptStream, prompt_stream, shard
 from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
 from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
+from hpc_rlhf.train.ring_rl import setup_rl_ring
 
 
 def all_gather_objects(obj, pg) -> list:
@@ -54,10 +55,14 @@ def all_gather_objects(obj, pg) -> list:
     return [pickle.loads(t[:int(s.item())].numpy().tobytes()) for t, s in zip(out, sizes_)]
 
 
-def _agree_any(flag: bool, pg) -> bool:
-    t = torch.tensor([1 if flag else 0], dtype=torch.long)
-    pg.allreduce([t]).wait()
-    return bool(t.item())
+def _vote_max(vote: int, pg) -> int:
+    """The MAX of every rank's stop vote (signals.stop_vote) over a standalone gloo group."""
+    import torch.distributed as dist
+    opts = dist.AllreduceOptions()
+    opts.reduceOp = dist.ReduceOp.MAX
+    t = torch.tensor([vote], dtype=torch.long)
+    pg.allreduce([t], opts).wait()
+    return int(t.item())
 
 
 def run(cfg: JobConfig, topo, run_dir: Path) -> None:
@@ -121,7 +126,9 @@ def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
                 pending = generate(step + 1, version)
             receiver.load_into(engine)            # weights after step
             version = step + 1
-            if _agree_any(False, job):
+            vote = _vote_max(stop_vote(), job)
+            if vote:
+                stop_agreed(vote)
                 return
             if not asynchronous and not last:
                 pending = generate(step + 1, version)
@@ -141,6 +148,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     import torch.distributed as dist
     strategy = build_strategy(cfg, s)
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
+    setup_rl_ring(cfg, topo)  # train.ring_attn_size > 1: the topology's ring groups
     models = build_models(cfg, strategy)
     from hpc_rlhf.rewards.base import build_reward_source
     reward_source = None if cfg.reward.source == "agent" else build_reward_source(cfg)
@@ -212,7 +220,10 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
             vals /= dist.get_world_size()
         metrics.update(zip(keys, vals.tolist()))
         logger.log(step + 1, metrics)
-        stop = _agree_any(checkpoint_requested(), job)
+        vote = _vote_max(stop_vote(), job)  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
+        stop = vote > 0
+        if stop:
+            stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
         done = step + 1 == cfg.train.num_steps
         every = cfg.checkpoint.save_every
         if stop or done or (every and (step + 1) % every == 0):

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
-from hpc_rlhf.launch.signals import checkpoint_requested, request_requeue
+from hpc_rlhf.launch.signals import received_signals, request_requeue, stop_agreed, stop_vote
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
                                     local_prompts, rollout_sampling, sync_weights)
@@ -27,6 +27,7 @@ from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import config_prompts, prompt_stream
 from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
+from hpc_rlhf.train.ring_rl import setup_rl_ring
 
 
 def run(cfg: JobConfig, topo, run_dir: Path) -> None:
@@ -36,6 +37,7 @@ def run(cfg: JobConfig, topo, run_dir: Path) -> None:
     s = sizes(cfg)
     strategy = build_strategy(cfg, s)
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
+    setup_rl_ring(cfg, topo)  # train.ring_attn_size > 1: the topology's ring groups
     rank, world = dist.get_rank(), dist.get_world_size()
     models = build_models(cfg, strategy)            # actor, ref, critic, tokenizer, model_path
     engine = build_engine(cfg, models.model_path, models.tokenizer)
@@ -116,7 +118,10 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
         logger.log(step + 1, metrics)
 
         # 6. Checkpoint: on schedule, at the end, or when SLURM warned us (then requeue).
-        stop = _agree(checkpoint_requested())
+        vote = _max_over_ranks(stop_vote())  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
+        stop = vote > 0
+        if stop:
+            stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
         done = step + 1 == cfg.train.num_steps
         every = cfg.checkpoint.save_every
         if stop or (every and (step + 1) % every == 0) or done:
@@ -125,8 +130,10 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                                      keep_last=cfg.checkpoint.keep_last)
         if stop and not done:
             if rank == 0:
-                request_requeue(run_dir)
-                print(f"[rl] checkpointed at step {step + 1} on a signal; requeue requested",
+                requeue = request_requeue(run_dir)  # not after scancel / a dead peer's SIGTERM
+                print(f"[rl] checkpointed at step {step + 1} on a signal "
+                      f"{received_signals()}; " + ("requeue requested" if requeue else
+                                                   "no requeue (SIGTERM, not a preemption)"),
                       flush=True)
             logger.close()
             return
@@ -247,6 +254,14 @@ def _mean_over_ranks(metrics: dict) -> dict:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def _max_over_ranks(vote: int) -> int:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return vote
+    t = torch.tensor([vote])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def _agree(flag: bool) -> bool:

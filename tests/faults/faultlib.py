@@ -27,9 +27,9 @@ TIMING_PREFIXES = ("time/", "throughput/")
 REL_TOL, ABS_TOL = 1e-5, 1e-6
 
 
-def rl_argv(overrides: list[str]) -> list[str]:
+def rl_argv(overrides: list[str], shutdown_timeout_s: int = 10) -> list[str]:
     argv = torchrun_argv(GRPO, [*RL_OVERRIDES, *overrides], 1, 2, f"127.0.0.1:{free_port()}",
-                         "faults", 10)
+                         "faults", shutdown_timeout_s)
     return argv
 
 
@@ -44,17 +44,19 @@ def rl_env(run_dir: Path, fault: str = "") -> dict:
     return env
 
 
-def start_rl(run_dir: Path, overrides: list[str] = (), fault: str = "") -> subprocess.Popen:
-    return subprocess.Popen(rl_argv(list(overrides)), cwd=REPO, env=rl_env(run_dir, fault),
+def start_rl(run_dir: Path, overrides: list[str] = (), fault: str = "", env: dict | None = None,
+             shutdown_timeout_s: int = 10) -> subprocess.Popen:
+    return subprocess.Popen(rl_argv(list(overrides), shutdown_timeout_s), cwd=REPO,
+                            env={**rl_env(run_dir, fault), **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_rl(run_dir: Path, overrides: list[str] = (), fault: str = "",
-           timeout: float = 240) -> tuple[int, str, float]:
+def run_rl(run_dir: Path, overrides: list[str] = (), fault: str = "", timeout: float = 240,
+           env: dict | None = None) -> tuple[int, str, float]:
     """(exit code, output, seconds from the injected fault to the launcher's exit, or from the
     start when no fault was injected) of one whole job."""
     t0 = time.monotonic()
-    proc = start_rl(run_dir, overrides, fault)
+    proc = start_rl(run_dir, overrides, fault, env)
     lines, t_fault = [], None
     try:
         for line in proc.stdout:  # bounded by the pytest timeout and the kill below
@@ -124,13 +126,14 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
         time.sleep(0.1)
 
 
-def assert_same_metrics(got: dict, want: dict, steps) -> int:
-    """Every non-timing metric of `steps` equal within REL_TOL/ABS_TOL; returns values compared."""
+def assert_same_metrics(got: dict, want: dict, steps, timing: tuple = TIMING_PREFIXES) -> int:
+    """Every metric of `steps` except those starting with `timing` equal within
+    REL_TOL/ABS_TOL; returns the number of values compared."""
     n = 0
     for s in steps:
         assert s in got and s in want, (s, sorted(got), sorted(want))
-        keys = {k for k in want[s] if not k.startswith(TIMING_PREFIXES)}
-        assert keys == {k for k in got[s] if not k.startswith(TIMING_PREFIXES)}, s
+        keys = {k for k in want[s] if not k.startswith(timing)}
+        assert keys == {k for k in got[s] if not k.startswith(timing)}, s
         for k in sorted(keys):
             assert math.isclose(got[s][k], want[s][k], rel_tol=REL_TOL, abs_tol=ABS_TOL), \
                 f"step {s} {k}: resumed {got[s][k]!r} vs uninterrupted {want[s][k]!r}"

@@ -79,6 +79,38 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
+# Preemption for tests/slurm/test_rl_preempt_slurm.py: jobs in `high` preempt jobs in `low`
+# (requeued; SIGCONT+SIGTERM at once, SIGKILL after GraceTime). `debug`, the default partition
+# of every other test, cannot be preempted.
+_PART = "Nodes=node[1-2] MaxTime=INFINITE State=UP OverSubscribe=NO"
+PREEMPT_CONF = (
+    "\n# Added by tests/slurm/conftest.py: partition-priority preemption.\n"
+    "PreemptType=preempt/partition_prio\nPreemptMode=REQUEUE\n"
+    f"PartitionName=low {_PART} PriorityTier=1 PreemptMode=REQUEUE GraceTime=60\n"
+    f"PartitionName=high {_PART} PriorityTier=2 PreemptMode=OFF\n")
+
+
+def _enable_preemption(conf: Path) -> None:
+    """Add the partitions above to a running cluster (idempotent; scontrol reconfigure)."""
+    text = conf.read_text()
+    if "PreemptType=" not in text:
+        text = re.sub(r"^(PartitionName=debug .*)$", r"\1 PreemptMode=OFF", text, flags=re.M)
+        conf.write_text(text + PREEMPT_CONF)
+        env = {**os.environ, "SLURM_CONF": str(conf)}
+        out = subprocess.run(["scontrol", "reconfigure"], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, f"scontrol reconfigure: {out.stdout}{out.stderr}"
+    deadline = time.monotonic() + 30
+    while True:
+        parts = subprocess.run(["sinfo", "-h", "-o", "%R"], env={**os.environ,
+                               "SLURM_CONF": str(conf)}, capture_output=True, text=True,
+                               timeout=30).stdout.split()
+        if {"low", "high"} <= set(parts):
+            return
+        assert time.monotonic() < deadline, f"partitions low/high not up: {parts}"
+        time.sleep(0.5)
+
+
 def _run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(CLUSTER_SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
@@ -96,6 +128,10 @@ def slurm_cluster():
     start = _run_script("start", str(cluster_dir), timeout=300)
     if start.returncode != 0:
         pytest.fail(f"local SLURM cluster did not start:\n{start.stdout}\n{start.stderr}")
+    try:
+        _enable_preemption(cluster_dir / "slurm.conf")
+    except AssertionError as e:
+        pytest.fail(f"local SLURM cluster: could not enable preemption: {e}")
     old_conf = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = str(cluster_dir / "slurm.conf")
     try:

@@ -1,6 +1,5 @@
 """`python -m hpc_rlhf.submit` on the real local 2-node SLURM cluster (submitit + torchrun)."""
 import json
-import os
 import subprocess
 import sys
 import time
