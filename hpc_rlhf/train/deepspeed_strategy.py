@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import torch
@@ -80,6 +80,20 @@ def lr_factor(cfg: StrategyConfig, step: int) -> float:
     if cfg.scheduler == "linear":
         return 1.0 - (1.0 - cfg.min_lr_ratio) * frac
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def effective_zero_stage(cfg: StrategyConfig, world_size: int, *, train: bool = True,
+                         on_cuda: bool = False) -> int:
+    """The ZeRO stage to run: the configured one, except on CPU in a world of ONE rank: there
+    is nothing to partition, so stages 1-3 only add gather/release copies around every layer
+    (measured on SmolLM2-135M, one CPU rank: ZeRO-3 train step +30% in bf16, +15% in fp32 over
+    stage 0). Then stage 0 runs, unless CPU offload (optimizer, params, frozen model) needs ZeRO.
+    On GPU the configured stage stays: colocated mode offloads the ZeRO states while vLLM holds
+    the memory (hpc_rlhf/memory/offload.py)."""
+    offload = (cfg.offload_optimizer or cfg.offload_params) if train else cfg.ref_offload
+    if world_size == 1 and not offload and not on_cuda:
+        return 0
+    return cfg.zero_stage
 
 
 def build_ds_config(cfg: StrategyConfig, *, train: bool = True, on_cuda: bool = False) -> dict:
@@ -232,9 +246,21 @@ class DeepSpeedStrategy:
 
         engine, *_ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, cfg.weight_decay),
-            lr_scheduler=scheduler, config=build_ds_config(cfg, train=True, on_cuda=self.on_cuda),
+            lr_scheduler=scheduler, config=build_ds_config(self._run_cfg(train=True), train=True,
+                                                           on_cuda=self.on_cuda),
             dist_init_required=False)
         return engine
+
+    def _run_cfg(self, *, train: bool) -> StrategyConfig:
+        """cfg with the ZeRO stage this world actually runs (`effective_zero_stage`)."""
+        stage = effective_zero_stage(self.cfg, self.world_size, train=train, on_cuda=self.on_cuda)
+        if stage != self.cfg.zero_stage and not getattr(self, "_said_stage", False):
+            self._said_stage = True
+            if self.rank == 0:
+                print(f"[train] train.zero_stage={self.cfg.zero_stage} in a 1-rank world "
+                      "partitions nothing: running ZeRO stage 0 (no gather/release copies)",
+                      flush=True)
+        return replace(self.cfg, zero_stage=stage)
 
     def prepare_eval_model(self, model: torch.nn.Module):
         """A frozen engine (reference / reward model): ZeRO-3 inference when training uses
@@ -242,7 +268,8 @@ class DeepSpeedStrategy:
         deepspeed = _import_deepspeed()
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(
-            model=model, config=build_ds_config(self.cfg, train=False, on_cuda=self.on_cuda),
+            model=model, config=build_ds_config(self._run_cfg(train=False), train=False,
+                                                on_cuda=self.on_cuda),
             dist_init_required=False)
         engine.eval()
         return engine

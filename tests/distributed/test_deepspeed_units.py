@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from hpc_rlhf.train.deepspeed_strategy import StrategyConfig, build_ds_config, lr_factor
+from hpc_rlhf.train.deepspeed_strategy import (StrategyConfig, build_ds_config,
+                                              effective_zero_stage, lr_factor)
 from hpc_rlhf.train.op_cache import clear_stale_locks, ensure_extensions_dir
 
 pytestmark = pytest.mark.unit
@@ -46,6 +47,18 @@ def test_ds_config_cpu_and_gpu_optimizers():
     assert "optimizer" not in ref and ref["zero_optimization"]["stage"] == 3
     assert build_ds_config(StrategyConfig(zero_stage=2), train=False)["zero_optimization"] == {
         "stage": 0}
+
+
+def test_one_cpu_rank_runs_stage_0_unless_offload_or_gpu_needs_zero():
+    z3 = StrategyConfig(zero_stage=3)
+    assert effective_zero_stage(z3, 1) == 0                        # nothing to partition
+    assert effective_zero_stage(z3, 2) == 3
+    assert effective_zero_stage(z3, 1, on_cuda=True) == 3          # colocated GPU offload
+    assert effective_zero_stage(StrategyConfig(zero_stage=2, offload_optimizer=True), 1) == 2
+    assert effective_zero_stage(StrategyConfig(zero_stage=3, offload_params=True), 1) == 3
+    ref = StrategyConfig(zero_stage=3, ref_offload=True)
+    assert effective_zero_stage(ref, 1, train=False) == 3          # frozen model on CPU
+    assert effective_zero_stage(ref, 1, train=True) == 0
 
 
 def test_clear_stale_locks(tmp_path, monkeypatch):
