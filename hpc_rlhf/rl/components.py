@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from hpc_rlhf.config import JobConfig, Sizes
-from hpc_rlhf.models.resolve import resolve_model_path
+from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
 from hpc_rlhf.rollout.protocol import SamplingConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,8 +45,8 @@ def uses_reference(cfg: JobConfig) -> bool:
 def load_causal_lm(path: str, cfg: JobConfig):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=cfg.model.attn_implementation,
-        trust_remote_code=cfg.model.trust_remote_code)
+        path, dtype=torch.float32, attn_implementation=attn_implementation(
+            cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def build_models(cfg: JobConfig, strategy) -> Models:
@@ -69,7 +69,9 @@ def build_models(cfg: JobConfig, strategy) -> Models:
         from hpc_rlhf.models.heads import load_value_model
         critic_path = resolve_model_path(cfg.model.critic_path or cfg.model.path)
         critic_strategy = build_strategy(cfg, _sizes_of(cfg), lr=cfg.train.critic_lr)
-        critic = critic_strategy.prepare_model(load_value_model(critic_path, lora=lora))
+        critic = critic_strategy.prepare_model(load_value_model(
+            critic_path, lora=lora,
+            attn_implementation=attn_implementation(cfg.model.attn_implementation)))
     return Models(actor, ref, critic, tok, path, pad_id)
 
 

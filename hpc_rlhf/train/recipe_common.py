@@ -31,12 +31,13 @@ def load_causal_lm(path: str, model_cfg):
     """An HF causal LM from a config path ('tiny:llama', 'embedded:...', a directory)."""
     from transformers import AutoModelForCausalLM
 
-    from hpc_rlhf.models.resolve import resolve_model_path
+    from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
     dtype = getattr(torch, model_cfg.dtype)
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
-        dtype = torch.float32  # CPU: bf16 matmuls are slow and DeepSpeed runs fp32 there
+        dtype = torch.float32  # CPU: the supervised trainers run fp32 (the RL recipe honours bf16)
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(path), dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+        resolve_model_path(path), dtype=dtype,
+        attn_implementation=attn_implementation(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code)
 
 

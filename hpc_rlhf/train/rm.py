@@ -44,10 +44,11 @@ class ScoreModel(torch.nn.Module):
     def from_pretrained(cls, path: str, model_cfg):
         from transformers import AutoModel
 
-        from hpc_rlhf.models.resolve import resolve_model_path
+        from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
         backbone = AutoModel.from_pretrained(
             resolve_model_path(path), dtype=torch.float32 if not torch.cuda.is_available()
-            else getattr(torch, model_cfg.dtype), attn_implementation=model_cfg.attn_implementation)
+            else getattr(torch, model_cfg.dtype),
+            attn_implementation=attn_implementation(model_cfg.attn_implementation))
         return cls(backbone)
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
