@@ -25,10 +25,8 @@ def cache_dir() -> Path:
 
 def resolve_model_path(path: str) -> str:
     if path.startswith("tiny:"):
-        from .tiny import MOE_ARCHS, ensure_tiny_model, ensure_tiny_moe_model
-        arch = path.split(":", 1)[1]
-        ensure = ensure_tiny_moe_model if arch in MOE_ARCHS else ensure_tiny_model
-        return str(ensure(cache_dir() / "models", arch=arch))
+        from .tiny import ensure_tiny_model
+        return str(ensure_tiny_model(cache_dir() / "models", arch=path.split(":", 1)[1]))
     if path.startswith("embedded:"):
         return str(ensure_embedded_model(path))
     return path

@@ -70,11 +70,19 @@ def tiny_config(arch: str = "llama", *, hidden_size: int = 128, num_layers: int 
 
 def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int = 0,
                      **config_kwargs) -> Path:
-    """Write a random float32 tiny causal LM + tokenizer to `out_dir` (same seed, same weights)."""
+    """Write a random float32 tiny causal LM + tokenizer to `out_dir` (same seed, same weights).
+
+    arch: a dense one (tiny_config) or a mixture-of-experts one in MOE_ARCHS (tiny_moe_config;
+    `output_router_logits=True` on its forward returns the load-balancing `aux_loss`).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(arch, **config_kwargs)
+    moe = arch in MOE_ARCHS
+    config = (tiny_moe_config if moe else tiny_config)(arch, **config_kwargs)
+    if config.vocab_size < len(SPECIAL_TOKENS) + len(CHARS):
+        raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer "
+                         f"({len(SPECIAL_TOKENS) + len(CHARS)} tokens)")
     if config.hidden_size // config.num_attention_heads != 64:
         raise ValueError("tiny models need head_dim 64 (vLLM's CPU attention minimum): "
                          f"hidden_size={config.hidden_size} / num_heads={config.num_attention_heads}")
@@ -84,14 +92,15 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tok = build_tokenizer()
-    tok.save_pretrained(out)
-    (out / "hpc_rlhf_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, **config_kwargs}))
+    build_tokenizer().save_pretrained(out)
+    meta = {"arch": arch, "seed": seed, **({"moe": True} if moe else {}), **config_kwargs}
+    (out / "hpc_rlhf_tiny.json").write_text(json.dumps(meta))
     return out
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "llama", seed: int = 0) -> Path:
-    """Build the tiny model into `cache_dir/tiny-<arch>-<seed>` once; later calls reuse it.
+    """Build the tiny model (dense or MoE) into `cache_dir/tiny-<arch>-<seed>` once; later calls
+    reuse it.
 
     Safe under concurrency (pytest workers, several ranks): builders take a file lock, and a
     directory only counts once its marker file, written last, exists.
@@ -116,7 +125,8 @@ def tiny_moe_config(arch: str = "mixtral", *, hidden_size: int = 128, num_layers
         raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads, head_dim=hidden_size // num_heads,
+        num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        head_dim=hidden_size // num_heads,
         max_position_embeddings=max_position_embeddings, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, tie_word_embeddings=False, rms_norm_eps=1e-6, num_experts_per_tok=top_k)
     if arch == "mixtral":
@@ -131,48 +141,10 @@ def tiny_moe_config(arch: str = "mixtral", *, hidden_size: int = 128, num_layers
     return Qwen2MoeConfig(shared_expert_intermediate_size=expert_size, **moe, **common)
 
 
-def build_tiny_moe_model(out_dir: str | os.PathLike, arch: str = "mixtral", seed: int = 0,
-                         **config_kwargs) -> Path:
-    """Write a random float32 tiny MoE causal LM + the character tokenizer to `out_dir`.
-
-    For the MoE auxiliary (load-balancing) loss: `output_router_logits=True` on its forward
-    returns `aux_loss`. Same seed, same weights; head_dim 64 as for the dense tiny models.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_moe_config(arch, **config_kwargs)
-    if config.vocab_size < len(SPECIAL_TOKENS) + len(CHARS):
-        raise ValueError(f"vocab_size={config.vocab_size} is smaller than the tokenizer "
-                         f"({len(SPECIAL_TOKENS) + len(CHARS)} tokens)")
-    if config.head_dim != 64:
-        raise ValueError("tiny models need head_dim 64 (vLLM's CPU attention minimum): "
-                         f"hidden_size={config.hidden_size} / num_heads={config.num_attention_heads}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    build_tokenizer().save_pretrained(out)
-    (out / "hpc_rlhf_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed, "moe": True,
-                                                        **config_kwargs}))
-    return out
-
-
-def ensure_tiny_moe_model(cache_dir: str | os.PathLike, arch: str = "mixtral",
-                          seed: int = 0) -> Path:
-    """Build the tiny MoE model into `cache_dir/tiny-<arch>-<seed>` once (file-locked)."""
-    from hpc_rlhf.models.resolve import locked_build
-    out = Path(cache_dir) / f"tiny-{arch}-{seed}"
-    return locked_build(out, "hpc_rlhf_tiny.json",
-                        lambda tmp: build_tiny_moe_model(tmp, arch=arch, seed=seed))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir")
-    p.add_argument("--arch", choices=ARCHS, default="llama")
+    p.add_argument("--arch", choices=ARCHS + MOE_ARCHS, default="llama")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     print(build_tiny_model(args.out_dir, args.arch, args.seed))

@@ -114,10 +114,10 @@ def _history(run_dir: Path) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_moe_sft_aux_loss_under_zero3_matches_torch_reference(tmp_path):
     from hpc_rlhf.data.synthetic import write_toy_datasets
-    from hpc_rlhf.models.tiny import build_tiny_moe_model
+    from hpc_rlhf.models.tiny import build_tiny_model
     from hpc_rlhf.topology import free_port
     write_toy_datasets(tmp_path / "data", n_train=64, n_eval=8)
-    build_tiny_moe_model(tmp_path / "moe", arch="mixtral")
+    build_tiny_model(tmp_path / "moe", arch="mixtral")
     t0 = time.time()
     _spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
     spawn_s = time.time() - t0

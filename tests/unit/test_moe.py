@@ -17,9 +17,9 @@ TOL = 1e-6
 
 @pytest.fixture(scope="module")
 def moe_paths(tmp_path_factory):
-    from hpc_rlhf.models.tiny import MOE_ARCHS, ensure_tiny_moe_model
+    from hpc_rlhf.models.tiny import MOE_ARCHS, ensure_tiny_model
     root = tmp_path_factory.mktemp("moe")
-    return {arch: ensure_tiny_moe_model(root, arch) for arch in MOE_ARCHS}
+    return {arch: ensure_tiny_model(root, arch) for arch in MOE_ARCHS}
 
 
 def _load(path):
