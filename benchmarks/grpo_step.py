@@ -8,8 +8,11 @@ load change on a shared machine hits both): ours is `python -m hpc_rlhf.launch.m
 configs/grpo_tiny.yaml (colocated, 1 process, DeepSpeed ZeRO-3, vLLM or HF rollout); TRL's is
 GRPOTrainer on the same tiny model (plain torch on CPU, `model.generate` rollout: vLLM colocate
 mode in TRL needs CUDA). Shared settings: the same chat-templated `repeat` prompts and reward,
-n samples per prompt, max new tokens, temperature 1, fp32, one optimizer step per RL step over
-micro-batches of `--micro`, AdamW (0.9, 0.95), lr, grad clip 1, no KL/reference model.
+n samples per prompt, max new tokens, temperature 1, precision (--dtype: fp32 on both sides, or
+bf16 on both: our DeepSpeed bf16 with fp32 master weights and bf16 vLLM, TRL's bf16 autocast;
+CPUs with AVX512-BF16/AMX run bf16 matmuls ~4x faster), one optimizer step per RL step over
+micro-batches of `--micro`, AdamW (0.9, 0.95), lr, grad clip 1, no KL/reference model, the
+same HF attention kernel (--attn) for the trained model.
 
 Step time: ours is the loop's `time/step` (rollout -> reward -> experience -> train -> weight
 sync); TRL's is on_step_begin -> on_step_end of its trainer (generation, reward, logprobs and
@@ -44,6 +47,7 @@ def run_ours(args, run_dir: Path) -> list[float]:
            f"train.batch_size={args.prompts * args.n}", f"train.micro_batch_size={args.micro}",
            f"train.actor_lr={args.lr}", "train.adam_beta2=0.95", "train.max_grad_norm=1.0",
            f"train.seed={args.seed}", "algorithm.name=grpo", "algorithm.kl_coef=0",
+           f"model.dtype={args.dtype}", f"model.attn_implementation={args.attn}",
            "checkpoint.save_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
            *args.ours_override]
     _run(cmd, run_dir.parent / "ours.log")
@@ -104,7 +108,8 @@ def trl_worker(args, result: Path) -> None:
 
     batch = args.prompts * args.n
     conf = GRPOConfig(
-        output_dir=str(result.parent / "trl_out"), use_cpu=True, bf16=False, fp16=False,
+        output_dir=str(result.parent / "trl_out"), use_cpu=True, bf16=args.dtype == "bfloat16",
+        fp16=False,
         gradient_checkpointing=False, per_device_train_batch_size=args.micro,
         gradient_accumulation_steps=batch // args.micro, num_generations=args.n,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
@@ -112,7 +117,9 @@ def trl_worker(args, result: Path) -> None:
         lr_scheduler_type="constant", warmup_steps=0, beta=0.0, num_iterations=1,
         max_steps=args.steps, logging_steps=10**6, save_strategy="no", report_to="none",
         seed=args.seed, dataloader_num_workers=0, disable_tqdm=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from hpc_rlhf.models.resolve import attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation(args.attn))
     timer = StepTimes()
     trainer = GRPOTrainer(model=model, reward_funcs=repeat_reward, args=conf, train_dataset=data,
                           processing_class=tok, callbacks=[timer])
@@ -139,6 +146,11 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (the GRPO group)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--micro", type=int, default=16, help="micro-batch size (both sides)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="training/rollout precision (both sides)")
+    ap.add_argument("--attn", default="auto", choices=("auto", "eager", "sdpa"),
+                    help="HF attention kernel of the trained model (both sides; auto: eager on "
+                         "CPU, sdpa on GPU, as our model.attn_implementation=auto)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="alternate ours/TRL this many times")
@@ -170,6 +182,7 @@ def main(argv=None) -> None:
     import torch
     print(f"model={args.model} prompts={args.prompts} n={args.n} "
           f"max_new_tokens={args.max_new_tokens} micro={args.micro} engine={args.engine} "
+          f"dtype={args.dtype} attn={args.attn} "
           f"trl={trl.__version__} torch threads={torch.get_num_threads()}")
     ours_med, ours_min = summary("ours", ours_t, args.warmup)
     trl_med, trl_min = summary("TRL", trl_t, args.warmup)
