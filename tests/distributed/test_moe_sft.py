@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainers import spawn  # same directory (pytest puts it on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH, MICRO, COEF = 5, 8, 4, 0.5
@@ -46,20 +47,6 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         sft.run(_cfg(Path(tmp), coef), None, Path(tmp) / name)
         if rank == 0:
             (Path(tmp) / name / "wall_s").write_text(f"{time.time() - t0:.1f}")
-
-
-def _spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
-    """fn(rank, world, *args) on `world` processes; fail (never hang) past timeout_s."""
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.time() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s} s")
 
 
 def _reference(tmp: Path, coef: float) -> tuple[list[float], list[float]]:
@@ -119,7 +106,7 @@ def test_moe_sft_aux_loss_under_zero3_matches_torch_reference(tmp_path):
     write_toy_datasets(tmp_path / "data", n_train=64, n_eval=8)
     build_tiny_model(tmp_path / "moe", arch="mixtral")
     t0 = time.time()
-    _spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
+    spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
     spawn_s = time.time() - t0
     runs = {k: [r for r in _history(tmp_path / k) if r["step"] >= 0] for k in ("coef0", "coef")}
     got = {k: [r["loss"] for r in h] for k, h in runs.items()}

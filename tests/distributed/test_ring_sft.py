@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainers import spawn  # same directory (pytest puts it on sys.path)
 
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,20 +64,6 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         if rank == 0:
             (Path(tmp) / name / "wall_s").write_text(f"{time.time() - t0:.1f}")
     topo.destroy()
-
-
-def _spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
-    """fn(rank, world, *args) on `world` processes; fail (never hang) past timeout_s."""
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.time() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s} s")
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -129,7 +116,7 @@ def test_sft_ring_size_2_matches_ring_size_1(tmp_path):
         ensure_tiny_model(cache_dir() / "models", arch="llama")  # built before the ranks race
         from hpc_rlhf.topology import free_port
         t0 = time.time()
-        _spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
+        spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
         spawn_s = time.time() - t0
         naive = _naive_step0_loss(tmp_path)
     finally:
