@@ -71,19 +71,11 @@ def _max_rel(a: list[dict], b: list[dict]) -> float:
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     from hpc_rlhf.data.synthetic import write_toy_datasets
-    from hpc_rlhf.models.resolve import cache_dir
     from hpc_rlhf.models.tiny import ensure_tiny_model
     tmp = tmp_path_factory.mktemp("ring_pref")
     write_toy_datasets(tmp / "data", n_train=64, n_eval=8)
-    old = os.environ.get("HPC_RLHF_CACHE")
-    os.environ["HPC_RLHF_CACHE"] = str(tmp / "cache")
-    try:
-        ensure_tiny_model(cache_dir() / "models", arch="llama")  # built before the ranks race
-    finally:
-        if old is None:
-            os.environ.pop("HPC_RLHF_CACHE", None)
-        else:
-            os.environ["HPC_RLHF_CACHE"] = old
+    # the ranks' cache (HPC_RLHF_CACHE=tmp/cache): built here before they race to build it
+    ensure_tiny_model(tmp / "cache" / "models", arch="llama")
     return tmp
 
 

@@ -100,18 +100,10 @@ def _worker(rank, world, cache):
 
 
 def test_rl_step_ring_size_2_matches_ring_size_1(tmp_path):
-    from hpc_rlhf.models.resolve import cache_dir
     from hpc_rlhf.models.tiny import ensure_tiny_model
     from hpc_rlhf.ring_attn import run_local_ring
-    old = os.environ.get("HPC_RLHF_CACHE")
-    os.environ["HPC_RLHF_CACHE"] = str(tmp_path / "cache")
-    try:
-        ensure_tiny_model(cache_dir() / "models", arch="llama")  # built before the ranks race
-    finally:
-        if old is None:
-            os.environ.pop("HPC_RLHF_CACHE", None)
-        else:
-            os.environ["HPC_RLHF_CACHE"] = old
+    # the ranks' cache (HPC_RLHF_CACHE=tmp_path/cache): built here before they race to build it
+    ensure_tiny_model(tmp_path / "cache" / "models", arch="llama")
     results = run_local_ring(_worker, 2, (str(tmp_path / "cache"),), timeout_s=240)
     worst, fails = {"exp0": 0.0, "loss0": 0.0, "exp": 0.0, "loss": 0.0}, []
     for rank, (base, got) in enumerate(results):
