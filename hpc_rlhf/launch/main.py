@@ -12,9 +12,10 @@ function `run(cfg: JobConfig, topo: Topology, run_dir: Path) -> None` named in P
 clear error, and heavy imports stay out of other programs). "smoke" is a plain
 torch.distributed workload for launcher tests (launch/smoke_roles.py).
 
-Contract for programs: poll `signals.checkpoint_requested()` once per step (agree across
-ranks), save, have global rank 0 call `signals.request_requeue(run_dir)`, pass a barrier,
-return. Resume from run_dir on start. Raise on errors (do not sys.exit): torchrun's error
+Contract for programs: once per step take the MAX of `signals.stop_vote()` over all ranks;
+when it is non-zero call `signals.stop_agreed(vote)`, save, have global rank 0 call
+`signals.request_requeue(run_dir)` (it decides whether a requeue is wanted), pass a barrier,
+return (rl/loop.py is the model). Resume from run_dir on start. Raise on errors (do not sys.exit): torchrun's error
 summary then names the rank and shows the traceback.
 """
 from __future__ import annotations
