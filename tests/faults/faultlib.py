@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -145,6 +146,16 @@ def root_cause(text: str) -> str:
     """torchrun's 'Root Cause (first observed failure)' section."""
     assert "Root Cause" in text, text[-5000:]
     return text.split("Root Cause", 1)[1]
+
+
+def rank_failure(text: str, rank: int) -> str:
+    """torchrun's failure entry for global `rank` ('' if it lists none). Its summary has every
+    failed rank, under 'Failures:' or 'Root Cause'. Which failure torchrun saw first is a race:
+    when rank 1 is killed, rank 0 may raise (connection reset) before torchrun reaps rank 1."""
+    assert "Root Cause" in text, text[-5000:]
+    summary = text[text.rfind("Failures:"):]
+    entries = re.split(r"\n\s*\[\d+\]:", summary)
+    return next((e for e in entries if f"rank      : {rank} (local_rank" in e), "")
 
 
 def python() -> str:
