@@ -175,3 +175,64 @@ def policy_and_reference(cfg, strategy):
     ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
                                                      cfg.model))
     return policy, ref
+
+
+# ---- checkpoints and preemption ---------------------------------------------------------------
+class StepCheckpoints:
+    """Resume and save for a supervised trainer's step loop, with the stop-vote protocol of
+    rl/loop.py (hpc_rlhf.launch.signals): the loop's batches must be a pure function of the
+    step (data.step_indices), so the step counter, the engines and the RNG are the whole state.
+
+        ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
+        for step in range(ckpt.resume(), cfg.train.num_steps):
+            ...train step...
+            if ckpt.after_step(step + 1):   # saved on a signal and not done: stop (requeue)
+                return
+    """
+
+    def __init__(self, cfg, strategy, engines: dict, run_dir: Path | None):
+        self.c, self.num_steps, self.strategy, self.engines = (cfg.checkpoint,
+                                                               cfg.train.num_steps, strategy,
+                                                               engines)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.stopped = False  # True once the loop stopped early on a signal
+
+    def resume(self) -> int:
+        """The step to start from: that of the newest complete checkpoint, else 0."""
+        if self.dir is None or not self.c.resume:
+            return 0
+        restored = self.strategy.load_checkpoint(self.dir, self.engines)
+        if restored is None:
+            return 0
+        if self.strategy.rank == 0:
+            print(f"[train] resumed from step {restored[0]} ({self.dir})", flush=True)
+        return restored[0]
+
+    def after_step(self, done_steps: int) -> bool:
+        """Collective. Save on schedule, at the end, or when any rank got a signal; True when
+        the loop must stop now (a signal before the last step)."""
+        from hpc_rlhf.launch.signals import request_requeue, stop_agreed, stop_vote
+        vote = torch.tensor([float(stop_vote())])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+        vote = int(vote.item())
+        if vote:
+            stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
+        done = done_steps == self.num_steps
+        every = self.c.save_every
+        if self.dir is None or not (vote or done or (every and done_steps % every == 0)):
+            return False
+        self.strategy.save_checkpoint(self.dir, done_steps, self.engines,
+                                      keep_last=self.c.keep_last)
+        if not vote or done:
+            return False
+        if self.strategy.rank == 0:
+            requeue = request_requeue(self.run_dir)
+            print(f"[train] checkpointed at step {done_steps} on a signal; "
+                  + ("requeue requested" if requeue else "no requeue (SIGTERM, not a preemption)"),
+                  flush=True)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        self.stopped = True
+        return True

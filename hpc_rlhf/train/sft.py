@@ -21,8 +21,9 @@ from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sampl
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
-from hpc_rlhf.train.recipe_common import (MetricLog, chat_format, export_hf, forward_token_logprobs,
-                                          load_causal_lm, load_tokenizer, make_strategy)
+from hpc_rlhf.train.recipe_common import (MetricLog, StepCheckpoints, chat_format, export_hf,
+                                          forward_token_logprobs, load_causal_lm, load_tokenizer,
+                                          make_strategy)
 from hpc_rlhf.train.ring_sft import RingSFT, ring_sft_loss, ring_sft_setup
 
 
@@ -46,9 +47,11 @@ def eval_sft_loss(model, samples, *, pad_id: int, packing: bool, device,
 
 
 def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-              log: MetricLog, eval_samples=None, ring: RingSFT | None = None) -> list[dict]:
+              log: MetricLog, eval_samples=None, ring: RingSFT | None = None,
+              ckpt: StepCheckpoints | None = None) -> list[dict]:
     """The loop. Returns the metric history (also logged). `ring` (ring_sft_setup): sequence
-    parallelism; the engine's model must then use ring attention."""
+    parallelism; the engine's model must then use ring attention. `ckpt`: resume from the
+    newest complete checkpoint, save on schedule / at the end / on a signal (then stop)."""
     evaluate = partial(eval_sft_loss, pad_id=pad_id, packing=packing, device=strategy.device,
                        micro_batch_size=train_cfg.micro_batch_size, ring=ring)
     # data-parallel coordinates: with a ring, all its ranks read the same micro-batches
@@ -56,9 +59,10 @@ def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: in
                                                                   strategy.dp_size)
     # MoE: loss + train.aux_loss_coef x router load-balancing loss (off at 0; refused on dense)
     aux = attach_router_aux_loss(engine, getattr(train_cfg, "aux_loss_coef", 0.0))
-    if eval_samples:
+    start = ckpt.resume() if ckpt is not None else 0
+    if eval_samples and start == 0:
         log(-1, {"eval_loss": evaluate(engine, eval_samples)})
-    for step in range(train_cfg.num_steps):
+    for step in range(start, train_cfg.num_steps):
         engine.train()
         indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
         losses, aux_losses = [], []
@@ -78,6 +82,8 @@ def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: in
             engine.eval()
             metrics["eval_loss"] = evaluate(engine, eval_samples)
         log(step, metrics)
+        if ckpt is not None and ckpt.after_step(step + 1):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -101,7 +107,9 @@ def run(cfg, topo, run_dir: Path) -> None:
         enable_ring_attention(model)  # attention "ring"; forwards need ring_attention_scope
     engine = strategy.prepare_model(model)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
     train_sft(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
-    if cfg.checkpoint.export_hf:
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+              ckpt=ckpt)
+    if cfg.checkpoint.export_hf and not ckpt.stopped:
         export_hf(strategy, engine, tokenizer, Path(run_dir) / "hf")
