@@ -21,7 +21,8 @@ from hpc_rlhf.data import pair_batch, pair_sample, rank_micro_batches, step_indi
 from hpc_rlhf.train.losses_pref import preference_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, policy_and_reference)
+                                          make_strategy, MetricLog, StepCheckpoints,
+                                          policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring, ring_setup,
                                         scaled, sequence_logps_any)
 
@@ -52,7 +53,7 @@ def eval_pairs(policy, ref, samples, *, beta: float, pad_id: int, packing: bool,
 
 
 def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-              log: MetricLog, eval_samples=None, ring: Ring | None = None) -> list[dict]:
+              log: MetricLog, eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
     """The loop. `ring` (ring_common.ring_setup): sequence parallelism; both models must then
     use ring attention (ring_common.enable_ring)."""
     t = train_cfg
@@ -63,10 +64,11 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
     dp_rank, dp_size = data_coords(ring, strategy)
     evaluate = partial(eval_pairs, beta=t.beta, micro_batch_size=t.micro_batch_size, **common)
     aux = attach_router_aux_loss(policy, getattr(t, "aux_loss_coef", 0.0))  # MoE policy only
-    if eval_samples:
+    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
+    if eval_samples and start == 0:
         policy.eval()
         log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
-    for step in range(t.num_steps):
+    for step in range(start, t.num_steps):
         policy.train()
         indices = step_indices(len(samples), t.batch_size, step, t.seed)
         losses, margins, accs = [], [], []
@@ -90,6 +92,8 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
             policy.eval()
             metrics.update({f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
         log(step, metrics)
+        if ckpt is not None and ckpt.after_step(step + 1):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -107,7 +111,9 @@ def run(cfg, topo, run_dir: Path) -> None:
         enable_ring(policy)
         enable_ring(ref)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)
     train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
-    if cfg.checkpoint.export_hf:
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+              ckpt=ckpt)
+    if cfg.checkpoint.export_hf and not ckpt.stopped:
         export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

@@ -18,7 +18,7 @@ from hpc_rlhf.data import rank_micro_batches, sft_batch, sft_sample, step_indice
 from hpc_rlhf.train.losses_pref import kd_forward_kl
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, forward_logits, load_causal_lm,
                                           load_tokenizer, load_train_eval, make_strategy,
-                                          MetricLog)
+                                          MetricLog, StepCheckpoints)
 
 
 def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.Tensor:
@@ -35,7 +35,7 @@ def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.
 
 
 def train_kd(student, teacher, strategy, samples, *, train_cfg, packing, pad_id, log,
-             eval_samples=None) -> list[dict]:
+             eval_samples=None, ckpt=None) -> list[dict]:
     t = train_cfg
     loss_of = partial(kd_batch_loss, pad_id=pad_id, packing=packing, device=strategy.device)
 
@@ -46,9 +46,10 @@ def train_kd(student, teacher, strategy, samples, *, train_cfg, packing, pad_id,
                   for i in range(0, len(eval_samples), t.micro_batch_size)]
         return sum(loss_of(student, teacher, c).item() for c in chunks) / len(chunks)
 
-    if eval_samples:
+    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
+    if eval_samples and start == 0:
         log(-1, {"eval_kl": evaluate()})
-    for step in range(t.num_steps):
+    for step in range(start, t.num_steps):
         student.train()
         indices = step_indices(len(samples), t.batch_size, step, t.seed)
         losses = []
@@ -62,6 +63,8 @@ def train_kd(student, teacher, strategy, samples, *, train_cfg, packing, pad_id,
         if eval_samples and step == t.num_steps - 1:
             metrics["eval_kl"] = evaluate()
         log(step, metrics)
+        if ckpt is not None and ckpt.after_step(step + 1):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -79,7 +82,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     student = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     teacher = strategy.prepare_eval_model(load_causal_lm(cfg.train.teacher_path, cfg.model))
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    ckpt = StepCheckpoints(cfg, strategy, {"model": student}, run_dir)
     train_kd(student, teacher, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples)
-    if cfg.checkpoint.export_hf:
+             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ckpt=ckpt)
+    if cfg.checkpoint.export_hf and not ckpt.stopped:
         export_hf(strategy, student, tokenizer, Path(run_dir) / "hf")

@@ -20,7 +20,8 @@ from hpc_rlhf.data import (kto_batch, kto_sample, prompt_response_batch,
                            rank_micro_batches, step_indices)
 from hpc_rlhf.train.losses_pref import kto_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, policy_and_reference)
+                                          make_strategy, MetricLog, StepCheckpoints,
+                                          policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring, ring_setup,
                                         scaled, sequence_logps_any)
 
@@ -59,17 +60,18 @@ def eval_kto(policy, ref, samples, *, pad_id, packing, device, micro_batch_size,
 
 
 def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log,
-              eval_samples=None, ring: Ring | None = None) -> list[dict]:
+              eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
     """The loop. `ring` (ring_common.ring_setup): sequence parallelism; both models must then
     use ring attention (ring_common.enable_ring)."""
     t = train_cfg
     common = dict(pad_id=pad_id, packing=packing, device=strategy.device, ring=ring)
     dp_rank, dp_size = data_coords(ring, strategy)
     evaluate = partial(eval_kto, micro_batch_size=t.micro_batch_size, **common)
-    if eval_samples:
+    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
+    if eval_samples and start == 0:
         policy.eval()
         log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
-    for step in range(t.num_steps):
+    for step in range(start, t.num_steps):
         policy.train()
         indices = step_indices(len(samples), t.batch_size, step, t.seed)
         losses, kls = [], []
@@ -92,6 +94,8 @@ def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log
             policy.eval()
             metrics.update({f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
         log(step, metrics)
+        if ckpt is not None and ckpt.after_step(step + 1):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -109,7 +113,9 @@ def run(cfg, topo, run_dir: Path) -> None:
         enable_ring(policy)
         enable_ring(ref)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)
     train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
-    if cfg.checkpoint.export_hf:
+              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+              ckpt=ckpt)
+    if cfg.checkpoint.export_hf and not ckpt.stopped:
         export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")

@@ -19,7 +19,7 @@ from hpc_rlhf.data import prm_batch, prm_sample, rank_micro_batches, step_indice
 from hpc_rlhf.train.losses_pref import prm_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, forward_logits, load_causal_lm,
                                           load_tokenizer, load_train_eval, make_strategy,
-                                          MetricLog)
+                                          MetricLog, StepCheckpoints)
 
 # Placeholder after each step and the reward tokens (no config fields yet); each must be one
 # token of the tokenizer.
@@ -44,7 +44,7 @@ def step_logits(model, chunk, *, pad_id, packing, device, reward_ids):
 
 
 def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_ids, log,
-              eval_samples=None) -> list[dict]:
+              eval_samples=None, ckpt=None) -> list[dict]:
     t = train_cfg
     scores = partial(step_logits, pad_id=pad_id, packing=packing, device=strategy.device,
                      reward_ids=list(reward_ids))
@@ -59,9 +59,10 @@ def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_i
             total += labels.numel()
         return right / total
 
-    if eval_samples:
+    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
+    if eval_samples and start == 0:
         log(-1, {"eval_step_accuracy": evaluate()})
-    for step in range(t.num_steps):
+    for step in range(start, t.num_steps):
         engine.train()
         indices = step_indices(len(samples), t.batch_size, step, t.seed)
         losses = []
@@ -76,6 +77,8 @@ def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_i
         if eval_samples and step == t.num_steps - 1:
             metrics["eval_step_accuracy"] = evaluate()
         log(step, metrics)
+        if ckpt is not None and ckpt.after_step(step + 1):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -92,8 +95,9 @@ def run(cfg, topo, run_dir: Path) -> None:
                                                rank=strategy.rank)
     engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
     train_prm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
               pad_id=tokenizer.pad_token_id, reward_ids=reward_ids, log=log,
-              eval_samples=eval_samples)
-    if cfg.checkpoint.export_hf:
+              eval_samples=eval_samples, ckpt=ckpt)
+    if cfg.checkpoint.export_hf and not ckpt.stopped:
         export_hf(strategy, engine, tokenizer, Path(run_dir) / "hf")

@@ -20,7 +20,7 @@ from hpc_rlhf.data import (pair_batch, pair_sample, rank_micro_batches,
                            segment_last_index, step_indices)
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
 from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog)
+                                          make_strategy, MetricLog, StepCheckpoints)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
                                         ring_setup, ring_token_outputs, scaled)
 
@@ -84,17 +84,18 @@ def eval_pair_accuracy(model, samples, *, pad_id: int, packing: bool, device,
 
 
 def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-             log: MetricLog, eval_samples=None, ring: Ring | None = None) -> list[dict]:
+             log: MetricLog, eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
     """The loop. `ring` (ring_common.ring_setup): sequence parallelism; the engine's backbone
     must then use ring attention (ring_common.enable_ring)."""
     evaluate = partial(eval_pair_accuracy, pad_id=pad_id, packing=packing,
                        device=strategy.device, micro_batch_size=train_cfg.micro_batch_size,
                        ring=ring)
     dp_rank, dp_size = data_coords(ring, strategy)
-    if eval_samples:
+    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
+    if eval_samples and start == 0:
         engine.eval()
         log(-1, {f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
-    for step in range(train_cfg.num_steps):
+    for step in range(start, train_cfg.num_steps):
         engine.train()
         indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
         losses, accs = [], []
@@ -114,6 +115,8 @@ def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int
             engine.eval()
             metrics.update({f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
         log(step, metrics)
+        if ckpt is not None and ckpt.after_step(step + 1):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -130,9 +133,11 @@ def run(cfg, topo, run_dir: Path) -> None:
     if ring is not None:
         enable_ring(engine)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
     train_rm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring)
-    if cfg.checkpoint.export_hf:
+             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+             ckpt=ckpt)
+    if cfg.checkpoint.export_hf and not ckpt.stopped:
         state = dict(strategy.gathered_state(engine))
         if strategy.rank == 0:
             out = Path(run_dir) / "hf"

@@ -1,5 +1,5 @@
-"""SFT checkpoint/resume with the stop-vote protocol (train/recipe_common.StepCheckpoints), 2 CPU
-ranks, ZeRO-3, tiny Llama:
+"""Supervised trainers' checkpoint/resume with the stop-vote protocol
+(train/recipe_common.StepCheckpoints), SFT, DPO and RM, 2 CPU ranks, ZeRO-3, tiny Llama:
 
 - an uninterrupted 4-step run;
 - the same run where rank 1 alone is warned (as by SLURM's SIGUSR1) during step 2: both ranks
@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 STEPS = 4
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, name: str, warn_at: int) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, trainer: str, name: str,
+            warn_at: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       HPC_RLHF_CACHE=str(Path(tmp) / "cache"))
@@ -31,7 +32,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, name: str, warn_at: int)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from hpc_rlhf.config import load_config
     from hpc_rlhf.launch import signals
-    from hpc_rlhf.train import sft
+    module = __import__(f"hpc_rlhf.train.{trainer}", fromlist=["run"])
     from hpc_rlhf.train.recipe_common import StepCheckpoints
     if warn_at and rank == 1:  # only rank 1 hears the warning, during step `warn_at`
         original = StepCheckpoints.after_step
@@ -42,10 +43,11 @@ def _worker(rank: int, world: int, port: int, tmp: str, name: str, warn_at: int)
             return original(self, done_steps)
         StepCheckpoints.after_step = after_step
     data = Path(tmp) / "data"
-    cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", [
-        f"data.prompts={data / 'sft_train.jsonl'}", "data.eval_prompts=",
+    kind = "sft" if trainer == "sft" else "pairs"
+    cfg = load_config(ROOT / "configs" / f"{trainer}_tiny.yaml", [
+        f"data.prompts={data / f'{kind}_train.jsonl'}", "data.eval_prompts=",
         f"train.num_steps={STEPS}", "logging.log_every=100", "checkpoint.export_hf=true"])
-    sft.run(cfg, None, Path(tmp) / name)
+    module.run(cfg, None, Path(tmp) / name)
     dist.destroy_process_group()
 
 
@@ -54,27 +56,28 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["step"] >= 0}
 
 
-def test_sft_warned_rank_checkpoints_requeues_and_resume_matches(tmp_path):
+@pytest.mark.parametrize("trainer", ["sft", "dpo", "rm"])
+def test_warned_rank_checkpoints_requeues_and_resume_matches(tmp_path, trainer):
     from hpc_rlhf.checkpoint.store import list_checkpoints
     from hpc_rlhf.data.synthetic import write_toy_datasets
     from hpc_rlhf.models.tiny import ensure_tiny_model
     from hpc_rlhf.topology import free_port
     write_toy_datasets(tmp_path / "data", n_train=64, n_eval=8)
     ensure_tiny_model(tmp_path / "cache" / "models", arch="llama")  # before the ranks race
-    spawn(_worker, 2, (free_port(), str(tmp_path), "whole", 0), 240)
+    spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "whole", 0), 240)
     whole = _losses(tmp_path / "whole")
     assert sorted(whole) == list(range(STEPS))
     assert [s for s, _ in list_checkpoints(tmp_path / "whole" / "checkpoints")] == [STEPS]
 
     run = tmp_path / "preempted"
-    spawn(_worker, 2, (free_port(), str(tmp_path), "preempted", 2), 240)
+    spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "preempted", 2), 240)
     assert sorted(_losses(run)) == [0, 1]                  # both ranks stopped after step 2
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
     assert (run / "REQUEUE").exists()                      # rank 0 knew rank 1 was warned
     assert not (run / "hf").exists()                       # no export of an unfinished run
     (run / "REQUEUE").unlink()                             # what the launcher does
 
-    spawn(_worker, 2, (free_port(), str(tmp_path), "preempted", 0), 240)
+    spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "preempted", 0), 240)
     resumed = _losses(run)
     assert sorted(resumed) == list(range(STEPS))
     for step in (2, 3):
