@@ -23,7 +23,7 @@ from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
                                           make_strategy, MetricLog, StepCheckpoints,
                                           policy_and_reference)
-from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring, ring_setup,
+from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
                                         scaled, sequence_logps_any)
 
 
@@ -106,10 +106,7 @@ def run(cfg, topo, run_dir: Path) -> None:
                    chosen_key=d.chosen_key, rejected_key=d.rejected_key)
     samples, eval_samples, _ = load_train_eval(d, make, name="dpo",
                                                rank=strategy.rank)
-    policy, ref = policy_and_reference(cfg, strategy)
-    if ring is not None:
-        enable_ring(policy)
-        enable_ring(ref)
+    policy, ref = policy_and_reference(cfg, strategy, ring)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)
     train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,

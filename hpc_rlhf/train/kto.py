@@ -22,7 +22,7 @@ from hpc_rlhf.train.losses_pref import kto_loss
 from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
                                           make_strategy, MetricLog, StepCheckpoints,
                                           policy_and_reference)
-from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring, ring_setup,
+from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
                                         scaled, sequence_logps_any)
 
 # Loss weights of desirable / undesirable samples (no config fields yet; TRL's defaults).
@@ -108,10 +108,7 @@ def run(cfg, topo, run_dir: Path) -> None:
                    output_key=d.output_key, label_key=d.label_key)
     samples, eval_samples, _ = load_train_eval(d, make, name="kto",
                                                rank=strategy.rank)
-    policy, ref = policy_and_reference(cfg, strategy)
-    if ring is not None:
-        enable_ring(policy)
-        enable_ring(ref)
+    policy, ref = policy_and_reference(cfg, strategy, ring)
     log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
     ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)
     train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,

@@ -169,11 +169,16 @@ def load_train_eval(data_cfg, make, *, name: str, rank: int):
     return samples, eval_samples, stats
 
 
-def policy_and_reference(cfg, strategy):
-    """(trained policy engine, frozen reference engine) from model.path / model.ref_path."""
+def policy_and_reference(cfg, strategy, ring=None):
+    """(trained policy engine, frozen reference engine) from model.path / model.ref_path; with
+    a `ring` (ring_common.ring_setup) both use ring attention."""
     policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
     ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
                                                      cfg.model))
+    if ring is not None:
+        from hpc_rlhf.train.ring_common import enable_ring
+        enable_ring(policy)
+        enable_ring(ref)
     return policy, ref
 
 
