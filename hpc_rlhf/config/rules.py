@@ -179,6 +179,11 @@ def _batch_rules(cfg: JobConfig) -> list[str]:
         errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                     f"actor data-parallel size {s.actor_dp} and of the {s.num_engines} rollout "
                     f"engines {world} (whole prompt groups per rank)")
+    if tr.max_tokens_per_micro_batch and tr.trainer != "rl":
+        errs.append(f"train.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch} (dynamic "
+                    f"micro-batches) is implemented for train.trainer='rl', not "
+                    f"{tr.trainer!r}; set it to 0 and size micro-batches with "
+                    "train.micro_batch_size")
     if r.max_model_len and cfg.data.max_prompt_len + r.max_new_tokens > r.max_model_len:
         errs.append(f"data.max_prompt_len={cfg.data.max_prompt_len} + rollout.max_new_tokens="
                     f"{r.max_new_tokens} exceeds rollout.max_model_len={r.max_model_len}; "

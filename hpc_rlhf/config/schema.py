@@ -111,8 +111,10 @@ class TrainConfig:
     ref_offload: bool = opt(False, "reference model parameters on CPU")
     autotp_size: int = opt(1, "DeepSpeed AutoTP tensor-parallel size", gt=0)
     ring_attn_size: int = opt(1, "sequence-parallel ring size for long context", gt=0)
-    max_tokens_per_micro_batch: int = opt(0, "dynamic micro-batches by token budget (0 = off)",
-                                          ge=0)
+    max_tokens_per_micro_batch: int = opt(
+        0, "RL: dynamic micro-batches of similar lengths, padded size (rows x longest) at "
+           "most this many tokens, loss weighted by share (0 = off: micro_batch_size samples)",
+        ge=0)
     seed: int = opt(42, "global seed")
     # Preference / distillation trainers.
     beta: float = opt(0.1, "DPO/IPO/KTO beta", gt=0.0)

@@ -7,13 +7,13 @@ Layout of a batch (what `hpc_rlhf.train.logprobs.response_logprobs` expects):
     action_mask    [B, R]      1 on tokens the policy produced (0: padding, env feedback)
     rollout_logp   [B, R]      the engine's logprobs of those tokens
 
-P is the longest prompt and R the longest response of the batch; `micro_batches` trims both
-again per micro-batch so short micro-batches do not pay for the longest sample.
+P is the longest prompt and R the longest response of the batch; `Batch.rows` trims both
+again per micro-batch (rl/micro.py) so short micro-batches do not pay for the longest sample.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,15 +99,6 @@ def make_batch(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Seque
             mask = action_masks[i] if action_masks is not None else [1] * len(r)
             action[i, :len(r)] = torch.as_tensor(mask, dtype=torch.bool)
     return Batch(input_ids, attn, action, logp, rewards.float().reshape(B))
-
-
-def micro_batches(batch: Batch, micro_batch_size: int,
-                  generator: torch.Generator | None = None) -> Iterator[Batch]:
-    """Shuffled (if a generator is given) micro-batches, each trimmed to its own lengths."""
-    order = (torch.randperm(batch.size, generator=generator) if generator is not None
-             else torch.arange(batch.size))
-    for start in range(0, batch.size, micro_batch_size):
-        yield batch.rows(order[start:start + micro_batch_size])
 
 
 def distributed_whiten(adv: torch.Tensor, mask: torch.Tensor, group=None,

@@ -10,11 +10,12 @@ import torch
 from hpc_rlhf.config import JobConfig, Sizes
 from hpc_rlhf.models.heads import response_values
 from hpc_rlhf.rl.advantages import compute_advantages
-from hpc_rlhf.rl.experience import Batch, distributed_whiten, micro_batches, with_fields
+from hpc_rlhf.rl.experience import Batch, distributed_whiten, with_fields
 from hpc_rlhf.rl.filtering import overlong_penalty
 from hpc_rlhf.rl.kl import kl_estimate
 from hpc_rlhf.rl.losses import aggregate_loss, policy_loss, value_loss
 from hpc_rlhf.rl.masked import masked_mean
+from hpc_rlhf.rl.micro import forward_groups, train_steps
 from hpc_rlhf.train.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.train.ring_common import scaled
@@ -43,11 +44,11 @@ def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes) -> tor
     return rewards
 
 
-def _forward_rows(fn, batch: Batch, micro: int) -> torch.Tensor:
-    """Run fn(micro_batch) -> [b, r] over the batch in order; reassemble as [B, R]."""
+def _forward_rows(fn, batch: Batch, micro: int, max_tokens: int = 0) -> torch.Tensor:
+    """Run fn(micro_batch) -> [b, r] over the batch's micro-batches (fixed size, or by token
+    budget: rl/micro.py); reassemble as [B, R]."""
     out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-    for start in range(0, batch.size, micro):
-        idx = torch.arange(start, min(start + micro, batch.size))
+    for idx in forward_groups(batch, micro, max_tokens):
         mb = batch.rows(idx)
         out[idx, :mb.response_len] = fn(mb).float()
     return out
@@ -92,20 +93,21 @@ def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:
 
 @torch.no_grad()
 def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: float):
-    a, micro, temp = cfg.algorithm, cfg.train.micro_batch_size, cfg.rollout.temperature
+    a, temp = cfg.algorithm, cfg.rollout.temperature
+    micro = (cfg.train.micro_batch_size, cfg.train.max_tokens_per_micro_batch)
     metrics = {}
     ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1
     batch = gather_ring_batch(batch, ring)  # a ring's members train on all their rows
     old = ref = values = kl = None
     if needs_old_logprobs(cfg, s):
-        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp, ring), batch, micro)
+        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp, ring), batch, *micro)
     if models.ref is not None:
-        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp, ring), batch, micro)
+        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp, ring), batch, *micro)
         current = old if old is not None else batch.rollout_logp
         kl = kl_estimate(current, ref, a.kl_estimator)
         metrics["kl/mean"] = masked_mean(kl, batch.action_mask).item()
     if models.critic is not None:
-        values = _forward_rows(lambda mb: _values(models.critic, mb, ring), batch, micro)
+        values = _forward_rows(lambda mb: _values(models.critic, mb, ring), batch, *micro)
     estimator = "gae" if a.name == "ppo" else a.name
     adv, ret = compute_advantages(
         estimator, batch.rewards, batch.action_mask,
@@ -121,60 +123,87 @@ def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: flo
 
 def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_coef: float,
                    step: int) -> dict:
-    """Epochs x micro-batches of the policy (and critic) losses; DeepSpeed steps the optimizer
-    every `grad_accum` micro-batches. Returns metrics averaged over micro-batches."""
-    a, t, temp = cfg.algorithm, cfg.train, cfg.rollout.temperature
-    kl_in_loss = models.ref is not None and not a.kl_in_reward and kl_coef > 0
-    aux = attach_router_aux_loss(models.actor, t.aux_loss_coef)  # MoE router balance (0 = off)
-    ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1 (then loss x ring)
+    """Epochs x optimizer steps x micro-batches of the policy (and critic) losses
+    (rl/micro.py: fixed micro-batches, or dynamic ones under train.max_tokens_per_micro_batch
+    with their loss shares). Returns metrics averaged over micro-batches."""
+    t = cfg.train
+    gen = torch.Generator().manual_seed(t.seed * 7_919 + step)
+    opt_steps = [micros for _ in range(t.epochs_per_step)
+                 for micros in train_steps(batch, micro_batch_size=t.micro_batch_size,
+                                           grad_accum=s.grad_accum,
+                                           max_tokens=t.max_tokens_per_micro_batch,
+                                           loss_agg=cfg.algorithm.loss_agg, generator=gen)]
+    ctx = _TrainContext(cfg, strategy, models, kl_coef)
     sums: dict[str, float] = {}
     count = 0
-    gen = torch.Generator().manual_seed(t.seed * 7_919 + step)
-    for epoch in range(t.epochs_per_step):
-        for i, mb in enumerate(micro_batches(batch, t.micro_batch_size, gen)):
-            logp, ent = _policy_forward(models.actor, mb, temp, ring, bool(a.entropy_coef))
-            old = mb.old_logp if mb.old_logp is not None else logp.detach()
-            loss, m = policy_loss(
-                logp, old, mb.advantages, mb.action_mask, clip_eps_low=a.clip_eps_low,
-                clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip or None,
-                loss_agg=a.loss_agg, importance=a.importance_level,
-                rollout_logp=mb.rollout_logp if a.off_policy != "none" else None,
-                tis_cap=a.tis_cap if a.off_policy == "tis" else None,
-                icepop=(a.icepop_low, a.icepop_high) if a.off_policy == "icepop" else None,
-                max_len=cfg.rollout.max_new_tokens)
-            m = {f"policy/{k}": float(v) for k, v in m.items()}
-            m["loss/policy"] = loss.item()
-            if kl_in_loss:
-                kl = kl_estimate(logp, mb.ref_logp, a.kl_estimator)
-                kl_loss = aggregate_loss(kl, mb.action_mask, a.loss_agg, cfg.rollout.max_new_tokens)
-                loss = loss + kl_coef * kl_loss
-                m["loss/kl"] = kl_loss.item()
-            if a.entropy_coef:
-                ent_loss = aggregate_loss(ent, mb.action_mask, a.loss_agg, cfg.rollout.max_new_tokens)
-                loss = loss - a.entropy_coef * ent_loss
-                m["policy/entropy"] = ent_loss.item()
-            else:
-                m["policy/entropy"] = masked_mean(ent, mb.action_mask).item()
-            if epoch == 0 and i < s.grad_accum:  # before the first update: engine vs trainer
-                gap = (logp.detach() - mb.rollout_logp).abs()
-                m["rollout/logprob_gap_mean"] = masked_mean(gap, mb.action_mask).item()
-            loss = aux.add_to(loss, m, "loss/moe_aux")  # + coef x aux of this actor forward
-            strategy.backward(scaled(loss, ring), models.actor)
-            strategy.step(models.actor)
-            if models.critic is not None:
-                v = _values(models.critic, mb, ring)
-                vloss, vm = value_loss(v, mb.values, mb.returns, mb.action_mask,
-                                       clip_eps=a.value_clip, loss_agg=a.loss_agg,
-                                       max_len=cfg.rollout.max_new_tokens)
-                models.critic.backward(scaled(vloss, ring))
-                models.critic.step()
-                m["loss/value"] = vloss.item()
-                m.update({f"critic/{k}": float(x) for k, x in vm.items()})
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
+    for k, micros in enumerate(opt_steps):
+        for micro in micros:
+            m = ctx.train_micro(micro, first_update=k == 0)
+            for key, v in m.items():
+                sums[key] = sums.get(key, 0.0) + v
             count += 1
-    out = {k: v / count for k, v in sums.items()}
+    out = {key: v / count for key, v in sums.items()}
     if "rollout/logprob_gap_mean" in sums:  # averaged over the first optimizer step only
-        out["rollout/logprob_gap_mean"] = sums["rollout/logprob_gap_mean"] / min(count, s.grad_accum)
+        out["rollout/logprob_gap_mean"] = sums["rollout/logprob_gap_mean"] / len(opt_steps[0])
+    out["train/micro_batches"] = float(count)  # forward/backward passes of the actor
     out["train/lr"] = models.actor.get_lr()[0] if hasattr(models.actor, "get_lr") else t.actor_lr
     return out
+
+
+class _TrainContext:
+    """What every micro-batch of one train_on_batch call shares."""
+
+    def __init__(self, cfg: JobConfig, strategy, models, kl_coef: float):
+        self.cfg, self.strategy, self.models, self.kl_coef = cfg, strategy, models, kl_coef
+        a = cfg.algorithm
+        self.kl_in_loss = models.ref is not None and not a.kl_in_reward and kl_coef > 0
+        # MoE router balance (0 = off)
+        self.aux = attach_router_aux_loss(models.actor, cfg.train.aux_loss_coef)
+        self.ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1 (loss x ring)
+
+    def train_micro(self, micro, first_update: bool) -> dict:
+        """Forward, losses and backward of one micro-batch (the optimizer steps at its
+        step's boundary); returns its metrics."""
+        cfg, a, models, ring = self.cfg, self.cfg.algorithm, self.models, self.ring
+        mb, max_len = micro.batch, cfg.rollout.max_new_tokens
+        logp, ent = _policy_forward(models.actor, mb, cfg.rollout.temperature, ring,
+                                    bool(a.entropy_coef))
+        old = mb.old_logp if mb.old_logp is not None else logp.detach()
+        loss, pm = policy_loss(
+            logp, old, mb.advantages, mb.action_mask, clip_eps_low=a.clip_eps_low,
+            clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip or None,
+            loss_agg=a.loss_agg, importance=a.importance_level,
+            rollout_logp=mb.rollout_logp if a.off_policy != "none" else None,
+            tis_cap=a.tis_cap if a.off_policy == "tis" else None,
+            icepop=(a.icepop_low, a.icepop_high) if a.off_policy == "icepop" else None,
+            max_len=max_len)
+        m = {f"policy/{key}": float(v) for key, v in pm.items()}
+        m["loss/policy"] = loss.item()
+        if self.kl_in_loss:
+            kl = kl_estimate(logp, mb.ref_logp, a.kl_estimator)
+            kl_loss = aggregate_loss(kl, mb.action_mask, a.loss_agg, max_len)
+            loss = loss + self.kl_coef * kl_loss
+            m["loss/kl"] = kl_loss.item()
+        if a.entropy_coef:
+            ent_loss = aggregate_loss(ent, mb.action_mask, a.loss_agg, max_len)
+            loss = loss - a.entropy_coef * ent_loss
+            m["policy/entropy"] = ent_loss.item()
+        else:
+            m["policy/entropy"] = masked_mean(ent, mb.action_mask).item()
+        if first_update:  # before the first update: engine vs trainer
+            gap = (logp.detach() - mb.rollout_logp).abs()
+            m["rollout/logprob_gap_mean"] = masked_mean(gap, mb.action_mask).item()
+        loss = self.aux.add_to(loss, m, "loss/moe_aux")  # + coef x aux of this actor forward
+        self._backward_step(scaled(loss, ring), models.actor, micro)
+        if models.critic is not None:
+            v = _values(models.critic, mb, ring)
+            vloss, vm = value_loss(v, mb.values, mb.returns, mb.action_mask,
+                                   clip_eps=a.value_clip, loss_agg=a.loss_agg, max_len=max_len)
+            self._backward_step(scaled(vloss, ring), models.critic, micro)
+            m["loss/value"] = vloss.item()
+            m.update({f"critic/{key}": float(x) for key, x in vm.items()})
+        return m
+
+    def _backward_step(self, loss, engine, micro) -> None:
+        self.strategy.backward(loss, engine, weight=micro.weight, boundary=micro.boundary)
+        self.strategy.step(engine)

@@ -274,9 +274,17 @@ class DeepSpeedStrategy:
         engine.eval()
         return engine
 
-    def backward(self, loss: torch.Tensor, engine) -> None:
-        """Backward of one micro-batch loss (DeepSpeed divides it by grad_accum)."""
-        engine.backward(loss)
+    def backward(self, loss: torch.Tensor, engine, *, weight: float | None = None,
+                 boundary: bool | None = None) -> None:
+        """Backward of one micro-batch loss. Fixed micro-batches (weight None): DeepSpeed
+        divides the loss by grad_accum and steps every grad_accum micro-batches. Dynamic ones
+        (rl/micro.py): the loss is multiplied by `weight` (its share of the optimizer step) and
+        `boundary` marks the step's last micro-batch, where `step` updates."""
+        if weight is None:
+            engine.backward(loss)
+            return
+        engine.set_gradient_accumulation_boundary(bool(boundary))
+        engine.backward(loss * weight, scale_wrt_gas=False)
 
     def step(self, engine) -> None:
         """Optimizer + scheduler step at the accumulation boundary; no-op on other micro-steps."""

@@ -3,7 +3,9 @@ engine: the same training path as vLLM and ~15 s less start-up per job).
 
 Two of them carry a KL term to a frozen reference model (the `ref` path of build_models):
 RLOO as a loss term (k3), REINFORCE++ inside the reward (k1, as OpenRLHF does). Before the first
-update policy == reference, so step 1's KL is ~0; after updates it must be positive.
+update policy == reference, so step 1's KL is ~0; after updates it must be positive. Those two
+also run dynamic micro-batches under a token budget (more, smaller micro-batches than the
+fixed micro_batch_size gives; tests/distributed/test_rl_micro_grads.py checks their gradient).
 """
 import math
 
@@ -12,13 +14,16 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.deepspeed]
 
 STEPS = 3
+BUDGET = 256  # dynamic micro-batches (rl/micro.py) for two of the cases: ~8 rows each
+FIXED_MICRO_BATCHES = 64 // 16  # grpo_tiny: batch_size / micro_batch_size on one rank
 COMMON = ("rollout.engine=hf", "train.actor_lr=5e-3", f"train.num_steps={STEPS}",
           "checkpoint.save_every=0")
 CASES = {
     "reinforce": ("algorithm.kl_coef=0.05", "algorithm.kl_in_reward=true",
-                  "algorithm.kl_estimator=k1"),
+                  "algorithm.kl_estimator=k1", f"train.max_tokens_per_micro_batch={BUDGET}"),
     "reinforce_baseline": (),
-    "rloo": ("algorithm.kl_coef=0.1", "algorithm.kl_estimator=k3"),
+    "rloo": ("algorithm.kl_coef=0.1", "algorithm.kl_estimator=k3",
+             f"train.max_tokens_per_micro_batch={BUDGET}"),
     "dr_grpo": ("algorithm.loss_agg=seq_mean_token_sum_norm",),
 }
 
@@ -35,6 +40,8 @@ def test_algorithm_runs_with_finite_losses(algorithm, tmp_path, rl_job):
         assert m["advantage/abs_mean"] > 0, "advantages all zero: nothing to learn from"
         assert 0.0 <= m["reward/mean"] <= 1.0
         assert m["rollout/logprob_gap_mean"] < 1e-4  # HF replica synced each step
+        if any(o.startswith("train.max_tokens_per_micro_batch") for o in extra):
+            assert m["train/micro_batches"] > FIXED_MICRO_BATCHES, m["train/micro_batches"]
     kl_coef = next((float(o.split("=")[1]) for o in extra if o.startswith("algorithm.kl_coef")),
                    0.0)
     if not kl_coef:

@@ -142,6 +142,8 @@ RULE_CASES = [
     (["topology.procs_per_node=2", "train.autotp_size=2"], "works with ZeRO stages 0-2 only"),
     (["train.offload_params=true", "train.zero_stage=2"], "offload_params=True needs"),
     (["rollout.max_model_len=100"], "exceeds rollout.max_model_len=100"),
+    (["train.trainer=sft", "train.max_tokens_per_micro_batch=512"],
+     "is implemented for train.trainer='rl', not 'sft'; set it to 0"),
     (["topology.procs_per_node=3", "rollout.prompts_per_step=16", "train.batch_size=48", "train.micro_batch_size=1", "rollout.n_samples_per_prompt=6"], "must be a multiple of the 3 ranks"),
     (["algorithm.dual_clip=1.0"], "algorithm.dual_clip=1.0 must be > 1"),
     (["algorithm.icepop_low=1.5"], "must bracket 1"),

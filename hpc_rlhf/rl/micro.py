@@ -1,0 +1,155 @@
+"""How one rank's RL batch is cut into micro-batches: a fixed number of samples each, or
+dynamic micro-batches under a token budget (train.max_tokens_per_micro_batch).
+
+Fixed (budget 0): micro-batches of train.micro_batch_size samples in a shuffled order;
+DeepSpeed steps the optimizer every grad_accum of them and divides each loss by grad_accum.
+
+Dynamic (budget > 0), one optimizer step at a time:
+    chunk  = the next grad_accum * micro_batch_size samples of the shuffled order
+    sort   = the chunk by response length, then prompt length (longest first)
+    micros = greedy runs of the sorted chunk whose padded size (rows x (longest prompt +
+             longest response), what Batch.rows trims to) stays <= budget; a sample over the
+             budget gets a micro-batch of its own
+    equal  = every rank splits its largest micro-batches until all ranks have the same count
+             (ZeRO-3 forwards and backwards are collective: unequal counts would hang)
+    weight = each micro-batch's share of the chunk under the loss aggregation (below), so
+             sum_i weight_i * loss(micro_i) == loss(chunk) whatever the split; the caller passes
+             it to the backward instead of DeepSpeed's 1 / grad_accum
+
+Sorting by length is what removes the padding: a micro-batch of similar lengths trims to
+almost no padding. Shares per aggregation (train/losses.aggregate_loss):
+    token_mean               action tokens of micro / action tokens of chunk
+    seq_mean_token_mean      rows with action tokens of micro / those of chunk
+    seq_mean_token_sum_norm  rows of micro / rows of chunk
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.rl.experience import Batch
+
+
+@dataclass
+class Micro:
+    batch: Batch
+    index: torch.Tensor     # [b] its rows in the step's batch
+    weight: float | None    # loss weight (dynamic), None: DeepSpeed's 1 / grad_accum (fixed)
+    boundary: bool | None   # last micro-batch of its optimizer step (dynamic), None: fixed
+
+
+def real_lengths(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt tokens [B], response tokens [B]) of each row (padding excluded)."""
+    R = batch.response_len
+    prompt = batch.attention_mask[:, :batch.input_ids.shape[1] - R].sum(1)
+    response = batch.attention_mask[:, -R:].sum(1)
+    return prompt, response
+
+
+def budget_split(prompt_len: list[int], resp_len: list[int], max_tokens: int) -> list[list[int]]:
+    """Positions (into the given lists) grouped into micro-batches of padded size <= max_tokens,
+    similar lengths together (see the module doc)."""
+    if max_tokens <= 0:
+        raise ValueError(f"train.max_tokens_per_micro_batch={max_tokens} must be > 0 here")
+    order = sorted(range(len(resp_len)), key=lambda i: (-resp_len[i], -prompt_len[i], i))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    max_p = max_r = 0
+    for i in order:
+        p, r = max(max_p, prompt_len[i]), max(max_r, resp_len[i])
+        if cur and (len(cur) + 1) * (p + r) > max_tokens:
+            groups.append(cur)
+            cur, p, r = [], prompt_len[i], resp_len[i]
+        cur.append(i)
+        max_p, max_r = p, r
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def split_to_count(groups: list[list[int]], count: int, cost) -> list[list[int]]:
+    """Halve the costliest splittable group until there are `count` groups (order of the
+    halves kept). `cost(group) -> number`. Needs count <= number of items."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        splittable = [k for k, g in enumerate(groups) if len(g) > 1]
+        if not splittable:
+            raise ValueError(f"cannot make {count} micro-batches of {len(groups)} samples")
+        k = max(splittable, key=lambda j: cost(groups[j]))
+        g = groups[k]
+        groups[k:k + 1] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return groups
+
+
+def _max_over_world(counts: list[int]) -> list[int]:
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not counts:
+        return counts
+    t = torch.tensor(counts, dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _shares(batch: Batch, groups: list[list[int]], loss_agg: str) -> list[float]:
+    mask = batch.action_mask.bool()
+    if loss_agg == "token_mean":
+        amount = mask.sum(1).double()                       # [B] action tokens
+    elif loss_agg == "seq_mean_token_mean":
+        amount = mask.any(1).double()                       # [B] rows that count
+    elif loss_agg == "seq_mean_token_sum_norm":
+        amount = torch.ones(batch.size, dtype=torch.float64)
+    else:
+        raise ValueError(f"loss_agg={loss_agg!r} has no micro-batch share rule")
+    total = float(sum(amount[g].sum() for g in groups))
+    return [float(amount[g].sum()) / total if total > 0 else 0.0 for g in groups]
+
+
+def budget_index_groups(batch: Batch, index: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """Rows `index` of `batch` in token-budget micro-batches, the count equalised over the
+    world (collective). Returns index tensors into `batch`."""
+    prompt, resp = real_lengths(batch)
+    p, r = prompt[index].tolist(), resp[index].tolist()
+    groups = budget_split(p, r, max_tokens)
+    target = _max_over_world([len(groups)])[0]
+    if target > len(groups):
+        groups = split_to_count(groups, target,
+                                lambda g: len(g) * (max(p[i] for i in g) + max(r[i] for i in g)))
+    return [index[torch.tensor(g, dtype=torch.long)] for g in groups]
+
+
+def forward_groups(batch: Batch, micro_batch_size: int, max_tokens: int) -> list[torch.Tensor]:
+    """Row groups for the no-grad forwards of the experience maker, in batch order (fixed) or
+    by token budget over the whole batch (collective when max_tokens > 0)."""
+    index = torch.arange(batch.size)
+    if max_tokens <= 0:
+        return [index[s:s + micro_batch_size] for s in range(0, batch.size, micro_batch_size)]
+    return budget_index_groups(batch, index, max_tokens)
+
+
+def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tokens: int,
+                loss_agg: str, generator: torch.Generator | None = None) -> list[list[Micro]]:
+    """The optimizer steps of one epoch over `batch`, each a list of Micro (see module doc).
+    Collective when max_tokens > 0."""
+    order = (torch.randperm(batch.size, generator=generator) if generator is not None
+             else torch.arange(batch.size))
+    if max_tokens <= 0:
+        micros = [Micro(batch.rows(ix), ix, None, None)
+                  for ix in (order[s:s + micro_batch_size]
+                             for s in range(0, batch.size, micro_batch_size))]
+        return [micros[k:k + grad_accum] for k in range(0, len(micros), grad_accum)]
+    chunk = grad_accum * micro_batch_size
+    prompt, resp = real_lengths(batch)
+    chunks = [order[s:s + chunk] for s in range(0, batch.size, chunk)]
+    local = [budget_split(prompt[c].tolist(), resp[c].tolist(), max_tokens) for c in chunks]
+    targets = _max_over_world([len(g) for g in local])   # one collective for all chunks
+    steps = []
+    for c, groups, target in zip(chunks, local, targets):
+        p, r = prompt[c].tolist(), resp[c].tolist()
+        groups = split_to_count(groups, target, lambda g: len(g) * (max(p[i] for i in g)
+                                                                    + max(r[i] for i in g)))
+        rows = [c[torch.tensor(g, dtype=torch.long)] for g in groups]
+        shares = _shares(batch, rows, loss_agg)
+        steps.append([Micro(batch.rows(ix), ix, w, k == len(rows) - 1)
+                      for k, (ix, w) in enumerate(zip(rows, shares))])
+    return steps
