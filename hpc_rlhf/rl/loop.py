@@ -18,7 +18,7 @@ import torch.distributed as dist
 from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
-from hpc_rlhf.launch.signals import received_signals, request_requeue, stop_agreed, stop_vote
+from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
                                     local_prompts, rollout_sampling, sync_weights)
@@ -118,10 +118,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
         logger.log(step + 1, metrics)
 
         # 6. Checkpoint: on schedule, at the end, or when SLURM warned us (then requeue).
-        vote = _max_over_ranks(stop_vote())  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
-        stop = vote > 0
-        if stop:
-            stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
+        stop = agreed_stop_vote() > 0  # MAX over ranks: 0 go on, 1 SIGTERM, 2 warned (requeue)
         done = step + 1 == cfg.train.num_steps
         every = cfg.checkpoint.save_every
         if stop or (every and (step + 1) % every == 0) or done:
@@ -254,14 +251,6 @@ def _mean_over_ranks(metrics: dict) -> dict:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
-
-
-def _max_over_ranks(vote: int) -> int:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return vote
-    t = torch.tensor([vote])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _agree(flag: bool) -> bool:

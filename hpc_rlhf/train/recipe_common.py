@@ -193,6 +193,10 @@ class StepCheckpoints:
             ...train step...
             if ckpt.after_step(step + 1):   # saved on a signal and not done: stop (requeue)
                 return
+
+    A loop with more state (a prompt stream's cursor, ...) passes it as
+    `after_step(step + 1, extra_state={...})` and reads it back from `ckpt.extra` after
+    `resume()` (an empty dict when nothing was restored).
     """
 
     def __init__(self, cfg, strategy, engines: dict, run_dir: Path | None):
@@ -202,6 +206,7 @@ class StepCheckpoints:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
         self.stopped = False  # True once the loop stopped early on a signal
+        self.extra: dict = {}  # the caller's extra_state of the restored checkpoint
 
     def resume(self) -> int:
         """The step to start from: that of the newest complete checkpoint, else 0."""
@@ -210,25 +215,21 @@ class StepCheckpoints:
         restored = self.strategy.load_checkpoint(self.dir, self.engines)
         if restored is None:
             return 0
+        self.extra = dict(restored[1] or {})
         if self.strategy.rank == 0:
             print(f"[train] resumed from step {restored[0]} ({self.dir})", flush=True)
         return restored[0]
 
-    def after_step(self, done_steps: int) -> bool:
-        """Collective. Save on schedule, at the end, or when any rank got a signal; True when
-        the loop must stop now (a signal before the last step)."""
-        from hpc_rlhf.launch.signals import request_requeue, stop_agreed, stop_vote
-        vote = torch.tensor([float(stop_vote())])
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
-        vote = int(vote.item())
-        if vote:
-            stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
+    def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
+        """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
+        a signal; True when the loop must stop now (a signal before the last step)."""
+        from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
+        vote = agreed_stop_vote()  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
         done = done_steps == self.num_steps
         every = self.c.save_every
         if self.dir is None or not (vote or done or (every and done_steps % every == 0)):
             return False
-        self.strategy.save_checkpoint(self.dir, done_steps, self.engines,
+        self.strategy.save_checkpoint(self.dir, done_steps, self.engines, extra_state,
                                       keep_last=self.c.keep_last)
         if not vote or done:
             return False

@@ -1,5 +1,6 @@
 """Supervised trainers' checkpoint/resume with the stop-vote protocol
-(train/recipe_common.StepCheckpoints), SFT, DPO and RM, 2 CPU ranks, ZeRO-3, tiny Llama:
+(train/recipe_common.StepCheckpoints), SFT, DPO, RM, KTO, KD, PRM and CSFT, 2 CPU ranks,
+ZeRO-3, tiny Llama:
 
 - an uninterrupted 4-step run;
 - the same run where rank 1 alone is warned (as by SLURM's SIGUSR1) during step 2: both ranks
@@ -11,14 +12,30 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
-from test_trainers import ROOT, spawn  # same directory (pytest puts it on sys.path)
+from test_generating_trainers import write_scored_repeat  # same directory (on sys.path)
+from test_trainers import ROOT, spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
 STEPS = 4
+# trainer: (config, data file under tmp/data, overrides); KTO, KD and PRM have no config of
+# their own: sft_tiny.yaml with train.trainer set, as in test_trainers_extra.py. KD's teacher
+# is the tiny Qwen2 (same tokenizer, other weights).
+JOBS = {
+    "sft": ("sft_tiny", "sft_train.jsonl", []),
+    "dpo": ("dpo_tiny", "pairs_train.jsonl", []),
+    "rm": ("rm_tiny", "pairs_train.jsonl", []),
+    "kto": ("sft_tiny", "kto_train.jsonl", ["train.trainer=kto", "data.label_key=label",
+                                            "train.actor_lr=1e-3"]),
+    "kd": ("sft_tiny", "sft_train.jsonl", ["train.trainer=kd", "train.teacher_path=tiny:qwen2"]),
+    "prm": ("sft_tiny", "prm_train.jsonl", ["train.trainer=prm", "data.label_key=label",
+                                            "train.actor_lr=1e-3"]),
+    "csft": ("csft_tiny", "csft_train.jsonl", []),
+}
 
 
 def _worker(rank: int, world: int, port: int, tmp: str, trainer: str, name: str,
@@ -42,11 +59,11 @@ def _worker(rank: int, world: int, port: int, tmp: str, trainer: str, name: str,
                 signals.request_checkpoint()
             return original(self, done_steps)
         StepCheckpoints.after_step = after_step
-    data = Path(tmp) / "data"
-    kind = "sft" if trainer == "sft" else "pairs"
-    cfg = load_config(ROOT / "configs" / f"{trainer}_tiny.yaml", [
-        f"data.prompts={data / f'{kind}_train.jsonl'}", "data.eval_prompts=",
-        f"train.num_steps={STEPS}", "logging.log_every=100", "checkpoint.export_hf=true"])
+    config, data, extra = JOBS[trainer]
+    cfg = load_config(ROOT / "configs" / f"{config}.yaml", [
+        f"data.prompts={Path(tmp) / 'data' / data}", "data.eval_prompts=",
+        f"train.num_steps={STEPS}", "logging.log_every=100", "checkpoint.export_hf=true",
+        *extra])
     module.run(cfg, None, Path(tmp) / name)
     dist.destroy_process_group()
 
@@ -56,14 +73,17 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["step"] >= 0}
 
 
-@pytest.mark.parametrize("trainer", ["sft", "dpo", "rm"])
+@pytest.mark.parametrize("trainer", list(JOBS))
 def test_warned_rank_checkpoints_requeues_and_resume_matches(tmp_path, trainer):
     from hpc_rlhf.checkpoint.store import list_checkpoints
     from hpc_rlhf.data.synthetic import write_toy_datasets
     from hpc_rlhf.models.tiny import ensure_tiny_model
     from hpc_rlhf.topology import free_port
+    t0 = time.time()
     write_toy_datasets(tmp_path / "data", n_train=64, n_eval=8)
-    ensure_tiny_model(tmp_path / "cache" / "models", arch="llama")  # before the ranks race
+    write_scored_repeat(tmp_path / "data" / "csft_train.jsonl", 64)
+    for arch in ("llama", "qwen2") if trainer == "kd" else ("llama",):
+        ensure_tiny_model(tmp_path / "cache" / "models", arch=arch)  # before the ranks race
     spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "whole", 0), 240)
     whole = _losses(tmp_path / "whole")
     assert sorted(whole) == list(range(STEPS))
@@ -85,3 +105,4 @@ def test_warned_rank_checkpoints_requeues_and_resume_matches(tmp_path, trainer):
                                                                                  whole)
     assert resumed[0] == pytest.approx(whole[0], rel=1e-6)  # same data, same start
     assert (run / "hf").is_dir() and not (run / "REQUEUE").exists()
+    print(f"\n{trainer}: {time.time() - t0:.1f} s")
