@@ -12,10 +12,11 @@ function `run(cfg: JobConfig, topo: Topology, run_dir: Path) -> None` named in P
 clear error, and heavy imports stay out of other programs). "smoke" is a plain
 torch.distributed workload for launcher tests (launch/smoke_roles.py).
 
-Contract for programs: once per step take the MAX of `signals.stop_vote()` over all ranks;
-when it is non-zero call `signals.stop_agreed(vote)`, save, have global rank 0 call
-`signals.request_requeue(run_dir)` (it decides whether a requeue is wanted), pass a barrier,
-return (rl/loop.py is the model). Resume from run_dir on start. Raise on errors (do not sys.exit): torchrun's error
+Contract for programs: once per step call `signals.agreed_stop_vote()` on every rank (the MAX
+of `stop_vote()` over the ranks; it calls `stop_agreed` itself); when it is non-zero save, have
+global rank 0 call `signals.request_requeue(run_dir)` (it decides whether a requeue is
+wanted), pass a barrier, return (rl/loop.py and train/recipe_common.StepCheckpoints are the
+models). Resume from run_dir on start. Raise on errors (do not sys.exit): torchrun's error
 summary then names the rank and shows the traceback.
 """
 from __future__ import annotations
