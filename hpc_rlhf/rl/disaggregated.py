@@ -224,7 +224,8 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
 
 def _send_weights(strategy, models, sender):
     """Collective over the actor world; its rank 0 broadcasts buckets to the engines."""
-    weights = policy_weights(strategy, models.actor)
+    weights = policy_weights(strategy, models.actor,
+                             alloc=sender.alloc if sender is not None else None)
     if sender is None:  # other actor ranks: take part in the ZeRO-3 gathers only
         for _ in weights:
             pass

@@ -291,12 +291,14 @@ class DeepSpeedStrategy:
         engine.step()
 
     # ---- weights --------------------------------------------------------------------------
-    def gathered_state(self, engine_or_module) -> Iterator[tuple[str, torch.Tensor]]:
+    def gathered_state(self, engine_or_module, alloc=None) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every parameter, gathering ZeRO-3 and AutoTP shards.
 
         Collective: every rank of the engine must iterate it to the end. Tensors are fresh
         copies (safe to keep); names are the module's (peft names for LoRA models: use
-        hpc_rlhf.models.lora.merged_state for merged base names).
+        hpc_rlhf.models.lora.merged_state for merged base names). alloc(shape, dtype): where
+        the copies go (a weight-sync sender's staging ring, so its buckets need no packing
+        copy; such tensors are valid only until the consumer moves on), default new tensors.
         """
         deepspeed = _import_deepspeed()
         from deepspeed.module_inject.layers import GatherReplacedLayerParams
@@ -312,7 +314,7 @@ class DeepSpeedStrategy:
             zero3 = any(hasattr(p, "ds_id") for p in params)
             with deepspeed.zero.GatheredParameters(params, enabled=zero3):
                 with GatherReplacedLayerParams(params, mod, enabled=autotp):
-                    out = [(f"{mod_name}.{n}" if mod_name else n, p.detach().clone())
+                    out = [(f"{mod_name}.{n}" if mod_name else n, _copy(p, alloc))
                            for n, p in own]
             yield from out
 
@@ -354,3 +356,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _copy(p: torch.Tensor, alloc) -> torch.Tensor:
+    if alloc is None:
+        return p.detach().clone()
+    out = alloc(tuple(p.shape), p.dtype)
+    out.copy_(p.detach())
+    return out

@@ -1,18 +1,14 @@
-"""Pack named tensors into byte buckets and back: pure functions, no communication.
+"""Bucket layout: named tensors in one flat byte buffer and back; pure functions, no
+communication.
 
 A bucket is one flat uint8 buffer plus the metadata to cut it back into tensors. Tensors of
 any dtype share a bucket (each starts at an offset aligned to `ALIGN` bytes so the slice can be
-viewed as its dtype), so a sync broadcasts ceil(total / bucket_bytes) buffers and no more.
-
-`bucketize` copies each tensor into the bucket as soon as it arrives: the caller may free or
-re-shard a tensor right after yielding it (a ZeRO-3 gather context that exits, say). With
-`borrow=True` a contiguous tensor that alone fills a bucket is not copied: its bucket views it,
-and the consumer must be done with that bucket before asking for the next one.
+viewed as its dtype). The sender's buckets are regions of its staging ring (staging.py);
+receivers cut them with `unbucketize`.
 """
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,7 +38,6 @@ class TensorMeta:
 class Bucket:
     buffer: torch.Tensor          # [nbytes] uint8, contiguous
     metas: tuple[TensorMeta, ...]
-    borrowed: bool = False        # buffer views the caller's tensor (valid until the next pull)
 
     @property
     def nbytes(self) -> int:
@@ -77,55 +72,6 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
         np.copyto(dst.numpy(), src.numpy())
     else:
         dst.copy_(src)
-
-
-def bucketize(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, *,
-              device: torch.device | str | None = None,
-              buffers: Sequence[torch.Tensor] = (), borrow: bool = False) -> Iterator[Bucket]:
-    """Group tensors, in order, into buckets of at most `bucket_bytes` (a bigger tensor gets a
-    bucket of its own). The buffer lives on `device` (default: the first tensor's device).
-
-    buffers: uint8 buffers of >= bucket_bytes to pack into, in turn (bucket k uses
-    buffers[k % len]), instead of a fresh allocation per bucket (on CPU a fresh one costs page
-    faults comparable to the copy). The caller must be done with bucket k before asking for
-    bucket k + len(buffers). An oversize bucket always gets its own allocation, unless
-    borrow: a contiguous tensor already on `device` with >= bucket_bytes is yielded as a
-    `borrowed` bucket viewing it (no copy, no allocation); the caller must be done with it
-    before asking for the next bucket (the source may free the tensor then).
-    """
-    if any(b.dtype != torch.uint8 or b.numel() < bucket_bytes for b in buffers):
-        raise ValueError(f"buffers must be uint8 with >= bucket_bytes={bucket_bytes} elements")
-    count = 0
-    if bucket_bytes < ALIGN:
-        raise ValueError(f"bucket_bytes={bucket_bytes} must be >= {ALIGN}; use e.g. 256 MB "
-                         "(rollout.weight_sync_bucket_mb=256)")
-    metas: list[TensorMeta] = []
-    buffer = None
-    used = 0
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
-        if metas and _aligned(used) + nbytes > bucket_bytes:
-            yield Bucket(buffer[:used], tuple(metas))
-            metas, buffer, used, count = [], None, 0, count + 1
-        dev = torch.device(device) if device is not None else t.device
-        if borrow and nbytes >= bucket_bytes and t.is_contiguous() and t.device == dev:
-            if metas:
-                yield Bucket(buffer[:used], tuple(metas))
-                metas, buffer, used, count = [], None, 0, count + 1
-            yield Bucket(_as_bytes(t), (TensorMeta(name, tuple(t.shape), t.dtype, 0),), True)
-            count += 1
-            continue
-        if buffer is None:
-            if buffers and nbytes <= bucket_bytes:
-                buffer = buffers[count % len(buffers)]
-            else:
-                buffer = torch.empty(max(bucket_bytes, nbytes), dtype=torch.uint8, device=dev)
-        start = _aligned(used)
-        copy_bytes(buffer[start:start + nbytes], _as_bytes(t))
-        metas.append(TensorMeta(name, tuple(t.shape), t.dtype, start))
-        used = start + nbytes
-    if metas:
-        yield Bucket(buffer[:used], tuple(metas))
 
 
 def unbucketize(bucket: Bucket) -> list[tuple[str, torch.Tensor]]:

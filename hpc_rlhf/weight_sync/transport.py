@@ -14,13 +14,14 @@ arrives, and nobody waits for a per-bucket handshake.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from hpc_rlhf.weight_sync.bucket import Bucket, TensorMeta, bucketize, checksum, unbucketize
+from hpc_rlhf.weight_sync.bucket import (ALIGN, Bucket, TensorMeta, _as_bytes, checksum,
+                                         copy_bytes, unbucketize)
+from hpc_rlhf.weight_sync.staging import StagingRing
 from hpc_rlhf.weight_sync.wire import (CONTROL_BYTES, decode_control, decode_metas,
                                        encode_control, end_control)
 
@@ -35,6 +36,7 @@ class SyncStats:
     buckets: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    packed: int = 0   # tensors copied into a bucket (the others were produced in place)
 
     @property
     def bytes_per_s(self) -> float:
@@ -42,7 +44,8 @@ class SyncStats:
 
     def as_metrics(self, prefix: str = "weight_sync/") -> dict[str, float]:
         return {f"{prefix}bytes": float(self.bytes), f"{prefix}buckets": float(self.buckets),
-                f"{prefix}seconds": self.seconds, f"{prefix}gb_per_s": self.bytes_per_s / 1e9}
+                f"{prefix}seconds": self.seconds, f"{prefix}gb_per_s": self.bytes_per_s / 1e9,
+                f"{prefix}packed_tensors": float(self.packed)}
 
 
 def copied(named_tensors: Iterable[tuple[str, torch.Tensor]]
@@ -86,19 +89,54 @@ class BroadcastSender:
 
     device: where buckets live for the wire ("cpu" for gloo, the local CUDA device for NCCL).
     verify: send a checksum per bucket; receivers raise on a mismatch (debug; costs a pass).
-    Holds two bucket buffers (2 * bucket_bytes) between syncs. Every message is posted
-    asynchronously: bucket k+1 is packed into one buffer while bucket k leaves from the other,
-    and its control message and payload queue up behind bucket k (no per-bucket round trip
-    to the receivers). A contiguous tensor that alone fills a bucket is sent from its own
-    memory (no copy); the sender then waits for it before pulling the next tensor, which the
-    source (a ZeRO-3 gather) may free.
+
+    Buckets are regions of a staging ring (staging.py: `regions` x bucket_bytes, kept between
+    syncs). A producer that writes each weight into `sender.alloc(shape, dtype)` (the trainer's
+    gather does: DeepSpeedStrategy.gathered_state(alloc=...)) has put it where its bucket
+    leaves from: no packing copy. Any other tensor is copied into the ring (packed). Every
+    message is posted asynchronously: while the producer fills region k+1, region k's control
+    message and payload are on the wire; a region is reused only after its broadcasts finish.
+    A tensor bigger than a bucket is sent from its own memory, and the sender waits for it
+    before pulling the next tensor, which its source (a ZeRO-3 gather) may free.
     """
 
     def __init__(self, group, src: int, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 device="cpu", verify: bool = False):
+                 device="cpu", verify: bool = False, regions: int = 2):
         self.group, self.src, self.bucket_bytes = group, src, bucket_bytes
-        self.device, self.verify = torch.device(device), verify
-        self._buffers: list[torch.Tensor] = []
+        self.device, self.verify, self.regions = torch.device(device), verify, regions
+        self._ring: StagingRing | None = None
+        self._reset_bucket()
+        self._works: dict[int, list] = {}   # region -> posted works still reading it
+        self._stats = SyncStats()
+
+    # ---- staging ---------------------------------------------------------------------------
+    def _staging(self) -> StagingRing:
+        if self._ring is None:
+            if self.bucket_bytes < ALIGN:
+                raise ValueError(f"bucket_bytes={self.bucket_bytes} must be >= {ALIGN}; use "
+                                 "e.g. 256 MB (rollout.weight_sync_bucket_mb=256)")
+            self._ring = StagingRing(self.bucket_bytes, self.regions, self.device)
+            self._ring.wait_region = self._free_region
+            self._ring.reset()
+        return self._ring
+
+    def alloc(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor in the staging ring: write a weight into it and yield it to
+        `send` to skip the packing copy. Valid until `send` has moved past it."""
+        return self._staging().alloc(shape, dtype)
+
+    def _free_region(self, region: int) -> None:
+        """The ring is about to hand out `region` again: post its bucket if still open, then
+        wait for every broadcast reading it."""
+        if region == self._region and self._metas:
+            self._post_open()
+        _wait(self._works.pop(region, []))
+
+    # ---- buckets ---------------------------------------------------------------------------
+    def _reset_bucket(self) -> None:
+        self._region: int | None = None
+        self._metas: list[TensorMeta] = []
+        self._end = 0
 
     def _post(self, bucket: Bucket) -> list:
         check = checksum(bucket.buffer) if self.verify else -1
@@ -107,31 +145,62 @@ class BroadcastSender:
         if overflow is not None:
             works.append(_bcast(self.group, overflow.to(self.device), self.src))
         works.append(_bcast(self.group, bucket.buffer, self.src))
+        self._stats.buckets += 1
+        self._stats.tensors += len(bucket.metas)
+        self._stats.bytes += sum(m.nbytes for m in bucket.metas)
         return works
 
+    def _post_open(self) -> None:
+        """Post the open region's bucket (its claimed tensors, in order)."""
+        region = self._region
+        bucket = Bucket(self._staging().region_view(region, self._end), tuple(self._metas))
+        self._works.setdefault(region, []).extend(self._post(bucket))
+        self._reset_bucket()
+
+    def _add(self, name: str, t: torch.Tensor, at) -> None:
+        if self._region is not None and at.region != self._region:
+            self._post_open()
+        self._region = at.region
+        self._metas.append(TensorMeta(name, tuple(t.shape), t.dtype, at.offset))
+        self._end = at.offset + at.nbytes
+
+    def _send_alone(self, name: str, t: torch.Tensor) -> None:
+        """A tensor that does not go in the ring: its own bucket, from its own memory; waited
+        for before the next pull (its source may free or reuse it)."""
+        if self._metas:
+            self._post_open()
+        raw = _as_bytes(t)
+        if raw.device != self.device:
+            raw = raw.to(self.device)
+        _wait(self._post(Bucket(raw, (TensorMeta(name, tuple(t.shape), t.dtype, 0),))))
+
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
-        if not self._buffers:
-            self._buffers = [torch.empty(self.bucket_bytes, dtype=torch.uint8,
-                                         device=self.device) for _ in range(2)]
-        stats = SyncStats()
-        start = time.perf_counter()
-        in_flight: deque[list] = deque()  # posted works per bucket, oldest first
+        ring = self._staging()
+        self._stats, start = SyncStats(), time.perf_counter()
         try:
-            for bucket in bucketize(named_tensors, self.bucket_bytes, device=self.device,
-                                    buffers=self._buffers, borrow=True):
-                in_flight.append(self._post(bucket))
-                # the next bucket is packed into the buffer of the one before this one
-                keep = 0 if bucket.borrowed else 1
-                while len(in_flight) > keep:
-                    _wait(in_flight.popleft())
-                stats.buckets += 1
-                stats.tensors += len(bucket.metas)
-                stats.bytes += bucket.nbytes
-            in_flight.append([_bcast(self.group, end_control().to(self.device), self.src)])
-        finally:  # never return (or raise) with a buffer still being read by the wire
-            while in_flight:
-                _wait(in_flight.popleft())
-        stats.seconds = time.perf_counter() - start
+            for name, t in named_tensors:
+                nbytes = t.numel() * t.element_size()
+                at = ring.claim(t)
+                if at is None and 0 < nbytes <= self.bucket_bytes:  # pack it into the ring
+                    dst = ring.alloc(tuple(t.shape), t.dtype)
+                    copy_bytes(_as_bytes(dst), _as_bytes(t))
+                    at = ring.claim(dst)
+                    self._stats.packed += at is not None
+                if at is None:
+                    self._send_alone(name, t)
+                else:
+                    self._add(name, t, at)
+            if self._metas:
+                self._post_open()
+            self._works.setdefault(-1, []).append(
+                _bcast(self.group, end_control().to(self.device), self.src))
+        finally:  # never return (or raise) with a region still being read by the wire
+            for works in self._works.values():
+                _wait(works)
+            self._works.clear()
+            self._reset_bucket()
+            ring.reset()
+        stats, stats.seconds = self._stats, time.perf_counter() - start
         return stats
 
 

@@ -1,11 +1,12 @@
 """Bucketed weight broadcast over a standalone gloo group spanning separate processes.
 
-1. three processes, pure torch: one sender, two receivers (like two vLLM TP slices), five
-   syncs through the same pipelined sender/receiver objects: mixed dtypes, tensors larger
-   than a bucket and exactly one bucket (sent without packing), 600 tensors in one bucket
-   (control message overflow), checksums on and off, a source that overwrites each tensor as
-   soon as it is resumed (ZeRO-3 release) and stalls now and then, one fast receiver and one
-   slow receiver holding views across buckets; every receiver gets every tensor bit-exact.
+1. three processes, pure torch: one sender, two receivers (like two vLLM TP slices), seven
+   syncs: mixed dtypes, tensors larger than a bucket and exactly one bucket, 600 tensors in
+   one bucket (control message overflow), scalar / empty / non-contiguous tensors, checksums
+   on and off, a source that overwrites each tensor as soon as it is resumed (ZeRO-3 release)
+   and stalls now and then, a producer that gathers into the sender's staging ring (several
+   tensors ahead, a tied repeat, ring wrap-around), one fast receiver and one slow receiver
+   holding views across buckets; every receiver gets every tensor bit-exact.
 2. two processes, sender (HF model, perturbed = "trained") and receiver (a real VLLMEngine):
    after the sync the engine's logprobs equal the trained model's (float32 tolerance 1e-4),
    checked by the parent process with its own recompute.
@@ -74,13 +75,57 @@ def scenario_tensors(name):
         return [(f"t{i}", torch.randn(1024 if i % 2 else 7, generator=g)) for i in range(9)]
     if name == "tiny_many":  # 600 metas in one bucket: the control message overflows
         return [(f"tiny{i}", torch.full((4,), float(i))) for i in range(600)]
+    if name == "edge_256":  # a scalar, an empty tensor, a non-contiguous view, > bucket
+        g = torch.Generator().manual_seed(16)
+        return [("a.weight", torch.randn(7, 5, generator=g)),
+                ("b.bias", torch.randn(3, generator=g).to(torch.bfloat16)),
+                ("e.scalar", torch.tensor(3.5, dtype=torch.float64)),
+                ("f.empty", torch.zeros(0, 4)),
+                ("g.big", torch.randn(100, generator=g)),
+                ("h.t", torch.randn(4, 6, generator=g).t()),
+                ("i.ids", torch.randint(-5, 5, (9,), generator=g))]
+    if name == "staged_2k":  # produced in the sender's ring; a tied output repeats s0
+        g = torch.Generator().manual_seed(15)
+        out = [(f"s{i}", torch.randn(150, generator=g)) for i in range(16)]  # 600 B: 3 per bucket
+        return (out[:1] + [("tied.out", out[0][1])] + out[1:7]
+                + [("huge", torch.randn(900, generator=g))] + out[7:])
     raise KeyError(name)
 
 
 # (name, bucket bytes, verify); one sender and one receiver object per rank serve them all,
 # so later syncs reuse the buffers of earlier ones
 SCENARIOS = [("mixed_2k", 2048, True), ("big_64k", 65536, False), ("exact_4k", 4096, True),
-             ("tiny_many", 65536, False), ("big_64k_again", 65536, True)]
+             ("tiny_many", 65536, False), ("staged_2k", 2048, True), ("edge_256", 256, True),
+             ("big_64k_again", 65536, True)]
+# staged_2k: entries per module, all gathered before the first is yielded. After module 1
+# (3 tensors + the tied repeat, packed) a bucket is full and still open; module 2 (4) fills the
+# other bucket and wraps to the open one (which must be posted and sent before reuse); module
+# 4 (5) finds both buckets holding unclaimed tensors and gets a fresh one; "huge" (3600 B)
+# never fits a bucket.
+MODULES = (4, 4, 2, 5, 2, 1)
+
+
+def staged_producer(sender, tensors, modules=MODULES):
+    """What DeepSpeedStrategy.gathered_state(alloc=sender.alloc) + with_tied_outputs do: each
+    module's tensors are gathered into the sender's staging ring before the first is yielded,
+    and a tied output ("tied.out") is the tensor yielded just before it. Each staged tensor is
+    overwritten once the consumer moves on (the ring may reuse it)."""
+    assert sum(modules) == len(tensors)
+    starts = [sum(modules[:i]) for i in range(len(modules))]
+    for k, size in zip(starts, modules):
+        staged = []
+        for name, t in tensors[k:k + size]:
+            if name == "tied.out":
+                staged.append((name, None))
+                continue
+            dst = sender.alloc(tuple(t.shape), t.dtype)
+            dst.copy_(t)
+            staged.append((name, dst))
+        previous = None
+        for name, dst in staged:
+            dst = previous if dst is None else dst
+            yield name, dst
+            previous = dst
 
 
 def released_after_yield(tensors, pause_s):
@@ -102,8 +147,10 @@ def _pure_worker(rank, world, port, queue):
             stats = []
             for name, bucket_bytes, verify in SCENARIOS:
                 sender = BroadcastSender(group, 0, bucket_bytes=bucket_bytes, verify=verify)
-                st = sender.send(released_after_yield(scenario_tensors(name), 0.005))
-                stats.append((st.tensors, st.buckets, st.bytes))
+                source = (staged_producer(sender, scenario_tensors(name)) if name == "staged_2k"
+                          else released_after_yield(scenario_tensors(name), 0.005))
+                st = sender.send(source)
+                stats.append((st.tensors, st.buckets, st.bytes, st.packed))
             put(queue, rank, "stats", stats)
         else:
             receiver, got = BroadcastReceiver(group, src=0), []
@@ -181,11 +228,16 @@ def test_pipelined_broadcast_reaches_every_receiver_bit_exact():
     results = run_procs(_pure_worker, 3)
     for k, (name, bucket_bytes, _) in enumerate(SCENARIOS):
         want = scenario_tensors(name)
-        tensors, buckets, nbytes = results[0][k]
+        tensors, buckets, nbytes, packed = results[0][k]
         assert tensors == len(want), name
-        assert nbytes >= sum(t.numel() * t.element_size() for _, t in want), name
+        assert nbytes == sum(t.numel() * t.element_size() for _, t in want), name
+        small = sum(t.numel() * t.element_size() <= bucket_bytes for _, t in want)
         if name == "mixed_2k":
-            assert buckets > 3
+            assert buckets > 3 and packed == small  # separate tensors: each packed once
+        if name == "staged_2k":
+            # produced in place, except the tied repeat and module tails that found both ring
+            # regions holding unclaimed tensors (they got fresh tensors, then were packed)
+            assert buckets > 3 and 1 <= packed < small / 2, (packed, small)
         for rank in (1, 2):
             got = results[rank][k]
             assert [n for n, _ in got] == [n for n, _ in want], (rank, name)

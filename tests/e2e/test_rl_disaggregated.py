@@ -21,4 +21,6 @@ def test_disaggregated_vllm_four_ranks_stays_synced(tmp_path, rl_job):
     gaps = [m["rollout/logprob_gap_mean"] for m in rows]
     assert max(gaps) < 1e-4, f"rollout engine and trainers disagree (weight sync?): {gaps}"
     assert all(0.0 <= m["reward/mean"] <= 1.0 for m in rows)
+    # the ZeRO-3 gather wrote every weight into the sender's staging ring: nothing was packed
+    assert all(m["weight_sync/bytes"] > 0 and m["weight_sync/packed_tensors"] == 0 for m in rows)
     assert (job.run_dir / "checkpoints").is_dir()   # the final checkpoint

@@ -1,10 +1,13 @@
-"""Bucketing: round trip with mixed dtypes, size bound, copy-on-arrival, borrowed buckets,
-checksum; the broadcast's control message (wire.py)."""
+"""Weight-sync pieces without communication: the sender's staging ring (staging.py), bucket
+views, checksum, single-threaded copy, and the broadcast's control message (wire.py). The
+sender/receiver protocol itself runs over real gloo in
+tests/distributed/test_weight_sync_broadcast.py."""
 import pytest
 import torch
 
-from hpc_rlhf.weight_sync.bucket import (ALIGN, TensorMeta, bucketize, checksum, copy_bytes,
+from hpc_rlhf.weight_sync.bucket import (ALIGN, Bucket, TensorMeta, checksum, copy_bytes,
                                          unbucketize)
+from hpc_rlhf.weight_sync.staging import StagingRing
 from hpc_rlhf.weight_sync.wire import (CONTROL_BYTES, decode_control, decode_metas,
                                        encode_control, end_control)
 
@@ -25,42 +28,68 @@ def _tensors():
     ]
 
 
-@pytest.mark.parametrize("bucket_bytes", [64, 128, 256, 10_000])
-def test_round_trip_mixed_dtypes(bucket_bytes):
-    tensors = _tensors()
-    buckets = list(bucketize(iter(tensors), bucket_bytes))
-    out = [nt for b in buckets for nt in unbucketize(b)]
-    assert [n for n, _ in out] == [n for n, _ in tensors]
-    for (name, want), (_, got) in zip(tensors, out):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-        assert torch.equal(got, want), name
-    for b in buckets:
-        # at most bucket_bytes unless the bucket holds one tensor that alone is bigger
-        assert b.nbytes <= bucket_bytes or len(b.metas) == 1
-        assert all(m.offset % ALIGN == 0 for m in b.metas)
-        assert b.buffer.dtype == torch.uint8 and b.buffer.is_contiguous()
-    if bucket_bytes == 10_000:
-        assert len(buckets) == 1
+def test_ring_allocations_are_aligned_views_and_buckets_round_trip():
+    ring = StagingRing(1024, regions=2)
+    ring.reset()
+    metas, region = [], None
+    for name, t in _tensors():
+        if t.numel() * t.element_size() in range(1, 1025) and t.is_contiguous():
+            dst = ring.alloc(tuple(t.shape), t.dtype)
+            dst.copy_(t)
+            at = ring.claim(dst)
+            assert at is not None and at.offset % ALIGN == 0 and dst.data_ptr() % ALIGN == 0
+            assert region in (None, at.region), "these fit one region"
+            region = at.region
+            metas.append(TensorMeta(name, tuple(t.shape), t.dtype, at.offset))
+    end = metas[-1].offset + metas[-1].nbytes
+    got = unbucketize(Bucket(ring.region_view(region, end), tuple(metas)))
+    want = {n: t for n, t in _tensors()}
+    assert [n for n, _ in got] == [m.name for m in metas] and len(got) == 6
+    for name, t in got:
+        assert t.dtype == want[name].dtype and torch.equal(t, want[name]), name
 
 
-def test_bucket_count_is_minimal_for_equal_tensors():
-    # 10 tensors of 256 bytes, buckets of 1024 bytes -> exactly 4 per bucket -> 3 buckets
-    tensors = [(f"p{i}", torch.full((64,), float(i))) for i in range(10)]
-    buckets = list(bucketize(tensors, 1024))
-    assert [len(b.metas) for b in buckets] == [4, 4, 2]
+def test_ring_switches_regions_waiting_for_the_one_it_reuses():
+    ring, waited = StagingRing(256, regions=3), []
+    ring.wait_region = waited.append
+    ring.reset()
+    for _ in range(8):                       # 200 B each: one per region
+        ring.claim(ring.alloc((50,), torch.float32))
+    assert waited == [1, 2, 0, 1, 2, 0, 1, 2]
+    assert ring.fresh == 0
 
 
-def test_tensor_copied_on_arrival():
-    # A ZeRO-3 gather frees the full tensor right after yielding it: the bucket must own a copy.
-    def gathered():
-        t = torch.ones(8)
-        yield "w", t
-        t.zero_()                     # "released" before the bucket is flushed
-        yield "v", torch.full((8,), 2.0)
+def test_ring_never_overwrites_an_unclaimed_allocation():
+    ring = StagingRing(256, regions=2)
+    ring.reset()
+    held = [ring.alloc((50,), torch.float32) for _ in range(2)]   # both regions, unclaimed
+    for k, t in enumerate(held):
+        t.fill_(k)
+    extra = ring.alloc((50,), torch.float32)                       # would reuse held[0]'s
+    assert ring.fresh == 1 and all(extra.data_ptr() != t.data_ptr() for t in held)
+    extra.fill_(9)
+    assert [float(t[0]) for t in held] == [0.0, 1.0]
+    assert ring.claim(held[1]) is not None     # claiming the newer drops the older as given up
+    assert ring.claim(held[0]) is None and ring.claim(extra) is None
 
-    (bucket,) = list(bucketize(gathered(), 4096))
-    w = dict(unbucketize(bucket))["w"]
-    assert torch.equal(w, torch.ones(8))
+
+def test_ring_oversize_and_empty_get_fresh_tensors_and_other_tensors_are_not_claimed():
+    ring = StagingRing(256, regions=2)
+    ring.reset()
+    big = ring.alloc((100,), torch.float32)                # 400 B > region
+    assert ring.fresh == 1 and ring.claim(big) is None
+    assert ring.alloc((0, 4), torch.float32).numel() == 0 and ring.fresh == 1
+    t = ring.alloc((8,), torch.float32)
+    assert ring.claim(t.clone()) is None                   # same values, other memory
+    assert ring.claim(t[::2]) is None                      # a view, not the allocation
+    assert ring.claim(t) is not None and ring.claim(t) is None   # claimed once
+
+
+def test_ring_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="2 regions"):
+        StagingRing(256, regions=1)
+    with pytest.raises(ValueError, match="64 bytes"):
+        StagingRing(8)
 
 
 def test_checksum_detects_corruption_and_swaps():
@@ -75,44 +104,6 @@ def test_checksum_detects_corruption_and_swaps():
     swapped[[10, 11]] = buf[[11, 10]]
     if buf[10] != buf[11]:
         assert checksum(swapped) != ref
-
-
-def test_bad_bucket_size_is_refused():
-    with pytest.raises(ValueError, match="bucket_bytes"):
-        list(bucketize([("x", torch.ones(1))], 8))
-
-
-@pytest.mark.parametrize("bucket_bytes", [256, 400, 4096])
-def test_borrowed_buckets_view_big_tensors_without_copy(bucket_bytes):
-    # "big" (400 bytes) fills a 256/400-byte bucket: it is sent from its own memory; packing
-    # the others must not change; a non-contiguous big tensor is still copied.
-    tensors = [("small", torch.arange(10.0)), ("big", torch.arange(100.0)),
-               ("tail", torch.arange(3.0)), ("big_t", torch.arange(200.0).view(10, 20).t())]
-    buckets = list(bucketize(iter(tensors), bucket_bytes, borrow=True))
-    out = [nt for b in buckets for nt in unbucketize(b)]
-    assert [n for n, _ in out] == [n for n, _ in tensors]
-    for (name, want), (_, got) in zip(tensors, out):
-        assert torch.equal(got, want), name
-    borrowed = [b.metas[0].name for b in buckets if b.borrowed]
-    assert borrowed == (["big"] if bucket_bytes <= 400 else [])
-    for b in buckets:
-        if b.borrowed:  # a view of the caller's tensor, not a copy
-            assert b.buffer.data_ptr() == tensors[1][1].data_ptr() and len(b.metas) == 1
-
-
-def test_borrowed_bucket_is_yielded_before_the_next_tensor_is_pulled():
-    # ZeRO-3 frees a gathered tensor once its generator resumes: a borrowed bucket must be
-    # handed out while the source still holds it.
-    pulled = []
-
-    def source():
-        for name in ("a", "big", "b"):
-            pulled.append(name)
-            yield name, torch.ones(64 if name == "big" else 4)
-
-    for bucket in bucketize(source(), 256, borrow=True):
-        if bucket.borrowed:
-            assert pulled == ["a", "big"]
 
 
 def test_copy_bytes_matches_copy():
