@@ -16,7 +16,8 @@ from hpc_rlhf.rl.kl import kl_estimate
 from hpc_rlhf.rl.losses import aggregate_loss, policy_loss, value_loss
 from hpc_rlhf.rl.masked import masked_mean
 from hpc_rlhf.rl.micro import forward_groups, train_steps
-from hpc_rlhf.train.logprobs import entropy_from_logits, logprobs_from_logits, response_logits
+from hpc_rlhf.train.logprobs import (entropy_from_logits, logprobs_and_entropy,
+                                     logprobs_from_logits, response_logits)
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.train.ring_common import scaled
 from hpc_rlhf.train.ring_rl import (gather_ring_batch, ring_response_logprobs,
@@ -69,11 +70,11 @@ def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: b
                                       ring, temperature,
                                       entropy="grad" if entropy_grad else "detached")
     logits = response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)  # [b,r,v]
-    logp = logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temperature)
+    labels = mb.input_ids[:, -mb.response_len:]
     if entropy_grad:
-        return logp, entropy_from_logits(logits, temperature)
-    with torch.no_grad():
-        return logp, entropy_from_logits(logits.detach(), temperature)
+        return (logprobs_from_logits(logits, labels, temperature),
+                entropy_from_logits(logits, temperature))
+    return logprobs_and_entropy(logits, labels, temperature)  # one fused pass
 
 
 def _values(critic, mb: Batch, ring=None) -> torch.Tensor:

@@ -102,3 +102,42 @@ def test_response_len_validated(tiny_lm):
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="response_len=4"):
         response_logprobs(tiny_lm, ids, torch.ones_like(ids), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature,chunk_rows", [(1.0, 1024), (0.7, 3), (1.3, 5)])
+def test_fused_logprobs_and_entropy_match_separate_functions_with_gradient(dtype, temperature,
+                                                                           chunk_rows):
+    from hpc_rlhf.train.logprobs import logprobs_and_entropy
+    g = torch.Generator().manual_seed(7)
+    full = (torch.randn(3, 9, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)
+
+    def run(fused):
+        x = full.clone().requires_grad_(True)
+        logits = x[:, 1:-1]                        # a non-contiguous slice, as in the RL step
+        if fused:
+            lp, ent = logprobs_and_entropy(logits, labels, temperature, chunk_rows=chunk_rows)
+        else:
+            lp = logprobs_from_logits(logits, labels, temperature, chunk_rows=chunk_rows)
+            with torch.no_grad():
+                ent = entropy_from_logits(logits.detach(), temperature)
+        (lp * weights).sum().backward()
+        return lp, ent, x.grad, x.detach()
+
+    lp_f, ent_f, grad_f, x_f = run(True)
+    lp_r, ent_r, grad_r, _ = run(False)
+    assert lp_f.dtype == ent_f.dtype == torch.float32 and not ent_f.requires_grad
+    torch.testing.assert_close(lp_f, lp_r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent_f, ent_r, rtol=1e-5, atol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2   # bf16 grads: one rounding either way
+    torch.testing.assert_close(grad_f.float(), grad_r.float(), rtol=tol, atol=tol)
+    assert grad_f.dtype == dtype and torch.equal(x_f, full)     # the input is not modified
+    # a naive float64 reference of the gradient: (onehot - p) * w / T at the sliced positions
+    z = full[:, 1:-1].double() / temperature
+    p = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(labels, 50).double()
+    want = torch.zeros_like(full, dtype=torch.float64)
+    want[:, 1:-1] = (onehot - p) * weights.double()[..., None] / temperature
+    torch.testing.assert_close(grad_f.double(), want, rtol=tol, atol=tol * 10)
