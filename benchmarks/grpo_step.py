@@ -12,7 +12,11 @@ n samples per prompt, max new tokens, temperature 1, precision (--dtype: fp32 on
 bf16 on both: our DeepSpeed bf16 with fp32 master weights and bf16 vLLM, TRL's bf16 autocast;
 CPUs with AVX512-BF16/AMX run bf16 matmuls ~4x faster), one optimizer step per RL step over
 micro-batches of `--micro`, AdamW (0.9, 0.95), lr, grad clip 1, no KL/reference model, the
-same HF attention kernel (--attn) for the trained model.
+same HF attention kernel (--attn) for the trained model. Micro-batches differ in one way: ours
+are dynamic (--budget, train.max_tokens_per_micro_batch: length-sorted micro-batches of at
+most that many padded tokens, each loss weighted by its share, so the step's gradient is the
+same), which TRL's GRPOTrainer has no equivalent of; --budget 0 gives ours TRL's fixed
+micro-batches of --micro samples.
 
 Step time: ours is the loop's `time/step` (rollout -> reward -> experience -> train -> weight
 sync); TRL's is on_step_begin -> on_step_end of its trainer (generation, reward, logprobs and
@@ -45,6 +49,7 @@ def run_ours(args, run_dir: Path) -> list[float]:
            f"rollout.engine={args.engine}", f"rollout.prompts_per_step={args.prompts}",
            f"rollout.n_samples_per_prompt={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
            f"train.batch_size={args.prompts * args.n}", f"train.micro_batch_size={args.micro}",
+           f"train.max_tokens_per_micro_batch={args.budget}",
            f"train.actor_lr={args.lr}", "train.adam_beta2=0.95", "train.max_grad_norm=1.0",
            f"train.seed={args.seed}", "algorithm.name=grpo", "algorithm.kl_coef=0",
            f"model.dtype={args.dtype}", f"model.attn_implementation={args.attn}",
@@ -146,6 +151,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (the GRPO group)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--micro", type=int, default=16, help="micro-batch size (both sides)")
+    ap.add_argument("--budget", type=int, default=1024,
+                    help="ours: train.max_tokens_per_micro_batch (0 = fixed --micro batches)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="training/rollout precision (both sides)")
     ap.add_argument("--attn", default="auto", choices=("auto", "eager", "sdpa"),
@@ -181,7 +188,8 @@ def main(argv=None) -> None:
                   f"{time.perf_counter() - t1:.1f} s", flush=True)
     import torch
     print(f"model={args.model} prompts={args.prompts} n={args.n} "
-          f"max_new_tokens={args.max_new_tokens} micro={args.micro} engine={args.engine} "
+          f"max_new_tokens={args.max_new_tokens} micro={args.micro} budget={args.budget} "
+          f"engine={args.engine} "
           f"dtype={args.dtype} attn={args.attn} "
           f"trl={trl.__version__} torch threads={torch.get_num_threads()}")
     ours_med, ours_min = summary("ours", ours_t, args.warmup)
