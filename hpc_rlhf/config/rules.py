@@ -179,6 +179,12 @@ def _batch_rules(cfg: JobConfig) -> list[str]:
         errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                     f"actor data-parallel size {s.actor_dp} and of the {s.num_engines} rollout "
                     f"engines {world} (whole prompt groups per rank)")
+    if tr.shared_prompt and (tr.trainer != "rl" or tr.ring_attn_size > 1
+                             or tr.aux_loss_coef > 0):
+        errs.append(f"train.shared_prompt=True works for train.trainer='rl' without ring "
+                    f"attention or an MoE aux loss (got trainer={tr.trainer!r}, ring_attn_size="
+                    f"{tr.ring_attn_size}, aux_loss_coef={tr.aux_loss_coef}); set "
+                    "train.shared_prompt=false")
     if tr.max_tokens_per_micro_batch and tr.trainer != "rl":
         errs.append(f"train.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch} (dynamic "
                     f"micro-batches) is implemented for train.trainer='rl', not "

@@ -115,6 +115,10 @@ class TrainConfig:
         0, "RL: dynamic micro-batches of similar lengths, padded size (rows x longest) at "
            "most this many tokens, loss weighted by share (0 = off: micro_batch_size samples)",
         ge=0)
+    shared_prompt: bool = opt(
+        False, "RL: run each prompt once per group of samples (one packed row: prompt + all "
+               "its responses, a 4-D attention mask); same logprobs and gradients, ~P x (n-1) "
+               "fewer tokens per group")
     seed: int = opt(42, "global seed")
     # Preference / distillation trainers.
     beta: float = opt(0.1, "DPO/IPO/KTO beta", gt=0.0)

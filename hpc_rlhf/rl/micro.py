@@ -118,21 +118,53 @@ def budget_index_groups(batch: Batch, index: torch.Tensor, max_tokens: int) -> l
     return [index[torch.tensor(g, dtype=torch.long)] for g in groups]
 
 
-def forward_groups(batch: Batch, micro_batch_size: int, max_tokens: int) -> list[torch.Tensor]:
+def forward_groups(batch: Batch, micro_batch_size: int, max_tokens: int,
+                   group: int = 1) -> list[torch.Tensor]:
     """Row groups for the no-grad forwards of the experience maker, in batch order (fixed) or
-    by token budget over the whole batch (collective when max_tokens > 0)."""
+    by token budget over the whole batch (collective when max_tokens > 0); group > 1 keeps a
+    prompt's consecutive samples together under a budget (shared-prompt forwards)."""
     index = torch.arange(batch.size)
     if max_tokens <= 0:
         return [index[s:s + micro_batch_size] for s in range(0, batch.size, micro_batch_size)]
-    return budget_index_groups(batch, index, max_tokens)
+    if group <= 1 or batch.size % group:
+        return budget_index_groups(batch, index, max_tokens)
+    prompt, resp = real_lengths(batch)
+    p, r = prompt.tolist(), resp.tolist()
+    groups = _group_split(p, r, group, max_tokens)
+    target = _max_over_world([len(groups)])[0]
+    groups = split_to_count(groups, target, lambda g: len(g) * (max(p[i] for i in g)
+                                                                + max(r[i] for i in g)))
+    return [torch.tensor(g, dtype=torch.long) for g in groups]
+
+
+def _grouped_order(size: int, group: int, generator) -> torch.Tensor:
+    """A shuffled order of the rows that keeps each run of `group` consecutive rows (a prompt's
+    samples) together and in order: groups are shuffled, not rows."""
+    if group <= 1 or size % group:
+        return (torch.randperm(size, generator=generator) if generator is not None
+                else torch.arange(size))
+    groups = (torch.randperm(size // group, generator=generator) if generator is not None
+              else torch.arange(size // group))
+    return (groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
+
+
+def _group_split(prompt: list[int], resp: list[int], group: int, max_tokens: int):
+    """budget_split over whole groups of `group` consecutive positions: a group costs its
+    shared-prompt row (prompt + all its responses)."""
+    units = [list(range(k, min(k + group, len(resp)))) for k in range(0, len(resp), group)]
+    unit_groups = budget_split([prompt[u[0]] for u in units],
+                               [sum(resp[i] for i in u) for u in units], max_tokens)
+    return [[i for k in g for i in units[k]] for g in unit_groups]
 
 
 def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tokens: int,
-                loss_agg: str, generator: torch.Generator | None = None) -> list[list[Micro]]:
+                loss_agg: str, generator: torch.Generator | None = None,
+                group: int = 1) -> list[list[Micro]]:
     """The optimizer steps of one epoch over `batch`, each a list of Micro (see module doc).
-    Collective when max_tokens > 0."""
-    order = (torch.randperm(batch.size, generator=generator) if generator is not None
-             else torch.arange(batch.size))
+    group > 1 (shared-prompt forwards): a prompt's `group` consecutive samples stay together
+    in one micro-batch, and under a token budget a group costs its shared row. Collective when
+    max_tokens > 0."""
+    order = _grouped_order(batch.size, group, generator)
     if max_tokens <= 0:
         micros = [Micro(batch.rows(ix), ix, None, None)
                   for ix in (order[s:s + micro_batch_size]
@@ -141,7 +173,11 @@ def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tok
     chunk = grad_accum * micro_batch_size
     prompt, resp = real_lengths(batch)
     chunks = [order[s:s + chunk] for s in range(0, batch.size, chunk)]
-    local = [budget_split(prompt[c].tolist(), resp[c].tolist(), max_tokens) for c in chunks]
+    if group > 1 and chunk % group == 0 and batch.size % group == 0:
+        local = [_group_split(prompt[c].tolist(), resp[c].tolist(), group, max_tokens)
+                 for c in chunks]
+    else:
+        local = [budget_split(prompt[c].tolist(), resp[c].tolist(), max_tokens) for c in chunks]
     targets = _max_over_world([len(g) for g in local])   # one collective for all chunks
     steps = []
     for c, groups, target in zip(chunks, local, targets):

@@ -16,6 +16,7 @@ from hpc_rlhf.rl.kl import kl_estimate
 from hpc_rlhf.rl.losses import aggregate_loss, policy_loss, value_loss
 from hpc_rlhf.rl.masked import masked_mean
 from hpc_rlhf.rl.micro import forward_groups, train_steps
+from hpc_rlhf.rl.shared_prompt import shared_response_logits
 from hpc_rlhf.train.logprobs import (entropy_from_logits, logprobs_and_entropy,
                                      logprobs_from_logits, response_logits)
 from hpc_rlhf.train.moe import attach_router_aux_loss
@@ -45,31 +46,42 @@ def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes) -> tor
     return rewards
 
 
-def _forward_rows(fn, batch: Batch, micro: int, max_tokens: int = 0) -> torch.Tensor:
+def _forward_rows(fn, batch: Batch, micro: int, max_tokens: int = 0, group: int = 1
+                  ) -> torch.Tensor:
     """Run fn(micro_batch) -> [b, r] over the batch's micro-batches (fixed size, or by token
     budget: rl/micro.py); reassemble as [B, R]."""
     out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-    for idx in forward_groups(batch, micro, max_tokens):
+    for idx in forward_groups(batch, micro, max_tokens, group):
         mb = batch.rows(idx)
         out[idx, :mb.response_len] = fn(mb).float()
     return out
 
 
-def _logprobs(engine, mb: Batch, temperature: float, ring=None) -> torch.Tensor:
+def _logits(engine, mb: Batch, shared: bool) -> torch.Tensor:
+    """[b, r, v] logits predicting the response columns: padded rows, or one row per prompt
+    group (train.shared_prompt, rl/shared_prompt.py)."""
+    if shared:
+        return shared_response_logits(engine, mb)
+    return response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)
+
+
+def _logprobs(engine, mb: Batch, temperature: float, ring=None, shared: bool = False
+              ) -> torch.Tensor:
     if ring is not None:  # train.ring_attn_size > 1: the sequence split over the ring
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature)
-    logits = response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)
-    return logprobs_from_logits(logits, mb.input_ids[:, -mb.response_len:], temperature)
+    return logprobs_from_logits(_logits(engine, mb, shared), mb.input_ids[:, -mb.response_len:],
+                                temperature)
 
 
-def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: bool):
+def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: bool,
+                    shared: bool = False):
     """(logprobs [b, r] with grad, entropy [b, r]: with grad only if entropy_grad)."""
     if ring is not None:
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature,
                                       entropy="grad" if entropy_grad else "detached")
-    logits = response_logits(engine, mb.input_ids, mb.attention_mask, mb.response_len)  # [b,r,v]
+    logits = _logits(engine, mb, shared)                                         # [b,r,v]
     labels = mb.input_ids[:, -mb.response_len:]
     if entropy_grad:
         return (logprobs_from_logits(logits, labels, temperature),
@@ -95,15 +107,19 @@ def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:
 @torch.no_grad()
 def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: float):
     a, temp = cfg.algorithm, cfg.rollout.temperature
-    micro = (cfg.train.micro_batch_size, cfg.train.max_tokens_per_micro_batch)
+    shared = cfg.train.shared_prompt
+    micro = (cfg.train.micro_batch_size, cfg.train.max_tokens_per_micro_batch,
+             cfg.rollout.n_samples_per_prompt if shared else 1)
     metrics = {}
     ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1
     batch = gather_ring_batch(batch, ring)  # a ring's members train on all their rows
     old = ref = values = kl = None
     if needs_old_logprobs(cfg, s):
-        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp, ring), batch, *micro)
+        old = _forward_rows(lambda mb: _logprobs(models.actor, mb, temp, ring, shared), batch,
+                            *micro)
     if models.ref is not None:
-        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp, ring), batch, *micro)
+        ref = _forward_rows(lambda mb: _logprobs(models.ref, mb, temp, ring, shared), batch,
+                            *micro)
         current = old if old is not None else batch.rollout_logp
         kl = kl_estimate(current, ref, a.kl_estimator)
         metrics["kl/mean"] = masked_mean(kl, batch.action_mask).item()
@@ -133,7 +149,9 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
                  for micros in train_steps(batch, micro_batch_size=t.micro_batch_size,
                                            grad_accum=s.grad_accum,
                                            max_tokens=t.max_tokens_per_micro_batch,
-                                           loss_agg=cfg.algorithm.loss_agg, generator=gen)]
+                                           loss_agg=cfg.algorithm.loss_agg, generator=gen,
+                                           group=(cfg.rollout.n_samples_per_prompt
+                                                  if t.shared_prompt else 1))]
     ctx = _TrainContext(cfg, strategy, models, kl_coef)
     sums: dict[str, float] = {}
     count = 0
@@ -168,7 +186,7 @@ class _TrainContext:
         cfg, a, models, ring = self.cfg, self.cfg.algorithm, self.models, self.ring
         mb, max_len = micro.batch, cfg.rollout.max_new_tokens
         logp, ent = _policy_forward(models.actor, mb, cfg.rollout.temperature, ring,
-                                    bool(a.entropy_coef))
+                                    bool(a.entropy_coef), cfg.train.shared_prompt)
         old = mb.old_logp if mb.old_logp is not None else logp.detach()
         loss, pm = policy_loss(
             logp, old, mb.advantages, mb.action_mask, clip_eps_low=a.clip_eps_low,

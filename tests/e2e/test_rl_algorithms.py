@@ -6,6 +6,8 @@ RLOO as a loss term (k3), REINFORCE++ inside the reward (k1, as OpenRLHF does). 
 update policy == reference, so step 1's KL is ~0; after updates it must be positive. Those two
 also run dynamic micro-batches under a token budget (more, smaller micro-batches than the
 fixed micro_batch_size gives; tests/distributed/test_rl_micro_grads.py checks their gradient).
+RLOO also runs shared-prompt forwards (one packed row per prompt group): its step-1 KL ~0 and
+the engine-vs-trainer gap < 1e-4 check those logprobs against the engine and the reference's.
 """
 import math
 
@@ -23,7 +25,7 @@ CASES = {
                   "algorithm.kl_estimator=k1", f"train.max_tokens_per_micro_batch={BUDGET}"),
     "reinforce_baseline": (),
     "rloo": ("algorithm.kl_coef=0.1", "algorithm.kl_estimator=k3",
-             f"train.max_tokens_per_micro_batch={BUDGET}"),
+             f"train.max_tokens_per_micro_batch={BUDGET}", "train.shared_prompt=true"),
     "dr_grpo": ("algorithm.loss_agg=seq_mean_token_sum_norm",),
 }
 
@@ -40,7 +42,9 @@ def test_algorithm_runs_with_finite_losses(algorithm, tmp_path, rl_job):
         assert m["advantage/abs_mean"] > 0, "advantages all zero: nothing to learn from"
         assert 0.0 <= m["reward/mean"] <= 1.0
         assert m["rollout/logprob_gap_mean"] < 1e-4  # HF replica synced each step
-        if any(o.startswith("train.max_tokens_per_micro_batch") for o in extra):
+        if "train.shared_prompt=true" in extra:   # whole groups per micro-batch, and a
+            assert m["train/micro_batches"] >= 2      # group's row is much shorter than 8 rows
+        elif any(o.startswith("train.max_tokens_per_micro_batch") for o in extra):
             assert m["train/micro_batches"] > FIXED_MICRO_BATCHES, m["train/micro_batches"]
     kl_coef = next((float(o.split("=")[1]) for o in extra if o.startswith("algorithm.kl_coef")),
                    0.0)
