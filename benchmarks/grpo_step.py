@@ -16,7 +16,9 @@ same HF attention kernel (--attn) for the trained model. Micro-batches differ in
 are dynamic (--budget, train.max_tokens_per_micro_batch: length-sorted micro-batches of at
 most that many padded tokens, each loss weighted by its share, so the step's gradient is the
 same), which TRL's GRPOTrainer has no equivalent of; --budget 0 gives ours TRL's fixed
-micro-batches of --micro samples.
+micro-batches of --micro samples. And ours runs each prompt once per group of n samples
+(--shared-prompt, train.shared_prompt: one packed row per group with a 4-D attention mask; same
+logprobs and gradients); --no-shared-prompt runs every sample's row in full, as TRL does.
 
 Step time: ours is the loop's `time/step` (rollout -> reward -> experience -> train -> weight
 sync); TRL's is on_step_begin -> on_step_end of its trainer (generation, reward, logprobs and
@@ -50,6 +52,7 @@ def run_ours(args, run_dir: Path) -> list[float]:
            f"rollout.n_samples_per_prompt={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
            f"train.batch_size={args.prompts * args.n}", f"train.micro_batch_size={args.micro}",
            f"train.max_tokens_per_micro_batch={args.budget}",
+           f"train.shared_prompt={str(args.shared_prompt).lower()}",
            f"train.actor_lr={args.lr}", "train.adam_beta2=0.95", "train.max_grad_norm=1.0",
            f"train.seed={args.seed}", "algorithm.name=grpo", "algorithm.kl_coef=0",
            f"model.dtype={args.dtype}", f"model.attn_implementation={args.attn}",
@@ -153,6 +156,8 @@ def main(argv=None) -> None:
     ap.add_argument("--micro", type=int, default=16, help="micro-batch size (both sides)")
     ap.add_argument("--budget", type=int, default=1024,
                     help="ours: train.max_tokens_per_micro_batch (0 = fixed --micro batches)")
+    ap.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: train.shared_prompt (each prompt once per group)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="training/rollout precision (both sides)")
     ap.add_argument("--attn", default="auto", choices=("auto", "eager", "sdpa"),
@@ -189,6 +194,7 @@ def main(argv=None) -> None:
     import torch
     print(f"model={args.model} prompts={args.prompts} n={args.n} "
           f"max_new_tokens={args.max_new_tokens} micro={args.micro} budget={args.budget} "
+          f"shared_prompt={args.shared_prompt} "
           f"engine={args.engine} "
           f"dtype={args.dtype} attn={args.attn} "
           f"trl={trl.__version__} torch threads={torch.get_num_threads()}")

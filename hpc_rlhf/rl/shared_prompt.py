@@ -40,9 +40,8 @@ def shared_layout(batch: Batch):
     """The packed rows of `batch` (see the module doc).
 
     Returns (input_ids [G, T], position_ids [G, T], mask4d [G, 1, T, T] bool (True = may
-    attend), keep [U] long (row positions whose logits are needed, the same for every row),
-    index [B, R] long (into the flattened [G * U] kept logits: the position that predicts each
-    response column), valid [B, R] bool)."""
+    attend), pred [B, R] long (the flat position g * T + t that predicts each response column),
+    valid [B, R] bool)."""
     R = batch.response_len
     P_all = batch.input_ids.shape[1] - R
     runs = prompt_runs(batch)
@@ -86,25 +85,75 @@ def shared_layout(batch: Batch):
             pred[i, 1:L] = torch.arange(s, s + L - 1)
             valid[i, :L] = True
         row_of[i] = g
-    keep = torch.unique(pred[valid]) if valid.any() else torch.zeros(1, dtype=torch.long)
-    slot = torch.full((T,), -1, dtype=torch.long)
-    slot[keep] = torch.arange(keep.numel())
-    index = row_of[:, None] * keep.numel() + slot[pred].clamp(min=0)
-    index = torch.where(valid, index, torch.zeros_like(index))
-    return input_ids, position_ids, mask[:, None], keep, index, valid
+    pred = torch.where(valid, row_of[:, None] * T + pred, torch.zeros_like(pred))
+    return input_ids, position_ids, mask[:, None], pred, valid
 
 
-def shared_response_logits(model, batch: Batch) -> torch.Tensor:
-    """Logits predicting each response column, [B, R, V], from one packed forward (see the
-    module doc); columns beyond a response hold an arbitrary real position's logits."""
-    input_ids, position_ids, mask, keep, index, _ = shared_layout(batch)
+_SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _decoder_and_head(model):
+    """(decoder trunk, output embedding) of an HF causal LM inside a DeepSpeed engine and/or a
+    peft wrapper; None when the model changes its logits after the head (soft-capping,
+    scaling), which only its own forward applies."""
+    m = getattr(model, "module", model)
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    config = getattr(m, "config", None)
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _SCALED_LOGITS):
+        return None
+    try:
+        return m.get_decoder(), m.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _packed_logits(model, batch: Batch):
+    """(logits [K, V] of the K distinct predicting positions, index [B, R] into them, valid
+    [B, R]) of one packed forward. The trunk runs on the packed rows and the output head only
+    on those K positions (the model's own forward, with `logits_to_keep` = the union of the
+    positions over rows, when the head cannot be called alone)."""
+    input_ids, position_ids, mask, pred, valid = shared_layout(batch)
+    G, T = input_ids.shape
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     additive = torch.zeros(mask.shape, dtype=dtype)
     additive.masked_fill_(~mask, torch.finfo(dtype).min)
-    out = model(input_ids=input_ids.to(device), attention_mask=additive.to(device),
-                position_ids=position_ids.to(device), logits_to_keep=keep.to(device),
-                use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]        # [G, U, V]
-    flat = logits.reshape(-1, logits.shape[-1])                      # [G * U, V]
-    return flat[index.to(flat.device)]                               # [B, R, V]
+    need = torch.unique(pred[valid]) if valid.any() else torch.zeros(1, dtype=torch.long)
+    kwargs = dict(input_ids=input_ids.to(device), attention_mask=additive.to(device),
+                  position_ids=position_ids.to(device), use_cache=False)
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        out = decoder(**kwargs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        logits = head(hidden.reshape(G * T, -1)[need.to(device)])        # [K, V]
+        index = torch.searchsorted(need, pred)
+    else:
+        keep = torch.unique(need % T)
+        out = model(**kwargs, logits_to_keep=keep.to(device))
+        logits = (out.logits if hasattr(out, "logits") else out[0]).reshape(-1, out.logits.shape[-1])
+        slot = torch.full((T,), 0, dtype=torch.long)
+        slot[keep] = torch.arange(keep.numel())
+        index = (pred // T) * keep.numel() + slot[pred % T]
+    index = torch.where(valid, index.clamp(max=logits.shape[0] - 1), torch.zeros_like(index))
+    return logits, index.to(device), valid.to(device)
+
+
+def shared_response_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits predicting each response column, [B, R, V], from one packed forward (see the
+    module doc); columns beyond a response hold an arbitrary real position's logits. Gathers a
+    [B, R, V] copy (its backward scatters it back): `shared_logprobs` avoids both."""
+    flat, index, _ = _packed_logits(model, batch)
+    return flat[index]
+
+
+def shared_logprobs(model, batch: Batch, temperature: float = 1.0):
+    """(log p of each response token [B, R] with gradient, entropy [B, R] without), 0 beyond
+    each response, from one packed forward; the fused kernel reads each kept position once."""
+    from hpc_rlhf.train.logprobs import logprobs_and_entropy_at
+    flat, index, valid = _packed_logits(model, batch)
+    labels = batch.input_ids[:, -batch.response_len:].to(flat.device)
+    lp, ent = logprobs_and_entropy_at(flat, index[valid], labels[valid], temperature)
+    zeros = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device)
+    return zeros.masked_scatter(valid, lp), zeros.masked_scatter(valid, ent)

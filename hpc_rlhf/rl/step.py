@@ -16,7 +16,7 @@ from hpc_rlhf.rl.kl import kl_estimate
 from hpc_rlhf.rl.losses import aggregate_loss, policy_loss, value_loss
 from hpc_rlhf.rl.masked import masked_mean
 from hpc_rlhf.rl.micro import forward_groups, train_steps
-from hpc_rlhf.rl.shared_prompt import shared_response_logits
+from hpc_rlhf.rl.shared_prompt import shared_logprobs, shared_response_logits
 from hpc_rlhf.train.logprobs import (entropy_from_logits, logprobs_and_entropy,
                                      logprobs_from_logits, response_logits)
 from hpc_rlhf.train.moe import attach_router_aux_loss
@@ -70,6 +70,8 @@ def _logprobs(engine, mb: Batch, temperature: float, ring=None, shared: bool = F
     if ring is not None:  # train.ring_attn_size > 1: the sequence split over the ring
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature)
+    if shared:
+        return shared_logprobs(engine, mb, temperature)[0]
     return logprobs_from_logits(_logits(engine, mb, shared), mb.input_ids[:, -mb.response_len:],
                                 temperature)
 
@@ -81,6 +83,8 @@ def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: b
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature,
                                       entropy="grad" if entropy_grad else "detached")
+    if shared and not entropy_grad:  # one packed row per prompt group, fused logprobs
+        return shared_logprobs(engine, mb, temperature)
     logits = _logits(engine, mb, shared)                                         # [b,r,v]
     labels = mb.input_ids[:, -mb.response_len:]
     if entropy_grad:

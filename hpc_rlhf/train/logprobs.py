@@ -63,15 +63,16 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0,
 
 
 class _LogprobsEntropy(torch.autograd.Function):
-    """log p(labels) with its gradient, and the entropy (no gradient), in one pass per chunk
-    of rows: one float32 upcast, one logsumexp, one exp. The backward recomputes
-    softmax(rows) per chunk from the saved logsumexp and writes d logits directly:
-    d logp / d logits = (onehot(label) - p) / temperature."""
+    """log p(label_m | position pos_m) for M (position, label) pairs with its gradient, and the
+    entropy at each of the N positions (no gradient), in one pass per chunk of positions: one
+    float32 upcast, one logsumexp, one exp. A position may be used by several pairs (a shared
+    prompt's last position predicts every sample's first token). The backward recomputes
+    softmax per chunk from the saved logsumexp and writes d logits directly:
+    d logits[n] = (sum over pairs m at n of g_m * onehot(label_m) - (sum g_m) * p_n) / T."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature: float, chunk_rows: int):
-        n = labels.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    def forward(ctx, logits, pos, labels, temperature: float, chunk_rows: int):
+        n = logits.shape[0]
         ent = torch.empty(n, dtype=torch.float32, device=logits.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=logits.device)
         for start in range(0, n, chunk_rows):
@@ -81,29 +82,37 @@ class _LogprobsEntropy(torch.autograd.Function):
                 rows.div_(temperature)
             lse = torch.logsumexp(rows, dim=-1)                          # [c]
             lse_all[sl] = lse
-            logp[sl] = rows.gather(-1, labels[sl, None]).squeeze(-1) - lse
             log_p = rows.sub_(lse[:, None])                              # rows := log p
             ent[sl] = -(log_p.exp() * log_p).sum(-1)
-        ctx.save_for_backward(logits, labels, lse_all)
+        logp = logits[pos, labels].float() / temperature - lse_all[pos]  # [M]
+        ctx.save_for_backward(logits, pos, labels, lse_all)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
-        logits, labels, lse_all = ctx.saved_tensors
+        logits, pos, labels, lse_all = ctx.saved_tensors
         t, chunk = ctx.temperature, ctx.chunk_rows
+        g = grad_logp.float() / t                                        # [M]
+        per_pos = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        per_pos.index_add_(0, pos, g)                                    # [N] sum of g at n
+        order = torch.argsort(pos, stable=True)
+        pos_s, lab_s, g_s = pos[order], labels[order], g[order]
+        bounds = torch.searchsorted(pos_s, torch.arange(0, logits.shape[0] + chunk, chunk,
+                                                        device=pos.device))
         out = torch.empty_like(logits)
-        for start in range(0, labels.shape[0], chunk):
+        for k, start in enumerate(range(0, logits.shape[0], chunk)):
             sl = slice(start, start + chunk)
             rows = logits[sl].to(torch.float32, copy=True)  # never modify the saved logits
             if t != 1.0:
                 rows.div_(t)
-            g = grad_logp[sl] / t                                        # [c]
             p = rows.sub_(lse_all[sl, None]).exp_()                      # softmax [c, v]
-            p.mul_(-g[:, None]).scatter_add_(-1, labels[sl, None], g[:, None])
+            p.mul_(-per_pos[sl, None])
+            a, b = int(bounds[k]), int(bounds[k + 1])
+            p.index_put_((pos_s[a:b] - start, lab_s[a:b]), g_s[a:b], accumulate=True)
             out[sl] = p
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -117,8 +126,23 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature
         raise ValueError(f"logits shape {tuple(logits.shape)} does not match labels shape "
                          f"{tuple(labels.shape)} (expected logits = labels.shape + [vocab])")
     flat = logits.reshape(-1, logits.shape[-1])
-    logp, ent = _LogprobsEntropy.apply(flat, labels.reshape(-1), float(temperature), chunk_rows)
+    pos = torch.arange(flat.shape[0], device=flat.device)
+    logp, ent = _LogprobsEntropy.apply(flat, pos, labels.reshape(-1).to(flat.device),
+                                       float(temperature), chunk_rows)
     return logp.view(labels.shape), ent.view(labels.shape)
+
+
+def logprobs_and_entropy_at(logits: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
+                            temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """logits [N, v]; pos, labels [M] (a position may repeat) -> (log p(labels[m] | pos[m])
+    [M] with gradient, entropy at pos[m] [M] without); the logits are never gathered into an
+    [M, v] copy."""
+    _check_temperature(temperature)
+    if pos.shape != labels.shape or pos.dim() != 1:
+        raise ValueError(f"pos {tuple(pos.shape)} and labels {tuple(labels.shape)} must be equal "
+                         "1-D shapes")
+    logp, ent = _LogprobsEntropy.apply(logits, pos, labels, float(temperature), chunk_rows)
+    return logp, ent[pos]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Disaggregated GRPO under torchrun: ranks 0-2 train (DeepSpeed ZeRO-3, one actor world),
 rank 3 serves one vLLM engine in its own default world; weights travel over the gloo sync group
 after every step. The engine's logprobs must equal the trainers' at every step (gap < 1e-4;
-measured ~2e-7), which fails if a bucket is lost, mis-ordered or never loaded."""
+measured ~2e-7), which fails if a bucket is lost, mis-ordered or never loaded, or if the
+trainers' shared-prompt forwards were wrong."""
 import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.deepspeed, pytest.mark.distributed]
@@ -11,7 +12,10 @@ DISAGG = ("topology.mode=disaggregated", "topology.nodes=1", "topology.procs_per
           "topology.backend=gloo", "topology.timeout_s=240", "rollout.engine=vllm",
           "rollout.num_engines=1", "rollout.prompts_per_step=6", "rollout.n_samples_per_prompt=4",
           "train.batch_size=24", "train.micro_batch_size=4", "train.actor_lr=5e-3",
-          f"train.num_steps={STEPS}", "checkpoint.save_every=0")
+          f"train.num_steps={STEPS}", "checkpoint.save_every=0",
+          # shared-prompt forwards and a token budget: the ZeRO-3 ranks must agree on their
+          # micro-batch counts, and the trunk/head calls must gather their shards
+          "train.shared_prompt=true", "train.max_tokens_per_micro_batch=96")
 
 
 def test_disaggregated_vllm_four_ranks_stays_synced(tmp_path, rl_job):

@@ -40,7 +40,7 @@ def test_prompt_runs_are_consecutive_identical_prompts():
 
 def test_layout_saves_the_repeated_prompts():
     batch = _batch()
-    input_ids, _, mask, _, index, valid = shared_layout(batch)
+    input_ids, _, mask, _, valid = shared_layout(batch)
     real = int(batch.attention_mask.sum())
     packed = int(sum(mask[g, 0].diagonal().sum() for g in range(mask.shape[0])))  # incl. pad
     assert input_ids.shape[0] == 4 and valid.sum() == batch.action_mask.sum()
@@ -78,4 +78,42 @@ def test_shared_forward_equals_padded_forward_with_gradient(tiny_path, attn):
         assert g.abs().max() > 0 or name.endswith("bias"), name
         # float32 summation order differs (shared prompt positions sum n upstream grads)
         torch.testing.assert_close(grads_s[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()),
+                                   msg=name)
+
+
+@pytest.mark.parametrize("head_alone", [True, False])
+def test_shared_logprobs_equal_padded_logprobs_entropy_and_gradient(tiny_path, head_alone,
+                                                                   monkeypatch):
+    """The fused path (no [B, R, V] gather) against the padded forward + separate functions;
+    head_alone=False: the model's own forward with logits_to_keep (models that scale logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from hpc_rlhf.rl import shared_prompt
+    from hpc_rlhf.rl.shared_prompt import shared_logprobs
+    if not head_alone:
+        monkeypatch.setattr(shared_prompt, "_decoder_and_head", lambda model: None)
+    from hpc_rlhf.train.logprobs import entropy_from_logits
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="eager")
+    batch = _batch()
+    R, mask = batch.response_len, batch.action_mask
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2))
+
+    def run(shared):
+        model.zero_grad()
+        if shared:
+            lp, ent = shared_logprobs(model, batch, temperature=0.8)
+        else:
+            logits = response_logits(model, batch.input_ids, batch.attention_mask, R)
+            lp = logprobs_from_logits(logits, batch.input_ids[:, -R:], 0.8)
+            ent = entropy_from_logits(logits.detach(), 0.8)
+        ((lp * weights)[mask].sum()).backward()
+        return lp.detach(), ent, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lp_s, ent_s, g_s = run(True)
+    lp_p, ent_p, g_p = run(False)
+    assert not ent_s.requires_grad and torch.equal(lp_s[~mask], torch.zeros_like(lp_s[~mask]))
+    torch.testing.assert_close(lp_s[mask], lp_p[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent_s[mask], ent_p[mask], rtol=1e-5, atol=1e-5)
+    for name, g in g_p.items():
+        torch.testing.assert_close(g_s[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()),
                                    msg=name)
