@@ -21,6 +21,11 @@ almost no padding. Shares per aggregation (train/losses.aggregate_loss):
     token_mean               action tokens of micro / action tokens of chunk
     seq_mean_token_mean      rows with action tokens of micro / those of chunk
     seq_mean_token_sum_norm  rows of micro / rows of chunk
+
+With shared-prompt forwards (train.shared_prompt, rl/shared_prompt.py) the unit is a prompt's
+group of n consecutive samples instead of a sample: groups are shuffled, and under a budget a
+group costs its packed row (prompt + all its responses). Equalising the count may still split
+a group; its halves then simply share less.
 """
 from __future__ import annotations
 
