@@ -74,6 +74,11 @@ def budget_split(prompt_len: list[int], resp_len: list[int], max_tokens: int) ->
     return groups
 
 
+def padded_cost(prompt_len: list[int], resp_len: list[int]):
+    """group -> its padded size: rows x (longest prompt + longest response)."""
+    return lambda g: len(g) * (max(prompt_len[i] for i in g) + max(resp_len[i] for i in g))
+
+
 def split_to_count(groups: list[list[int]], count: int, cost) -> list[list[int]]:
     """Halve the costliest splittable group until there are `count` groups (order of the
     halves kept). `cost(group) -> number`. Needs count <= number of items."""
@@ -119,7 +124,7 @@ def budget_index_groups(batch: Batch, index: torch.Tensor, max_tokens: int) -> l
     target = _max_over_world([len(groups)])[0]
     if target > len(groups):
         groups = split_to_count(groups, target,
-                                lambda g: len(g) * (max(p[i] for i in g) + max(r[i] for i in g)))
+                                padded_cost(p, r))
     return [index[torch.tensor(g, dtype=torch.long)] for g in groups]
 
 
@@ -137,8 +142,7 @@ def forward_groups(batch: Batch, micro_batch_size: int, max_tokens: int,
     p, r = prompt.tolist(), resp.tolist()
     groups = _group_split(p, r, group, max_tokens)
     target = _max_over_world([len(groups)])[0]
-    groups = split_to_count(groups, target, lambda g: len(g) * (max(p[i] for i in g)
-                                                                + max(r[i] for i in g)))
+    groups = split_to_count(groups, target, padded_cost(p, r))
     return [torch.tensor(g, dtype=torch.long) for g in groups]
 
 
@@ -187,8 +191,7 @@ def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tok
     steps = []
     for c, groups, target in zip(chunks, local, targets):
         p, r = prompt[c].tolist(), resp[c].tolist()
-        groups = split_to_count(groups, target, lambda g: len(g) * (max(p[i] for i in g)
-                                                                    + max(r[i] for i in g)))
+        groups = split_to_count(groups, target, padded_cost(p, r))
         rows = [c[torch.tensor(g, dtype=torch.long)] for g in groups]
         shares = _shares(batch, rows, loss_agg)
         steps.append([Micro(batch.rows(ix), ix, w, k == len(rows) - 1)
