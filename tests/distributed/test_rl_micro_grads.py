@@ -6,7 +6,6 @@ ranks cut their rows into different numbers of micro-batches before equalising t
 A wrong share (e.g. 1 / count instead of tokens / tokens), a missing boundary, or DeepSpeed's
 1 / grad_accum applied on top would each change the gradient far beyond the tolerance."""
 import json
-import os
 from pathlib import Path
 
 import pytest
