@@ -247,6 +247,21 @@ def submit_slurm(cfg: JobConfig, args, run_dir: Path):
     return ex.submit(task)
 
 
+def failure_summaries(log: str) -> list[str]:
+    """torchrun's failure summary blocks in a node's log ("==== / <entrypoint> FAILED / ...
+    Root Cause ... / ===="): a log tail may cut them off behind later tracebacks."""
+    lines, out, k = log.splitlines(), [], 0
+    while k < len(lines) - 1:
+        if set(lines[k].strip()) == {"="} and lines[k + 1].rstrip().endswith(" FAILED"):
+            end = next((j for j in range(k + 2, len(lines)) if set(lines[j].strip()) == {"="}),
+                       len(lines) - 1)
+            out.append("\n".join(lines[k:end + 1]))
+            k = end + 1
+        else:
+            k += 1
+    return out
+
+
 def wait_job(job, poll_s: float = 0.5) -> int:
     """Until the job leaves the queue (a requeue keeps it there); 0 iff it succeeded."""
     env = {**os.environ}
@@ -276,6 +291,11 @@ def wait_job(job, poll_s: float = 0.5) -> int:
         if outcome != "success":
             failed.append(f"task {task}: {str(value).strip().splitlines()[-1]}")
     if failed:
+        for task in range(job.num_tasks):  # torchrun's summaries name the failed rank
+            t = job.task(task)
+            for summary in failure_summaries((t.stdout() or "") + "\n" + (t.stderr() or "")):
+                print(f"[submit] node task {task}: torchrun's failure summary:\n{summary}",
+                      flush=True)
         print(f"[submit] job {job.job_id} FAILED: " + "; ".join(failed), file=sys.stderr)
         return 1
     return 0

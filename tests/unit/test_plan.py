@@ -79,3 +79,15 @@ def test_invalid_config_exits_2_before_anything():
     assert out.returncode == 2 and "train.batch_size=7" in out.stderr
     out = _submit("--config", "configs/ppo_70b.yaml", "--local")
     assert out.returncode == 2 and "topology.nodes=8" in out.stderr
+
+
+def test_failure_summaries_finds_torchrun_blocks_behind_later_lines():
+    from hpc_rlhf.launch.submit import failure_summaries
+    block = ["=" * 60, "hpc_rlhf.launch.main FAILED", "-" * 60, "Failures:", "  <NO_OTHER_FAILURES>",
+             "-" * 60, "Root Cause (first observed failure):", "[0]:",
+             "  rank      : 3 (local_rank: 1)", "  traceback : RuntimeError: boom", "=" * 60]
+    log = "\n".join(["noise"] * 5 + block + ["Traceback (most recent call last):"] * 80)
+    (summary,) = failure_summaries(log)
+    assert summary.splitlines() == block
+    assert failure_summaries("\n".join(["=" * 10, "not a failure", "=" * 10])) == []
+    assert len(failure_summaries(log + "\n" + log)) == 2
