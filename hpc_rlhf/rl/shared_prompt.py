@@ -58,8 +58,8 @@ def shared_layout(batch: Batch):
             pos.append(torch.arange(prompt.numel(), prompt.numel() + L))
             spans.append((len(rows), offset, L))
             offset += L
-        rows.append((torch.cat(parts), torch.cat(pos), [(s[1], s[2]) for s in spans
-                                                        if s[0] == len(rows)]))
+        rows.append((torch.cat(parts), torch.cat(pos),
+                     [(s, L) for _, s, L in spans[start:end]]))  # spans[i] is sample i's
         prompt_lens.append(prompt.numel())
     G, T = len(rows), max(r[0].numel() for r in rows)
     input_ids = torch.zeros((G, T), dtype=torch.long)
