@@ -57,16 +57,27 @@ def test_prompt_major_and_logprobs_match_recompute(engine, tiny, temperature):
             assert logits[p - 1:-1].argmax(-1).tolist() == r.response_ids
 
 
+def _responses(engine, sampling) -> list[list[int]]:
+    return [r.response_ids for r in engine.generate(PROMPTS, sampling)]
+
+
 def test_seeded_and_batch_size_invariant_for_greedy(tiny):
     model, tok = tiny
     one = HFEngine(model, eos_token_ids=[2], pad_token_id=0, batch_size=1)
     many = HFEngine(model, eos_token_ids=[2], pad_token_id=0)
     greedy = SamplingConfig(max_new_tokens=6, temperature=0)
-    assert [r.response_ids for r in one.generate(PROMPTS, greedy)] == \
-        [r.response_ids for r in many.generate(PROMPTS, greedy)]
+    greedy_ids = _responses(many, greedy)
+    assert _responses(one, greedy) == greedy_ids
     sampled = SamplingConfig(n=2, max_new_tokens=6, seed=3)
-    assert [r.response_ids for r in many.generate(PROMPTS, sampled)] == \
-        [r.response_ids for r in many.generate(PROMPTS, sampled)]
+    seed3 = _responses(many, sampled)
+    assert _responses(many, sampled) == seed3                       # same seed, same samples
+    # ... and the seed is used: another seed samples otherwise (an engine that ignored the seed
+    # and reseeded to a constant, or sampled greedily, would give the same lists).
+    assert _responses(many, SamplingConfig(n=2, max_new_tokens=6, seed=4)) != seed3
+    # Sampling really samples: the random tiny model's next-token distribution is close to
+    # uniform over its 128 tokens, so at T=1 no 6-token sample follows the greedy path (a
+    # sampler that fell back to argmax would repeat greedy_ids twice over).
+    assert all(ids != greedy_ids[k // 2] for k, ids in enumerate(seed3)), (seed3, greedy_ids)
 
 
 def test_stop_token_and_stop_string(engine, tiny):
