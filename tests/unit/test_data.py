@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import pyarrow as pa  # a hard dependency (setup.cfg): a missing one must fail, not skip
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -34,8 +36,6 @@ def test_jsonl_rows_keep_file_and_index(tmp_path):
 
 
 def test_parquet_and_datasets_dir_need_pyarrow_or_read(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
     pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "d.parquet")
     assert [r.data["prompt"] for r in read_rows(tmp_path / "d.parquet")] == ["a", "b"]
 

@@ -3,6 +3,7 @@ import math
 import textwrap
 from pathlib import Path
 
+import numpy as np  # a hard dependency (setup.cfg): a missing one must fail, not skip
 import pytest
 import torch
 
@@ -124,7 +125,6 @@ def test_func_file_is_loaded_by_path_only(tmp_path, monkeypatch):
 
 
 def test_as_reward_tensor_accepts_numpy_and_rejects_2d():
-    np = pytest.importorskip("numpy")
     assert as_reward_tensor(np.array([1, 2.5]), 2, source="s", fix="f").tolist() == [1.0, 2.5]
     with pytest.raises(RewardError, match=r"shape \(2, 2\)"):
         as_reward_tensor(torch.zeros(2, 2), 2, source="s", fix="f")

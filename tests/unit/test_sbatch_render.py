@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml  # a hard dependency (setup.cfg): a missing one must fail, not skip
 
 from hpc_rlhf.launch.sbatch import SCRIPTS, SbatchSpec, render_sbatch
 
@@ -101,7 +102,6 @@ def test_invalid_spec_names_the_field(change, field):
 
 @pytest.mark.parametrize("name", sorted(n for n in SCRIPTS if SCRIPTS[n].config))
 def test_script_agrees_with_its_config(name):
-    yaml = pytest.importorskip("yaml")
     spec = SCRIPTS[name]
     cfg = yaml.safe_load((SLURM_DIR.parent / spec.config).read_text())
     topo, launch = cfg.get("topology", {}), cfg.get("launch", {})
