@@ -1,5 +1,14 @@
-"""Shared pytest setup: markers that skip themselves, and the tiny-model fixtures."""
+"""Shared pytest setup: markers that skip themselves, and an empty model cache per session.
+
+Every pytest session builds its models into a fresh HPC_RLHF_CACHE (removed at the end), so a
+first-build bug cannot hide behind a cache warmed long ago; the ranks and jobs that tests start
+inherit it. HPC_RLHF_TEST_CACHE=DIR reuses a given cache instead (local iteration only; CI never
+sets it). DeepSpeed's JIT ops stay in their own cache (TORCH_EXTENSIONS_DIR), built by
+`make venv` in a process of its own.
+"""
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -7,6 +16,24 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+    global _OWN_CACHE
+    given = os.environ.get("HPC_RLHF_TEST_CACHE")
+    if given:
+        os.environ["HPC_RLHF_CACHE"] = given
+    else:
+        _OWN_CACHE = tempfile.mkdtemp(prefix="hpc_rlhf_test_cache_")
+        os.environ["HPC_RLHF_CACHE"] = _OWN_CACHE
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

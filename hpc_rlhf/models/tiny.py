@@ -75,6 +75,11 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
     arch: a dense one (tiny_config) or a mixture-of-experts one in MOE_ARCHS (tiny_moe_config;
     `output_router_logits=True` on its forward returns the load-balancing `aux_loss`).
     """
+    from .cache import in_world, run_clean
+    if in_world():  # save_pretrained writes nothing on a rank that is not 0: build outside
+        run_clean("hpc_rlhf.models.tiny", out_dir, "--arch", arch, "--seed", str(seed),
+                  "--config-json", json.dumps(config_kwargs))
+        return Path(out_dir)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -99,16 +104,13 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
 
 
 def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "llama", seed: int = 0) -> Path:
-    """Build the tiny model (dense or MoE) into `cache_dir/tiny-<arch>-<seed>` once; later calls
-    reuse it.
-
-    Safe under concurrency (pytest workers, several ranks): builders take a file lock, and a
-    directory only counts once its marker file, written last, exists.
+    """Build the tiny model (dense or MoE) into `cache_dir/tiny-<arch>-<seed>-<key>` once; later
+    calls reuse it (hpc_rlhf.models.cache: locked, checked to load, keyed by this file).
     """
-    from hpc_rlhf.models.resolve import locked_build
-    out = Path(cache_dir) / f"tiny-{arch}-{seed}"
-    return locked_build(out, "hpc_rlhf_tiny.json",
-                        lambda tmp: build_tiny_model(tmp, arch=arch, seed=seed))
+    from .cache import build_key, cached_build
+    key = build_key(__file__)
+    out = Path(cache_dir) / f"tiny-{arch}-{seed}-{key}"
+    return cached_build(out, key, lambda tmp: build_tiny_model(tmp, arch=arch, seed=seed))
 
 
 MOE_ARCHS = ("mixtral", "qwen3_moe", "qwen2_moe")
@@ -146,8 +148,9 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--arch", choices=ARCHS + MOE_ARCHS, default="llama")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config-json", default="{}", help="extra tiny_config arguments as JSON")
     args = p.parse_args(argv)
-    print(build_tiny_model(args.out_dir, args.arch, args.seed))
+    print(build_tiny_model(args.out_dir, args.arch, args.seed, **json.loads(args.config_json)))
 
 
 if __name__ == "__main__":
