@@ -5,6 +5,7 @@ Most cases run the server in a thread of this process (real sockets, 127.0.0.1);
 """
 import queue
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -12,6 +13,8 @@ import time
 
 import pytest
 import torch
+
+from testlib import scaled
 
 from hpc_rlhf.data.tasks import make_task, task_reward
 from hpc_rlhf.rewards import RemoteReward, RewardError
@@ -32,11 +35,24 @@ def naive_rewards(responses, labels):
     return torch.tensor([reward(r, lab) for r, lab in zip(responses, labels)])
 
 
+class TimedServer(RewardServer):
+    """The reference server, noting when each request arrived: a time bound on retries is
+    measured between the requests themselves, not around the whole client call."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.arrivals = []
+
+    def next_request_index(self) -> int:
+        self.arrivals.append(time.monotonic())
+        return super().next_request_index()
+
+
 class Served:
     """A RewardServer on a free loopback port, served from a daemon thread."""
 
     def __init__(self, faults=Faults(), api_key=""):
-        self.server = RewardServer(0, make_score_fn(task="arithmetic"), faults, api_key=api_key)
+        self.server = TimedServer(0, make_score_fn(task="arithmetic"), faults, api_key=api_key)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
@@ -51,7 +67,7 @@ class Served:
 
 
 def client(url, **kw):
-    kw = {"timeout_s": 2.0, "retries": 2, "backoff_s": 0.05, **kw}
+    kw = {"timeout_s": scaled(2.0), "retries": 2, "backoff_s": 0.05, **kw}
     return RemoteReward(url, **kw)
 
 
@@ -78,34 +94,42 @@ def test_serves_a_reward_func_file():
 
 
 def test_one_timeout_then_success_is_retried_within_bound():
-    with Served(Faults(hang_first=1, hang_s=5.0)) as s:
-        rc = client(s.url, timeout_s=0.5, retries=2)
-        t0 = time.monotonic()
+    timeout, bound = scaled(1.0), scaled(4.0)
+    # The hang outlasts the bound by far: a client that waited for the answer cannot pass.
+    with Served(Faults(hang_first=1, hang_s=3 * bound)) as s:
+        rc = client(s.url, timeout_s=timeout, retries=2)
         got = rc.score(QUERIES[:8], RESPONSES[:8], LABELS[:8])
-        elapsed = time.monotonic() - t0
+        arrivals = list(s.server.arrivals)
     assert torch.equal(got, naive_rewards(RESPONSES[:8], LABELS[:8]))
-    assert rc.last_attempts == 2
-    assert elapsed < 4.0                                      # one 0.5 s timeout, not the 5 s hang
+    assert rc.last_attempts == 2 and len(arrivals) == 2, arrivals
+    assert arrivals[1] - arrivals[0] < bound       # one client timeout (+ backoff), not the hang
 
 
 def test_persistent_500_fails_clearly_after_retries():
     with Served(Faults(fail_first=10**6)) as s:
         rc = client(s.url, retries=3, backoff_s=0.05)
-        t0 = time.monotonic()
         with pytest.raises(RewardError) as e:
             rc.score(QUERIES[:4], RESPONSES[:4], LABELS[:4])
         assert s.server.requests_seen == 4                   # 1 try + 3 retries
+        arrivals = s.server.arrivals
     msg = str(e.value)
     assert "failed 4 times" in msg and "HTTP 500" in msg and "not scored" in msg
     assert "remote_retries=3" in msg
-    assert time.monotonic() - t0 < 3.0                        # backoff 0.05+0.1+0.2 s
+    # Exponential backoff 0.05, 0.1, 0.2 s between the tries (a lower bound: load only adds),
+    # and no more than that plus slack (not, say, the 1 s default backoff).
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(g >= 0.05 * 2 ** i for i, g in enumerate(gaps)), gaps
+    assert arrivals[-1] - arrivals[0] < scaled(3.0), gaps
 
 
 def test_connection_refused_is_retried_then_clear_error():
-    with Served() as s:
-        url = s.url
-    with pytest.raises(RewardError, match="failed 3 times.*cannot connect"):
-        client(url, retries=2).score(["q"], ["1"], ["1"])
+    # A port bound but not listening refuses every connection, and stays ours for the whole
+    # test (a just-closed server's port could be taken by anyone in between).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
+        with pytest.raises(RewardError, match="failed 3 times.*cannot connect"):
+            client(url, retries=2).score(["q"], ["1"], ["1"])
 
 
 def test_malformed_json_fails_without_retry():
@@ -164,9 +188,9 @@ def _read_port(proc, deadline_s=120.0):
     lines = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
     try:
-        line = lines.get(timeout=deadline_s)
+        line = lines.get(timeout=scaled(deadline_s))
     except queue.Empty:
-        raise AssertionError(f"reward server printed no port line in {deadline_s} s")
+        raise AssertionError(f"reward server printed no port line in {scaled(deadline_s):.0f} s")
     m = re.search(r"port=(\d+)", line)
     assert m, f"unexpected first line {line!r}; stderr: {proc.stderr.read() if proc.poll() else ''}"
     return int(m.group(1))
@@ -174,17 +198,18 @@ def _read_port(proc, deadline_s=120.0):
 
 def test_cli_server_survives_one_injected_timeout():
     proc = subprocess.Popen([sys.executable, "-m", "hpc_rlhf.rewards.server", "--task",
-                             "arithmetic", "--port", "0", "--hang-first", "1", "--hang-s", "20"],
+                             "arithmetic", "--port", "0", "--hang-first", "1",
+                             "--hang-s", str(scaled(20))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         port = _read_port(proc)
-        rc = client(f"http://127.0.0.1:{port}/score", timeout_s=1.0, retries=2)
+        rc = client(f"http://127.0.0.1:{port}/score", timeout_s=scaled(1.0), retries=2)
         got = rc.score(QUERIES, RESPONSES, LABELS)
         assert torch.equal(got, naive_rewards(RESPONSES, LABELS))
         assert rc.last_attempts == 4                          # 3 chunks, the first one twice
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=scaled(10))
         except subprocess.TimeoutExpired:
             proc.kill()
