@@ -1,14 +1,15 @@
 """Run a function on a local gloo ring of processes (tests, benchmarks, CPU experiments).
 
 Production groups come from the topology module; this is the small seam that lets ring
-attention run for real on one machine: spawned processes, a free TCP port, a hard timeout so
-a broken collective never hangs CI, and per-rank return values collected through a queue.
+attention run for real on one machine: spawned processes, a TCPStore the parent hosts on a
+port the OS picks (bound once and handed to the ranks: a port found free first and bound later
+can be taken in between), a hard timeout so a broken collective never hangs CI, and per-rank
+return values collected through a queue.
 """
 from __future__ import annotations
 
 import pickle
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -18,19 +19,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, fn, args, results, timeout_s, threads):
     torch.set_num_threads(threads)  # W ranks share the machine's cores
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = timedelta(seconds=timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         value = fn(rank, world, *args)
         # plain pickle copies tensors by value; the queue's own pickler would hand over shared
         # memory handles that die with this process
@@ -50,9 +44,11 @@ def run_local_ring(fn, world: int, args: tuple = (), timeout_s: float = 120.0,
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
+    # The ranks join this store as clients; it lives until they are gone (finally below).
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout_s))
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, fn, args, results, timeout_s, threads_per_rank), daemon=True)
+        ctx.Process(target=_worker, args=(r, world, store.port, fn, args, results, timeout_s, threads_per_rank), daemon=True)
         for r in range(world)
     ]
     for p in procs:
@@ -76,4 +72,5 @@ def run_local_ring(fn, world: int, args: tuple = (), timeout_s: float = 120.0,
             if p.is_alive():
                 p.kill()
                 p.join()
+        del store
     return [out[r] for r in range(world)]
