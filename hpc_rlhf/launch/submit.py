@@ -204,14 +204,14 @@ def _parse(argv: list | None) -> argparse.Namespace:
 
 
 def run_local(cfg: JobConfig, args, run_dir: Path) -> int:
-    from hpc_rlhf.topology import free_port
-
     if cfg.topology.nodes != 1:
         print(f"--local runs one node, but topology.nodes={cfg.topology.nodes}; add "
               "topology.nodes=1 (and adjust ranks) or submit to SLURM", file=sys.stderr)
         return 2
+    # c10d rendezvous on port 0: the torchrun agent binds a free port itself and tells its
+    # ranks (a port found free here could be taken before torchrun binds it).
     argv = planlib.torchrun_argv(args.config, args.overrides, 1, cfg.topology.procs_per_node,
-                                 f"127.0.0.1:{free_port()}", "local", shutdown_timeout_s(cfg))
+                                 "127.0.0.1:0", "local", shutdown_timeout_s(cfg))
     env = {**os.environ, ENV_RUN_DIR: str(run_dir)}
     if args.program:
         env["HPC_RLHF_PROGRAM"] = args.program
