@@ -9,6 +9,15 @@ import torch
 
 from hpc_rlhf.ring_attn import RingAttnConfig, enable_ring_attention, ring_token_logprobs, run_local_ring
 
+from distlib import (
+    CU_SEQLENS,
+    RING_LR as LR,
+    RING_STEPS as STEPS,
+    packed_batch,
+    reference_loss,
+    tiny_llama,
+)
+
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
 
@@ -16,8 +25,6 @@ def _zero3_worker(rank, world):
     # DeepSpeed reads these and checks them against the (already initialised) gloo group
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import deepspeed
-
-    from test_ring_attn_model import CU_SEQLENS, LR, STEPS, packed_batch, tiny_llama
 
     input_ids, labels = packed_batch()
     model = enable_ring_attention(tiny_llama(torch.float32))
@@ -38,8 +45,6 @@ def _zero3_worker(rank, world):
 
 
 def test_ring_size_2_under_zero3_matches_ring_size_1():
-    from test_ring_attn_model import LR, STEPS, packed_batch, reference_loss, tiny_llama
-
     per_rank = run_local_ring(_zero3_worker, 2, timeout_s=300)
     input_ids, labels = packed_batch()
     model = tiny_llama(torch.float32)

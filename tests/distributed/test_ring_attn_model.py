@@ -18,47 +18,19 @@ from hpc_rlhf.ring_attn import (
     shard_batch_for_ring,
 )
 
+from distlib import (
+    CU_SEQLENS,
+    RING_LR as LR,
+    RING_STEPS as STEPS,
+    packed_batch,
+    reference_loss,
+    tiny_llama,
+    token_logprobs,
+)
+
 pytestmark = pytest.mark.distributed
 
-CU_SEQLENS = [0, 13, 42, 48, 69]  # 4 packed samples, 69 tokens (pads to 70 / 72 on 2 ranks)
-STEPS, LR = 5, 3e-3
 VARIANTS = ("contiguous", "balanced", "checkpointed")
-
-
-def tiny_llama(dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=64, vocab_size=128, max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(dtype)
-
-
-def packed_batch():
-    torch.manual_seed(1)
-    input_ids = torch.randint(0, 128, (CU_SEQLENS[-1],))
-    labels = torch.full_like(input_ids, -100)  # next token inside the same sample
-    for s, e in zip(CU_SEQLENS[:-1], CU_SEQLENS[1:]):
-        labels[s:e - 1] = input_ids[s + 1:e]
-    return input_ids, labels
-
-
-def token_logprobs(logits, labels):
-    """[..., L, V], [..., L] -> log p(label) with 0 where label == -100."""
-    valid = labels != -100
-    logp = logits.log_softmax(-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return logp * valid
-
-
-def reference_loss(model, input_ids, labels):
-    """Plain model, one sample at a time (no packing, no ring): mean token NLL."""
-    logps = [
-        token_logprobs(model(input_ids[s:e][None], use_cache=False).logits[0], labels[s:e])
-        for s, e in zip(CU_SEQLENS[:-1], CU_SEQLENS[1:])
-    ]
-    return -torch.cat(logps).sum() / (labels != -100).sum()
 
 
 def ring_loss(model, input_ids, labels, rank, world, balanced):

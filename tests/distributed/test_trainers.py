@@ -5,16 +5,17 @@ entry (configs/*_tiny.yaml + overrides); the tests then read each run's metrics.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
+from distlib import ROOT, read_metrics
+from testlib import spawn
+
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAINERS = ("sft", "rm", "dpo")
 TIMEOUT_S = 240
 
@@ -41,26 +42,11 @@ def _worker(rank: int, world: int, port: int, tmp: str, trainers: tuple[str, ...
     dist.destroy_process_group()
 
 
-def spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
-    """Run fn(rank, world, *args) on `world` processes; fail (never hang) past timeout_s."""
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.time() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.time() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish within {timeout_s} s")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from hpc_rlhf.data.synthetic import write_toy_datasets
     from hpc_rlhf.models.resolve import cache_dir
     from hpc_rlhf.models.tiny import ensure_tiny_model
-    from hpc_rlhf.topology import free_port
     tmp = tmp_path_factory.mktemp("trainers")
     write_toy_datasets(tmp / "data", n_train=128, n_eval=32)
     # A private model cache (the ranks inherit it): other tests may rebuild the shared one.
@@ -69,7 +55,7 @@ def runs(tmp_path_factory):
     try:
         ensure_tiny_model(cache_dir() / "models", arch="llama")  # built before the ranks race
         t0 = time.time()
-        spawn(_worker, 2, (free_port(), str(tmp), TRAINERS), TIMEOUT_S)
+        spawn(_worker, 2, (str(tmp), TRAINERS), TIMEOUT_S)
     finally:
         if old is None:
             os.environ.pop("HPC_RLHF_CACHE", None)
@@ -79,16 +65,13 @@ def runs(tmp_path_factory):
     return tmp
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
 
 def _report(name: str, rows: list[dict], run_dir: Path) -> None:
     print(f"{name} ({(run_dir / 'wall_s').read_text()} s): first {rows[0]} last {rows[-1]}")
 
 
 def test_sft_loss_falls(runs):
-    rows = _metrics(runs / "sft")
+    rows = read_metrics(runs / "sft")
     _report("sft", rows, runs / "sft")
     train = [r["loss"] for r in rows if r["step"] >= 0]
     assert train[-1] < 0.6 * train[0], train
@@ -96,7 +79,7 @@ def test_sft_loss_falls(runs):
 
 
 def test_rm_ranks_heldout_pairs(runs):
-    rows = _metrics(runs / "rm")
+    rows = read_metrics(runs / "rm")
     _report("rm", rows, runs / "rm")
     train = [r["loss"] for r in rows if r["step"] >= 0]
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3, train
@@ -105,7 +88,7 @@ def test_rm_ranks_heldout_pairs(runs):
 
 
 def test_dpo_raises_margin(runs):
-    rows = _metrics(runs / "dpo")
+    rows = read_metrics(runs / "dpo")
     _report("dpo", rows, runs / "dpo")
     train = [r["loss"] for r in rows if r["step"] >= 0]
     assert abs(rows[0]["eval_reward_margin"]) < 1e-5       # policy == reference at the start
