@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainers import spawn  # same directory (pytest puts it on sys.path)
 
-ROOT = Path(__file__).resolve().parents[2]
+from distlib import ROOT
+from testlib import spawn
+
 STEPS, BATCH, MICRO, COEF = 5, 8, 4, 0.5
 REL_TOL = 1e-5
 
@@ -102,11 +103,10 @@ def _history(run_dir: Path) -> list[dict]:
 def test_moe_sft_aux_loss_under_zero3_matches_torch_reference(tmp_path):
     from hpc_rlhf.data.synthetic import write_toy_datasets
     from hpc_rlhf.models.tiny import build_tiny_model
-    from hpc_rlhf.topology import free_port
     write_toy_datasets(tmp_path / "data", n_train=64, n_eval=8)
     build_tiny_model(tmp_path / "moe", arch="mixtral")
     t0 = time.time()
-    spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
+    spawn(_worker, 2, (str(tmp_path),), timeout_s=240)
     spawn_s = time.time() - t0
     runs = {k: [r for r in _history(tmp_path / k) if r["step"] >= 0] for k in ("coef0", "coef")}
     got = {k: [r["loss"] for r in h] for k, h in runs.items()}
