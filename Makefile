@@ -6,7 +6,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Tests: everything but `gpu` (those skip themselves without CUDA anyway).
 PYTEST_ARGS ?= -m "not gpu"
 
-.PHONY: venv quickstart test test-unit lint clean-cache
+.PHONY: venv quickstart test test-unit test-stress lint clean-cache
 
 venv:
 	@bash scripts/make_venv.sh
@@ -21,6 +21,12 @@ test: venv
 
 test-unit: venv
 	$(PY) -m pytest -m unit
+
+# The multi-process tests (distributed, e2e, faults, SLURM) with a busy loop per two cores beside
+# them and every time bound scaled by HPC_RLHF_TEST_SLOWDOWN (default 3 here).
+test-stress: venv
+	HPC_RLHF_TEST_SLOWDOWN=$${HPC_RLHF_TEST_SLOWDOWN:-3} scripts/with_cpu_hog.sh \
+	  $(PY) -m pytest -m "not gpu and not unit" -p no:cacheprovider $(STRESS_ARGS)
 
 clean-cache:
 	rm -rf $${HPC_RLHF_CACHE:-$$HOME/.cache/hpc_rlhf}
