@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_trainers import spawn  # same directory (pytest puts it on sys.path)
 
+from distlib import ROOT
+from testlib import scaled, spawn
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH, MICRO = 5, 8, 4
 REL_TOL_TRAJ, REL_TOL_REF = 1e-5, 1e-5
 
@@ -114,9 +116,8 @@ def test_sft_ring_size_2_matches_ring_size_1(tmp_path):
     os.environ["HPC_RLHF_CACHE"] = str(tmp_path / "cache")  # private: others may rebuild theirs
     try:
         ensure_tiny_model(cache_dir() / "models", arch="llama")  # built before the ranks race
-        from hpc_rlhf.topology import free_port
         t0 = time.time()
-        spawn(_worker, 2, (free_port(), str(tmp_path)), timeout_s=240)
+        spawn(_worker, 2, (str(tmp_path),), timeout_s=240)
         spawn_s = time.time() - t0
         naive = _naive_step0_loss(tmp_path)
     finally:
@@ -179,16 +180,43 @@ def test_one_row_packing_and_labels_follow_the_batch_convention():
         ring_group_ranks(3, 2, 1)
 
 
+# make_strategy on a world of 3 with no default process group: run in a fresh interpreter,
+# since the pytest process may already hold a default group (an in-process vLLM engine makes a
+# world of 1), and then make_strategy would read that world's size instead of WORLD_SIZE.
+_WORLD_OF_3 = """
+import sys
+import torch.distributed as dist
+from hpc_rlhf.config import load_config
+from hpc_rlhf.train.recipe_common import make_strategy
+assert not dist.is_initialized()
+cfg = load_config(sys.argv[1], ["train.ring_attn_size=2"])
+try:
+    make_strategy(cfg, ring=True)
+except ValueError as e:
+    print(e)
+    sys.exit(0)
+sys.exit("make_strategy accepted rings of 2 in a world of 3")
+"""
+
+
 @pytest.mark.unit
-def test_recipes_without_a_ring_path_refuse_ring_size_above_1(monkeypatch):
+def test_recipes_without_a_ring_path_refuse_ring_size_above_1():
     """Other recipes would silently train without the ring (and with the wrong grad_accum)."""
     from hpc_rlhf.config import ConfigError, load_config
-    from hpc_rlhf.train.recipe_common import make_strategy
     # Refused by the config, before any job is queued ...
     with pytest.raises(ConfigError, match="not train.trainer='csft'; set train.ring_attn_size=1"):
         load_config(ROOT / "configs" / "csft_tiny.yaml", ["train.ring_attn_size=2"])
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    sft_cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", ["train.ring_attn_size=2"])
-    if not torch.distributed.is_initialized():  # a world of 3 ranks cannot hold rings of 2
-        with pytest.raises(ValueError, match="= 2 must divide the 3 training ranks"):
-            make_strategy(sft_cfg, ring=True)
+
+
+@pytest.mark.unit
+def test_ring_recipe_refuses_a_world_its_rings_do_not_divide():
+    """A world of 3 ranks (torchrun's WORLD_SIZE, no process group yet) cannot hold rings of 2."""
+    keep = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                         "TORCHELASTIC_USE_AGENT_STORE")}
+    config = ROOT / "configs" / "sft_tiny.yaml"
+    proc = subprocess.run([sys.executable, "-c", _WORLD_OF_3, str(config)],
+                          env={**keep, "WORLD_SIZE": "3"}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=scaled(120))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "= 2 must divide the 3 training ranks" in proc.stdout, proc.stdout
