@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from test_deepspeed_strategy import init_rank, run_ranks
+from distlib import init_rank, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
