@@ -6,6 +6,7 @@ skipped. HPC_RLHF_SLURM_DIR picks the cluster directory (default: one per pytest
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from testlib import REPO, scaled, slurm_rdzv_ports
+
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm_cluster.sh"
 FINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED",
 }
+_RDZV_TURN = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -32,12 +35,19 @@ class SlurmCluster:
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
 
+    def rdzv_port(self) -> str:
+        """A torchrun rendezvous port for the next job (RDZV_PORT of the sbatch scripts): one of
+        this cluster's own ports, in turn (testlib.slurm_rdzv_ports: no other cluster on this
+        host uses them, while 20000 + job id repeats across clusters)."""
+        ports = slurm_rdzv_ports(self.conf)
+        return str(ports[next(_RDZV_TURN) % len(ports)])
+
     def sbatch(self, script: Path, *args: str, sbatch_args: tuple[str, ...] = (),
                cwd: Path = REPO, **env: str) -> str:
         """Submit `script` (with program `args`); returns the job id."""
         out = subprocess.run(
             ["sbatch", "--parsable", *sbatch_args, str(script), *args],
-            cwd=cwd, env=self.env(**env), capture_output=True, text=True, timeout=30,
+            cwd=cwd, env=self.env(**env), capture_output=True, text=True, timeout=scaled(30),
         )
         assert out.returncode == 0, f"sbatch failed: {out.stdout}{out.stderr}"
         return out.stdout.strip().split(";")[0]
@@ -46,28 +56,30 @@ class SlurmCluster:
         """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...)."""
         out = subprocess.run(
             ["scontrol", "show", "job", "-o", job_id],
-            env=self.env(), capture_output=True, text=True, timeout=30,
+            env=self.env(), capture_output=True, text=True, timeout=scaled(30),
         )
         assert out.returncode == 0, f"scontrol show job {job_id}: {out.stdout}{out.stderr}"
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
     def wait(self, job_id: str, timeout: float, restarts: int = 0) -> dict[str, str]:
-        """Wait until the job is in a final state after at least `restarts` requeues."""
-        deadline = time.monotonic() + timeout
+        """Wait until the job is in a final state after at least `restarts` requeues (fail past
+        scaled(timeout))."""
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             info = self.job(job_id)
             if info["JobState"] in FINAL_STATES and int(info["Restarts"]) >= restarts:
                 return info
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"job {job_id} not finished after {timeout}s: {info}\n{self.logs()}"
+                    f"job {job_id} not finished after {scaled(timeout):.0f}s: {info}\n"
+                    f"{self.logs()}"
                 )
             time.sleep(0.5)
 
     def scancel_signal(self, job_id: str, signal: str = "USR1") -> None:
         out = subprocess.run(
             ["scancel", f"--signal={signal}", "--batch", job_id],
-            env=self.env(), capture_output=True, text=True, timeout=30,
+            env=self.env(), capture_output=True, text=True, timeout=scaled(30),
         )
         assert out.returncode == 0, f"scancel failed: {out.stdout}{out.stderr}"
 
@@ -98,13 +110,13 @@ def _enable_preemption(conf: Path) -> None:
         conf.write_text(text + PREEMPT_CONF)
         env = {**os.environ, "SLURM_CONF": str(conf)}
         out = subprocess.run(["scontrol", "reconfigure"], env=env, capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=scaled(60))
         assert out.returncode == 0, f"scontrol reconfigure: {out.stdout}{out.stderr}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while True:
         parts = subprocess.run(["sinfo", "-h", "-o", "%R"], env={**os.environ,
                                "SLURM_CONF": str(conf)}, capture_output=True, text=True,
-                               timeout=30).stdout.split()
+                               timeout=scaled(30)).stdout.split()
         if {"low", "high"} <= set(parts):
             return
         assert time.monotonic() < deadline, f"partitions low/high not up: {parts}"

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from testlib import REPO, scaled, wait_until
+
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the venv running pytest has torch and hpc_rlhf
 
 ALL_REDUCE_WORKER = """
@@ -38,9 +39,9 @@ set -euo pipefail
 # Rendezvous on the first node, by its SLURM address (node names need not resolve).
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 head_addr=$(scontrol show node "$head_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
-port=$((20000 + SLURM_JOB_ID % 20000))
+# RDZV_PORT: one of the test cluster's own ports (SlurmCluster.rdzv_port).
 srun --kill-on-bad-exit=1 "$PY" -m torch.distributed.run --nnodes 2 --nproc-per-node 2 \\
-    --rdzv-backend c10d --rdzv-endpoint "$head_addr:$port" --rdzv-id "$SLURM_JOB_ID" \\
+    --rdzv-backend c10d --rdzv-endpoint "$head_addr:$RDZV_PORT" --rdzv-id "$SLURM_JOB_ID" \\
     "$WORKER" "$OUT_DIR"
 """
 
@@ -72,13 +73,6 @@ echo "$total" > "$WORK/result"
 """
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.2)
-
-
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else f"<{path} missing>"
 
@@ -93,6 +87,7 @@ def test_two_node_torchrun_all_reduce(slurm_cluster, tmp_path):
     job = slurm_cluster.sbatch(
         script, sbatch_args=(f"--output={tmp_path}/job.out",), cwd=tmp_path,
         PY=PYTHON, WORKER=str(worker), OUT_DIR=str(out_dir),
+        RDZV_PORT=slurm_cluster.rdzv_port(),
     )
     info = slurm_cluster.wait(job, timeout=90)
     log = _read(tmp_path / "job.out")
@@ -120,8 +115,8 @@ def test_requeue_resumes_from_checkpoint(slurm_cluster, tmp_path):
             WORK=str(work), STEPS=str(steps),
         )
     progress = works["interrupted"] / "progress"
-    _wait_for(lambda: progress.exists() and progress.read_text().strip() not in ("", "1", "2"),
-              timeout=30, what="the job to reach step 3")
+    wait_until(lambda: progress.exists() and progress.read_text().strip() not in ("", "1", "2"),
+               30, "the job to reach step 3")
     slurm_cluster.scancel_signal(jobs["interrupted"], "USR1")
 
     info = slurm_cluster.wait(jobs["interrupted"], timeout=60, restarts=1)
@@ -141,7 +136,7 @@ def _submit_tiny(slurm_cluster, tmp_path: Path, *args: str) -> tuple[str, Path, 
     run_dir, log = tmp_path / "run", tmp_path / "tiny.out"
     job = slurm_cluster.sbatch(
         REPO / "slurm" / "tiny_test.sbatch", *args, sbatch_args=(f"--output={log}",),
-        PYTHON=PYTHON, RUN_DIR=str(run_dir),
+        PYTHON=PYTHON, RUN_DIR=str(run_dir), RDZV_PORT=slurm_cluster.rdzv_port(),
     )
     return job, run_dir, log
 
@@ -157,13 +152,13 @@ def test_failing_rank_fails_the_job_fast(slurm_cluster, tmp_path):
     job, run_dir, log = _submit_tiny(slurm_cluster, tmp_path, "--steps", "200", "--fail-rank", "3")
     # Rank 0 writes progress.json after step 0, when rank 3 exits: time the failure from there
     # (not from submission: starting 6 Python processes on a loaded CI host varies a lot).
-    _wait_for((run_dir / "progress.json").exists, timeout=90, what="step 0")
+    wait_until((run_dir / "progress.json").exists, 90, "step 0")
     failed_at = time.monotonic()
     info = slurm_cluster.wait(job, timeout=60)
     elapsed = time.monotonic() - failed_at
     text = _read(log)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (info, text)
-    assert elapsed < 30, f"the job took {elapsed:.0f}s to end after rank 3 exited"
+    assert elapsed < scaled(30), f"the job took {elapsed:.0f}s to end after rank 3 exited"
     # torchrun's error summary names the failing global rank.
     assert re.search(r"rank\s*:\s*3 \(local_rank: 1\)", text), text
 
@@ -184,8 +179,8 @@ def test_tiny_test_sbatch_usr1_checkpoints_and_requeues(slurm_cluster, tmp_path)
     job, run_dir, log = _submit_tiny(slurm_cluster, tmp_path, "--steps", str(steps),
                                      "--step-seconds", "0.1")
     progress = run_dir / "progress.json"
-    _wait_for(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 2,
-              timeout=90, what="tiny_test to reach step 2")
+    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 2,
+               90, "tiny_test to reach step 2")
     slurm_cluster.scancel_signal(job, "USR1")
     info = slurm_cluster.wait(job, timeout=120, restarts=1)
     text = _read(log)

@@ -3,15 +3,15 @@ slurm/ppo_70b.sbatch, running the real rank entry (hpc_rlhf.launch.main) with th
 of configs/tiny_disagg.yaml: 2 nodes x 2 ranks, 3 actor ranks + 1 rollout engine."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
+
+from testlib import REPO
 
 from hpc_rlhf.launch.sbatch import SbatchSpec, render_sbatch
 from hpc_rlhf.launch.smoke_roles import expected_total
 
 pytestmark = pytest.mark.slurm
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sbatch_rank_entry_builds_the_role_layout(slurm_cluster, tmp_path):
@@ -25,7 +25,7 @@ def test_sbatch_rank_entry_builds_the_role_layout(slurm_cluster, tmp_path):
     script.write_text(render_sbatch(spec))
     run_dir, log = tmp_path / "run", tmp_path / "tiny_main.out"
     job = slurm_cluster.sbatch(script, sbatch_args=(f"--output={log}",), PYTHON=sys.executable,
-                               RUN_DIR=str(run_dir))
+                               RUN_DIR=str(run_dir), RDZV_PORT=slurm_cluster.rdzv_port())
     info = slurm_cluster.wait(job, timeout=120)
     text = log.read_text() if log.exists() else ""
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), text
