@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from test_trainers import ROOT, _metrics, spawn  # same directory (pytest puts it on sys.path)
+from distlib import ROOT, read_metrics
+from testlib import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 TIMEOUT_S = 240
@@ -47,7 +48,6 @@ def runs(tmp_path_factory):
     from hpc_rlhf.data.synthetic import write_toy_datasets
     from hpc_rlhf.models.resolve import cache_dir
     from hpc_rlhf.models.tiny import ensure_tiny_model
-    from hpc_rlhf.topology import free_port
     tmp = tmp_path_factory.mktemp("trainers_extra")
     write_toy_datasets(tmp / "data", n_train=128, n_eval=32)
     old = os.environ.get("HPC_RLHF_CACHE")
@@ -55,7 +55,7 @@ def runs(tmp_path_factory):
     try:
         ensure_tiny_model(cache_dir() / "models", arch="llama")
         t0 = time.time()
-        spawn(_worker, 2, (free_port(), str(tmp)), TIMEOUT_S)
+        spawn(_worker, 2, (str(tmp),), TIMEOUT_S)
         print(f"\nsft+kto+prm+kd on 2 ranks: {time.time() - t0:.1f} s")
     finally:
         if old is None:
@@ -66,7 +66,7 @@ def runs(tmp_path_factory):
 
 
 def _show(name, runs):
-    rows = _metrics(runs / name)
+    rows = read_metrics(runs / name)
     print(f"{name} ({(runs / name / 'wall_s').read_text()} s): first {rows[0]} last {rows[-1]}")
     return rows
 
