@@ -7,32 +7,18 @@ pieces (best-of-n, best-vs-worst pairs, score tags) are checked against plain re
 """
 from __future__ import annotations
 
-import json
 import os
-import random
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_trainers import ROOT, _metrics, spawn  # same directory (pytest puts it on sys.path)
+from distlib import ROOT, read_metrics, write_scored_repeat
+from testlib import spawn
 
 TIMEOUT_S = 240
 RS_ROUNDS, DPO_ROUNDS = 6, 4
-
-
-def write_scored_repeat(path: Path, n: int, seed: int = 0) -> None:
-    """CSFT data: `repeat` prompts answered right ("cccccccc", score 8) or wrong ("zzzzzzzz",
-    score 0), half each. (With graded scores, k right letters then z's, the tiny model needs
-    > 120 steps before it uses the tag; two levels show the mechanism in 30.)"""
-    from hpc_rlhf.data.tasks import make_task
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for s in make_task("task:repeat", n, seed):
-            k = rng.choice((0, 8))
-            response = s.label * k + "z" * (8 - k)
-            f.write(json.dumps({"prompt": s.prompt, "response": response, "score": k}) + "\n")
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -66,7 +52,6 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
 def runs(tmp_path_factory):
     from hpc_rlhf.models.resolve import cache_dir
     from hpc_rlhf.models.tiny import ensure_tiny_model
-    from hpc_rlhf.topology import free_port
     tmp = tmp_path_factory.mktemp("generating")
     write_scored_repeat(tmp / "csft.jsonl", 256)
     old = os.environ.get("HPC_RLHF_CACHE")   # private model cache, as in test_trainers.py
@@ -74,7 +59,7 @@ def runs(tmp_path_factory):
     try:
         ensure_tiny_model(cache_dir() / "models", arch="llama")  # built before the ranks race
         t0 = time.time()
-        spawn(_worker, 2, (free_port(), str(tmp)), TIMEOUT_S)
+        spawn(_worker, 2, (str(tmp),), TIMEOUT_S)
     finally:
         if old is None:
             os.environ.pop("HPC_RLHF_CACHE", None)
@@ -134,7 +119,7 @@ def test_csft_tags_and_samples():
 @pytest.mark.distributed
 @pytest.mark.deepspeed
 def test_rejection_sampling_raises_best_reward(runs):
-    rows = _metrics(runs / "rs")
+    rows = read_metrics(runs / "rs")
     _show("rejection sampling", rows, runs / "rs",
           ("reward/best", "reward/mean", "sft/loss_first", "sft/loss_last"))
     assert [r["step"] for r in rows] == list(range(RS_ROUNDS))
@@ -148,7 +133,7 @@ def test_rejection_sampling_raises_best_reward(runs):
 @pytest.mark.distributed
 @pytest.mark.deepspeed
 def test_iterative_dpo_raises_margin(runs):
-    rows = _metrics(runs / "idpo")
+    rows = read_metrics(runs / "idpo")
     _show("iterative dpo", rows, runs / "idpo",
           ("reward/best", "reward/mean", "pairs", "margin/before", "margin/after"))
     assert [r["step"] for r in rows] == list(range(DPO_ROUNDS))
@@ -171,7 +156,7 @@ def test_csft_top_tag_gives_better_responses(runs):
     from hpc_rlhf.train.csft import conditioned_prompt_ids
     from hpc_rlhf.train.recipe_common import load_tokenizer
     from transformers import AutoModelForCausalLM
-    rows = _metrics(runs / "csft")
+    rows = read_metrics(runs / "csft")
     _show("csft (first and last step)", [rows[0], rows[-1]], runs / "csft", ("loss",))
     train = [r["loss"] for r in rows if r["step"] >= 0]
     assert train[-1] < 0.6 * train[0], train

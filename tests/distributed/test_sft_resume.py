@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_generating_trainers import write_scored_repeat  # same directory (on sys.path)
-from test_trainers import ROOT, spawn
+
+from distlib import ROOT, write_scored_repeat
+from testlib import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
@@ -78,26 +79,25 @@ def test_warned_rank_checkpoints_requeues_and_resume_matches(tmp_path, trainer):
     from hpc_rlhf.checkpoint.store import list_checkpoints
     from hpc_rlhf.data.synthetic import write_toy_datasets
     from hpc_rlhf.models.tiny import ensure_tiny_model
-    from hpc_rlhf.topology import free_port
     t0 = time.time()
     write_toy_datasets(tmp_path / "data", n_train=64, n_eval=8)
     write_scored_repeat(tmp_path / "data" / "csft_train.jsonl", 64)
     for arch in ("llama", "qwen2") if trainer == "kd" else ("llama",):
         ensure_tiny_model(tmp_path / "cache" / "models", arch=arch)  # before the ranks race
-    spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "whole", 0), 240)
+    spawn(_worker, 2, (str(tmp_path), trainer, "whole", 0), 240)
     whole = _losses(tmp_path / "whole")
     assert sorted(whole) == list(range(STEPS))
     assert [s for s, _ in list_checkpoints(tmp_path / "whole" / "checkpoints")] == [STEPS]
 
     run = tmp_path / "preempted"
-    spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "preempted", 2), 240)
+    spawn(_worker, 2, (str(tmp_path), trainer, "preempted", 2), 240)
     assert sorted(_losses(run)) == [0, 1]                  # both ranks stopped after step 2
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
     assert (run / "REQUEUE").exists()                      # rank 0 knew rank 1 was warned
     assert not (run / "hf").exists()                       # no export of an unfinished run
     (run / "REQUEUE").unlink()                             # what the launcher does
 
-    spawn(_worker, 2, (free_port(), str(tmp_path), trainer, "preempted", 0), 240)
+    spawn(_worker, 2, (str(tmp_path), trainer, "preempted", 0), 240)
     resumed = _losses(run)
     assert sorted(resumed) == list(range(STEPS))
     for step in (2, 3):
