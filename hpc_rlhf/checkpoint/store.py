@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.launch.faults import fault_point
+from hpc_rlhf.topology import collectives
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -47,8 +48,7 @@ def _world() -> int:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    collectives.barrier()
 
 
 class CheckpointWriteError(OSError):

@@ -105,16 +105,8 @@ def agreed_stop_vote(group=None) -> int:
     """Collective, once per step boundary on every rank of the default world (or of `group`, a
     standalone process group such as the disaggregated job group): the MAX of every rank's
     `stop_vote()`; when it is non-zero, `stop_agreed(vote)` has run on this rank."""
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor([stop_vote()], dtype=torch.long)
-    if group is not None:  # a standalone ProcessGroup: no default-world collective helpers
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX
-        group.allreduce([t], opts).wait()
-    elif dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    vote = int(t.item())
+    from hpc_rlhf.topology import collectives
+    vote = collectives.max_int(stop_vote(), group)
     if vote:
         stop_agreed(vote)  # every rank is here: disarm the SIGTERM watchdog for the save
     return vote

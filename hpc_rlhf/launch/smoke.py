@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    from hpc_rlhf.topology import collectives
+
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(os.environ.get("HPC_RLHF_RUN_DIR", "runs/smoke"))
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(start, args.steps):
         # [value, stop flag]: one collective carries both so every rank stops at the same step
         buf = torch.tensor([float((rank + 1) * (step + 1)), float(stop_requested)])
-        dist.all_reduce(buf)
+        collectives.all_reduce(buf)
         total += int(buf[0].item())
         if rank == args.fail_rank:
             print(f"[smoke] rank {rank} failing on purpose", flush=True)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 _write_json(ckpt_path, {"next_step": step + 1, "total": total})
                 (run_dir / "REQUEUE").touch()
                 print(f"[smoke] SIGUSR1: checkpoint at step {step + 1}, REQUEUE written", flush=True)
-            dist.barrier()
+            collectives.barrier()
             dist.destroy_process_group()
             return 0
         time.sleep(args.step_seconds)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             {"world": world, "steps": args.steps, "total": total, "restart": restart},
         )
         print(f"[smoke] done: world={world} steps={args.steps} total={total}", flush=True)
-    dist.barrier()
+    collectives.barrier()
     dist.destroy_process_group()
     return 0
 

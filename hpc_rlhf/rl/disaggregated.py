@@ -19,7 +19,6 @@ worlds are laid out by the topology but not driven by this recipe yet (config re
 """
 from __future__ import annotations
 
-import pickle
 import time
 from pathlib import Path
 
@@ -38,21 +37,8 @@ from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import PromptStream, prompt_stream, shard
 from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
 from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
+from hpc_rlhf.topology import collectives
 from hpc_rlhf.train.ring_rl import setup_rl_ring
-
-
-def all_gather_objects(obj, pg) -> list:
-    """Every rank's picklable `obj`, in rank order, over a standalone gloo group."""
-    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-    size = torch.tensor([data.numel()], dtype=torch.long)
-    sizes_ = [torch.zeros(1, dtype=torch.long) for _ in range(pg.size())]
-    pg.allgather([sizes_], [size]).wait()
-    longest = int(max(s.item() for s in sizes_))
-    padded = torch.zeros(longest, dtype=torch.uint8)
-    padded[:data.numel()] = data
-    out = [torch.zeros(longest, dtype=torch.uint8) for _ in range(pg.size())]
-    pg.allgather([out], [padded]).wait()
-    return [pickle.loads(t[:int(s.item())].numpy().tobytes()) for t, s in zip(out, sizes_)]
 
 
 def run(cfg: JobConfig, topo, run_dir: Path) -> None:
@@ -110,7 +96,7 @@ def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
         version = start  # optimizer steps behind the weights the engine holds
         pending = generate(start, version)
         for step in range(start, cfg.train.num_steps):
-            all_gather_objects(pending, job)      # step's episodes -> trainers
+            collectives.gather_objects(pending, job)      # step's episodes -> trainers
             last = step + 1 == cfg.train.num_steps
             if asynchronous and not last:         # overlaps the trainers' step: 1 step stale
                 pending = generate(step + 1, version)
@@ -126,14 +112,11 @@ def _serve(cfg: JobConfig, topo, prompts: PromptStream, job, sync) -> None:
 
 def _receive_start(job) -> int:
     """The step the trainers start from (0, or the resumed checkpoint's step)."""
-    t = torch.zeros(1, dtype=torch.long)
-    job.allreduce([t]).wait()  # trainers contribute start on global rank 0 only
-    return int(t.item())
+    return collectives.reduce_values([0], "sum", job, torch.long)[0]  # trainers send it
 
 
 # ---- trainer ranks --------------------------------------------------------------------------
 def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket: int) -> None:
-    import torch.distributed as dist
     strategy = build_strategy(cfg, s)
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
     setup_rl_ring(cfg, topo)  # train.ring_attn_size > 1: the topology's ring groups
@@ -153,8 +136,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
             start, extra = restored
             prompts.load_state_dict(extra["prompts"])
             kl_ctl.value = extra["kl_coef"]
-    t = torch.tensor([start if rank0 else 0], dtype=torch.long)
-    job.allreduce([t]).wait()
+    collectives.reduce_values([start if rank0 else 0], "sum", job, torch.long)
     sender = BroadcastSender(sync, 0, bucket_bytes=bucket) if sync is not None else None
     if start:
         _send_weights(strategy, models, sender)
@@ -168,7 +150,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         t0 = time.perf_counter()
         step_prompts = prompts.next_step()
         with timer("rollout"):  # trainers wait here while the engines generate
-            gathered = [x for x in all_gather_objects(None, job) if x is not None]
+            gathered = [x for x in collectives.gather_objects(None, job) if x is not None]
         gathered.sort(key=lambda x: x[0])
         rollouts = [r for _, _, rs in gathered for r in rs]  # prompt-major over all engines
         gen_time = max(x[1] for x in gathered)
@@ -202,11 +184,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         if sync_stats is not None:
             metrics.update(sync_stats.as_metrics())
         keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))
-        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(vals)
-            vals /= dist.get_world_size()
-        metrics.update(zip(keys, vals.tolist()))
+        metrics.update(collectives.mean_metrics({k: metrics[k] for k in keys}))
         logger.log(step + 1, metrics)
         stop = agreed_stop_vote(job) > 0  # MAX over the job group: 0 go on, 1 SIGTERM, 2 warned
         done = step + 1 == cfg.train.num_steps

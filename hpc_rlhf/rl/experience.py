@@ -16,9 +16,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 
 from hpc_rlhf.rl.masked import masked_sum
+from hpc_rlhf.topology import collectives
 
 
 @dataclass
@@ -106,8 +106,7 @@ def distributed_whiten(adv: torch.Tensor, mask: torch.Tensor, group=None,
     """`global_normalize` over every data-parallel rank's tokens together (REINFORCE++)."""
     stats = torch.stack([masked_sum(adv, mask), masked_sum(adv * adv, mask),
                          mask.sum().to(adv.dtype)]).double()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(stats, group=group)
+    stats = collectives.all_reduce(stats, "sum", group)
     total, total_sq, count = stats.tolist()
     if count == 0:
         return adv

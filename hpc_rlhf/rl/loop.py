@@ -27,6 +27,7 @@ from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import config_prompts, prompt_stream
 from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
+from hpc_rlhf.topology import collectives
 from hpc_rlhf.train.ring_rl import setup_rl_ring
 
 
@@ -114,7 +115,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
         metrics["time/step"] = time.perf_counter() - t0
         metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(
             metrics["time/rollout"], 1e-9)
-        metrics = _mean_over_ranks(metrics)
+        metrics = collectives.mean_metrics(metrics)
         logger.log(step + 1, metrics)
 
         # 6. Checkpoint: on schedule, at the end, or when SLURM warned us (then requeue).
@@ -208,7 +209,7 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
 
 
 def _agree_all(flag: bool) -> bool:
-    return not _agree(not flag)
+    return collectives.all_flag(flag)
 
 
 def _rollout_metrics(batch: Batch, rollouts) -> dict:
@@ -243,20 +244,4 @@ def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> flo
     return float(scores.float().mean())
 
 
-def _mean_over_ranks(metrics: dict) -> dict:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
 
-
-def _agree(flag: bool) -> bool:
-    """True on every rank if any rank got a checkpoint signal (all stop at the same step)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

@@ -32,9 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from hpc_rlhf.rl.experience import Batch
+from hpc_rlhf.topology import collectives
 
 
 @dataclass
@@ -94,11 +94,7 @@ def split_to_count(groups: list[list[int]], count: int, cost) -> list[list[int]]
 
 
 def _max_over_world(counts: list[int]) -> list[int]:
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not counts:
-        return counts
-    t = torch.tensor(counts, dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+    return collectives.reduce_values(counts, "max", dtype=torch.long)
 
 
 def _shares(batch: Batch, groups: list[list[int]], loss_agg: str) -> list[float]:

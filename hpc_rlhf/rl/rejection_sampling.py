@@ -43,6 +43,7 @@ from hpc_rlhf.rollout.protocol import Rollout, SamplingConfig
 from hpc_rlhf.train.recipe_common import (MetricLog, StepCheckpoints, export_hf, load_causal_lm,
                                           load_tokenizer, make_strategy)
 from hpc_rlhf.train.sft import train_sft
+from hpc_rlhf.topology import collectives
 
 
 # ---- pure pieces ----------------------------------------------------------------------------
@@ -107,20 +108,11 @@ def generate_scored(engine, reward_source, tokenizer, step_prompts: list[Prompt]
 
 def all_gather_list(items: list) -> list:
     """Every rank's `items`, concatenated in rank order (a plain copy in a world of one)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return list(items)
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, list(items))
-    return [x for part in out for x in part]
+    return [x for part in collectives.gather_objects(list(items)) for x in part]
 
 
 def mean_over_ranks(metrics: dict) -> dict:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+    return collectives.mean_metrics(metrics)
 
 
 def kept_samples(scored: Scored) -> tuple[list[SFTSample], torch.Tensor]:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.config import JobConfig
+from . import collectives
 from .layout import Layout, RankInfo, build_layout
 
 
@@ -240,27 +241,30 @@ class Topology:
             ) from e
 
     def all_reduce(self, tensor: torch.Tensor, name: str = "world") -> torch.Tensor:
-        """Sum `tensor` in place over group `name` (default-world or standalone group)."""
-        pg = self.groups[name]
+        """Sum `tensor` over group `name` (placed on the group's device for the collective)."""
         with self.named(name, "all_reduce"):
-            if pg is dist.group.WORLD or name in ("dp", "tp", "sp"):
-                dist.all_reduce(tensor, group=pg)
-            else:
-                pg.allreduce([tensor]).wait()
-        return tensor
+            return collectives.all_reduce(tensor, "sum", self.groups[name])
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0, name: str = "sync") -> torch.Tensor:
-        """Broadcast from group-local rank `root` of group `name`."""
+        """Broadcast from group-local rank `root` of group `name` (on the group's device)."""
         pg = self.groups[name]
         with self.named(name, "broadcast"):
-            if pg is dist.group.WORLD or name in ("dp", "tp", "sp"):
-                dist.broadcast(tensor, group=pg, group_src=root)
+            t = tensor.to(collectives.device_of(pg))
+            if collectives.is_standalone(pg):
+                pg.broadcast(t, root).wait()
             else:
-                pg.broadcast(tensor, root).wait()
+                dist.broadcast(t, group=pg, group_src=root)
+            if t is not tensor:
+                tensor.copy_(t)
         return tensor
 
     def barrier(self, name: str = "job") -> None:
-        self.all_reduce(torch.zeros(1), name)
+        with self.named(name, "barrier"):
+            collectives.barrier(self.groups[name])
+
+    def device(self, name: str) -> torch.device:
+        """Where tensors of group `name` must live (CUDA for NCCL, CPU for gloo)."""
+        return collectives.device_of(self.groups[name])
 
     def destroy(self) -> None:
         """Drop every group; the default world last. Safe to call twice."""

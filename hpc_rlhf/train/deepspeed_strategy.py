@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from hpc_rlhf.topology import collectives
 
 SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZERS = ("auto", "torch", "deepspeed")
@@ -336,10 +337,8 @@ class DeepSpeedStrategy:
         is_tensor = torch.is_tensor(metric)
         t = (metric.detach().clone() if is_tensor else torch.tensor(float(metric))).to(
             torch.float64 if not self.on_cuda else torch.float32)
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
-            t = t.to(self.device)
-            dist.all_reduce(t, group=group)
-            t /= dist.get_world_size(group)
+        if collectives.size_of(group) > 1:
+            t = collectives.all_reduce(t, "sum", group) / collectives.size_of(group)
         return t.to(metric.dtype).cpu() if is_tensor else t.item()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from hpc_rlhf.data import ChatFormat, TokenBatch, segment_sum, token_logprobs
+from hpc_rlhf.topology import collectives
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -238,7 +239,6 @@ class StepCheckpoints:
             print(f"[train] checkpointed at step {done_steps} on a signal; "
                   + ("requeue requested" if requeue else "no requeue (SIGTERM, not a preemption)"),
                   flush=True)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        collectives.barrier()
         self.stopped = True
         return True

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from hpc_rlhf.ring_attn import ring_forward
 from hpc_rlhf.train.logprobs import entropy_from_logits, logprobs_from_logits
 from hpc_rlhf.train.ring_common import Ring, enable_ring, ring_setup
+from hpc_rlhf.topology import collectives
 
 _CACHE: dict = {}  # "ring" -> (default group, size, autotp, Ring)
 
@@ -98,9 +99,7 @@ def gather_ring_batch(batch, ring: Ring | None):
     without a ring. Collective over the ring."""
     if ring is None:
         return batch
-    parts: list = [None] * ring.cfg.size
-    dist.all_gather_object(parts, batch, group=ring.group)
-    return concat_batches(parts)
+    return concat_batches(collectives.gather_objects(batch, ring.group))
 
 
 # ---- padded micro-batch <-> one packed row --------------------------------------------------
