@@ -1,5 +1,7 @@
-"""Helpers for the fault tests: start the real RL job (torchrun, gloo, 2 colocated ranks, HF
-rollout engine, tiny Llama), find its rank processes, wait for metrics, compare metrics."""
+"""The real RL job of the fault and SLURM suites (torchrun, gloo, 2 colocated ranks, HF rollout
+engine, tiny Llama): start it, find its rank processes, wait for metrics, compare metrics.
+A helper module of tests/ (on sys.path: the root conftest lives there), so tests/faults and
+tests/slurm import it alike."""
 from __future__ import annotations
 
 import json
@@ -13,10 +15,10 @@ from pathlib import Path
 
 import psutil
 
-from hpc_rlhf.launch.plan import torchrun_argv
-from hpc_rlhf.topology import free_port
+from testlib import REPO, TORCHRUN_ENDPOINT, TimedOutput, scaled
 
-REPO = Path(__file__).resolve().parents[2]
+from hpc_rlhf.launch.plan import torchrun_argv
+
 GRPO = str(REPO / "configs" / "grpo_tiny.yaml")
 STEPS = 5
 # grpo_tiny with the HF engine on 2 colocated ranks; every run of the suite uses these, so the
@@ -29,9 +31,9 @@ REL_TOL, ABS_TOL = 1e-5, 1e-6
 
 
 def rl_argv(overrides: list[str], shutdown_timeout_s: int = 10) -> list[str]:
-    argv = torchrun_argv(GRPO, [*RL_OVERRIDES, *overrides], 1, 2, f"127.0.0.1:{free_port()}",
-                         "faults", shutdown_timeout_s)
-    return argv
+    # c10d on port 0: torchrun binds a free port itself (no port found now and bound later).
+    return torchrun_argv(GRPO, [*RL_OVERRIDES, *overrides], 1, 2, TORCHRUN_ENDPOINT, "faults",
+                         shutdown_timeout_s)
 
 
 def rl_env(run_dir: Path, fault: str = "") -> dict:
@@ -53,23 +55,17 @@ def start_rl(run_dir: Path, overrides: list[str] = (), fault: str = "", env: dic
 
 
 def run_rl(run_dir: Path, overrides: list[str] = (), fault: str = "", timeout: float = 240,
-           env: dict | None = None) -> tuple[int, str, float]:
-    """(exit code, output, seconds from the injected fault to the launcher's exit, or from the
-    start when no fault was injected) of one whole job."""
-    t0 = time.monotonic()
+           env: dict | None = None) -> tuple[int, str, float | None]:
+    """(exit code, output, seconds from the fault-injection line to the launcher's exit: None
+    when no fault was injected) of one whole job; fails past scaled(timeout)."""
     proc = start_rl(run_dir, overrides, fault, env)
-    lines, t_fault = [], None
+    out = TimedOutput(proc)
     try:
-        for line in proc.stdout:  # bounded by the pytest timeout and the kill below
-            lines.append(line)
-            if t_fault is None and "HPC_RLHF_FAULT: injecting" in line:
-                t_fault = time.monotonic()
-            if time.monotonic() - t0 > timeout:
-                break
-        proc.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        rc, t_exit = out.wait(timeout)
     finally:
         kill_tree(proc)
-    return proc.returncode, "".join(lines), time.monotonic() - (t_fault or t0)
+    t_fault = out.first("HPC_RLHF_FAULT: injecting")   # hpc_rlhf/launch/faults.py prints it
+    return rc, out.text, None if t_fault is None else t_exit - t_fault
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -91,7 +87,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def rank_pid(proc: subprocess.Popen, rank: int, timeout: float = 60) -> int:
     """pid of global rank `rank` among the launcher's children (read from their RANK env)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
@@ -117,13 +113,13 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while step not in metrics(run_dir):
         if proc.poll() is not None:
             raise AssertionError(f"job exited ({proc.returncode}) before step {step}:\n"
                                  + proc.stdout.read()[-5000:])
         if time.monotonic() > deadline:
-            raise AssertionError(f"step {step} not logged within {timeout}s")
+            raise AssertionError(f"step {step} not logged within {scaled(timeout):.0f}s")
         time.sleep(0.1)
 
 

@@ -137,7 +137,9 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
             prompts.load_state_dict(extra["prompts"])
             kl_ctl.value = extra["kl_coef"]
     collectives.reduce_values([start if rank0 else 0], "sum", job, torch.long)
-    sender = BroadcastSender(sync, 0, bucket_bytes=bucket) if sync is not None else None
+    # Buckets live where the sync group's backend needs them (CUDA for NCCL; see transport).
+    sender = (BroadcastSender(sync, 0, bucket_bytes=bucket, verify=cfg.rollout.weight_sync_verify)
+              if sync is not None else None)
     if start:
         _send_weights(strategy, models, sender)
     logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
@@ -171,6 +173,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         with timer("train"):
             fault_point("train")
             train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
+            train_metrics["train/zero_stage"] = strategy.zero_stage
         with timer("weight_sync"):
             fault_point("weight_sync")
             sync_stats = _send_weights(strategy, models, sender)

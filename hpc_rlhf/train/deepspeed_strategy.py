@@ -252,6 +252,11 @@ class DeepSpeedStrategy:
             dist_init_required=False)
         return engine
 
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage the trainers of this world run (after `effective_zero_stage`)."""
+        return effective_zero_stage(self.cfg, self.world_size, train=True, on_cuda=self.on_cuda)
+
     def _run_cfg(self, *, train: bool) -> StrategyConfig:
         """cfg with the ZeRO stage this world actually runs (`effective_zero_stage`)."""
         stage = effective_zero_stage(self.cfg, self.world_size, train=train, on_cuda=self.on_cuda)
@@ -337,8 +342,7 @@ class DeepSpeedStrategy:
         is_tensor = torch.is_tensor(metric)
         t = (metric.detach().clone() if is_tensor else torch.tensor(float(metric))).to(
             torch.float64 if not self.on_cuda else torch.float32)
-        if collectives.size_of(group) > 1:
-            t = collectives.all_reduce(t, "sum", group) / collectives.size_of(group)
+        t = collectives.all_reduce(t, "sum", group) / collectives.size_of(group)
         return t.to(metric.dtype).cpu() if is_tensor else t.item()
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpc_rlhf.topology.collectives import device_of
 from hpc_rlhf.weight_sync.bucket import (ALIGN, Bucket, TensorMeta, _as_bytes, checksum,
                                          copy_bytes, unbucketize)
 from hpc_rlhf.weight_sync.staging import StagingRing
@@ -73,6 +74,11 @@ def sync_in_process(engine, named_tensors: Iterable[tuple[str, torch.Tensor]], *
     return stats
 
 
+def _wire_device(group, device) -> torch.device:
+    """`device` if given, else where the group's backend needs tensors (CUDA for NCCL)."""
+    return torch.device(device) if device is not None else device_of(group)
+
+
 def _bcast(group, tensor: torch.Tensor, src: int):
     """Post a broadcast; returns its work (or None for an empty tensor: nothing to move)."""
     return group.broadcast(tensor, src) if tensor.numel() else None
@@ -87,7 +93,8 @@ def _wait(works) -> None:
 class BroadcastSender:
     """Trainer side (group rank `src`): bucket and broadcast weights; reusable across syncs.
 
-    device: where buckets live for the wire ("cpu" for gloo, the local CUDA device for NCCL).
+    device: where buckets live for the wire; None (default) takes the group's: the current
+    CUDA device for NCCL, the CPU for gloo (hpc_rlhf.topology.collectives.device_of).
     verify: send a checksum per bucket; receivers raise on a mismatch (debug; costs a pass).
 
     Buckets are regions of a staging ring (staging.py: `regions` x bucket_bytes, kept between
@@ -101,9 +108,9 @@ class BroadcastSender:
     """
 
     def __init__(self, group, src: int, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                 device="cpu", verify: bool = False, regions: int = 2):
+                 device=None, verify: bool = False, regions: int = 2):
         self.group, self.src, self.bucket_bytes = group, src, bucket_bytes
-        self.device, self.verify, self.regions = torch.device(device), verify, regions
+        self.device, self.verify, self.regions = _wire_device(group, device), verify, regions
         self._ring: StagingRing | None = None
         self._reset_bucket()
         self._works: dict[int, list] = {}   # region -> posted works still reading it
@@ -213,8 +220,9 @@ class BroadcastReceiver:
     views until a whole layer has arrived), otherwise a fresh one is allocated.
     """
 
-    def __init__(self, group, src: int, *, device="cpu", pool: int = 3):
-        self.group, self.src, self.device, self.pool = group, src, torch.device(device), pool
+    def __init__(self, group, src: int, *, device=None, pool: int = 3):
+        self.group, self.src, self.pool = group, src, pool
+        self.device = _wire_device(group, device)
         self._pool: list[tuple[torch.Tensor, int]] = []  # (buffer, its idle storage use count)
 
     def _buffer(self, nbytes: int, capacity: int) -> torch.Tensor:
@@ -288,18 +296,18 @@ def _use_count(buf: torch.Tensor) -> int | None:
 
 
 def broadcast_weights(named_tensors: Iterable[tuple[str, torch.Tensor]], group, src: int, *,
-                      bucket_bytes: int = DEFAULT_BUCKET_BYTES, device="cpu",
+                      bucket_bytes: int = DEFAULT_BUCKET_BYTES, device=None,
                       verify: bool = False) -> SyncStats:
     """One-shot `BroadcastSender(...).send(named_tensors)`."""
     return BroadcastSender(group, src, bucket_bytes=bucket_bytes, device=device,
                            verify=verify).send(named_tensors)
 
 
-def receive_weights(group, src: int, *, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def receive_weights(group, src: int, *, device=None) -> Iterator[tuple[str, torch.Tensor]]:
     """One-shot `BroadcastReceiver(...).receive()`."""
     return BroadcastReceiver(group, src, device=device).receive()
 
 
-def sync_from_broadcast(engine, group, src: int, *, device="cpu") -> None:
+def sync_from_broadcast(engine, group, src: int, *, device=None) -> None:
     """One-shot `BroadcastReceiver(...).load_into(engine)`."""
     BroadcastReceiver(group, src, device=device).load_into(engine)

@@ -1,7 +1,7 @@
 """Fixtures of the fault suite: one uninterrupted RL run that every resumed run is compared to."""
 import pytest
 
-from faultlib import STEPS, metrics, run_rl
+from rljob import STEPS, metrics, run_rl
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ summary naming the killed rank, and the last complete checkpoint must still load
 job reproduces the uninterrupted run's metrics."""
 import pytest
 
-from faultlib import STEPS, assert_same_metrics, metrics, rank_failure, root_cause, run_rl
+from rljob import STEPS, assert_same_metrics, metrics, rank_failure, root_cause, run_rl
+from testlib import scaled
 
 from hpc_rlhf.checkpoint.store import list_checkpoints
 
@@ -14,13 +15,14 @@ KILL_AT = 3   # the 3rd pass through the phase = RL step 3 (steps 1 and 2 are ch
 
 def _assert_failed_fast_naming_rank1(rc, out, secs):
     assert rc != 0, out[-5000:]
-    assert secs < 60, f"job took {secs:.0f}s to fail"
+    assert secs is not None, f"no fault-injection line: {out[-5000:]}"
+    assert secs < scaled(60), f"job took {secs:.0f}s to fail after the kill"
     print(f"failed {secs:.1f}s after the kill")
     entry = rank_failure(out, 1)   # torchrun's summary names rank 1 and its signal
     assert "SIGKILL" in entry or "Signal 9" in entry, root_cause(out)[:3000]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(scaled(150))
 @pytest.mark.parametrize("phase", ["rollout", "train", "weight_sync"])
 def test_rank_killed_in_phase_fails_fast_and_keeps_checkpoints(tmp_path, phase):
     rc, out, secs = run_rl(tmp_path, ["checkpoint.save_every=1"],
@@ -31,7 +33,7 @@ def test_rank_killed_in_phase_fails_fast_and_keeps_checkpoints(tmp_path, phase):
     assert max(metrics(tmp_path)) == KILL_AT - 1   # step 3 never logged (sync precedes logging)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(scaled(240))
 def test_rank_killed_in_checkpoint_save_then_resume_matches_uninterrupted(tmp_path,
                                                                          reference_metrics):
     # Rank 1 dies after writing its part of checkpoint 3, before rank 0 commits it: the

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from faultlib import GRPO, REPO, metrics
+from rljob import GRPO, REPO, metrics
+from testlib import scaled
 
 pytestmark = pytest.mark.distributed
 
@@ -26,7 +27,7 @@ def _start_server(env):
     raise AssertionError(f"reward server did not start ({proc.wait()})")
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(scaled(180))
 def test_remote_reward_secrets_stay_out_of_the_run_dir(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -39,10 +40,10 @@ def test_remote_reward_secrets_stay_out_of_the_run_dir(tmp_path):
             [sys.executable, "-m", "hpc_rlhf.launch.main", "--config", GRPO, "rollout.engine=hf",
              "train.num_steps=2", "reward.source=remote", f"reward.remote_url={url}",
              "logging.tensorboard=true", "checkpoint.save_every=0"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=150)
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=scaled(150))
     finally:
         server.kill()
-        server.wait(timeout=10)
+        server.wait(timeout=scaled(10))
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-5000:]
     run_dir = tmp_path / "run"

@@ -18,13 +18,11 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests" / "faults"))
-from faultlib import GRPO, RL_OVERRIDES, assert_same_metrics, metrics, run_rl  # noqa: E402
+from rljob import GRPO, RL_OVERRIDES, assert_same_metrics, metrics, run_rl
+from testlib import REPO, scaled, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.deepspeed]
 STEPS = 12  # ~1-3 s each: the preemption must land mid-run
@@ -32,15 +30,7 @@ OVERRIDES = [*(o for o in RL_OVERRIDES if not o.startswith("train.num_steps=")),
              f"train.num_steps={STEPS}", "checkpoint.save_every=0"]
 
 
-def _wait_for(pred, timeout, what, info=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}\n" \
-                                            f"{info()}"
-        time.sleep(0.3)
-
-
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(scaled(400))
 def test_preempted_rl_job_checkpoints_is_requeued_and_matches_uninterrupted(slurm_cluster,
                                                                             tmp_path):
     rc, out, _ = run_rl(tmp_path / "reference", OVERRIDES)  # later overrides win
@@ -53,17 +43,18 @@ def test_preempted_rl_job_checkpoints_is_requeued_and_matches_uninterrupted(slur
             "launch.partition=low"]
     # The ranks' SIGTERM grace must fit in the partition's GraceTime (60 s) with the save.
     env = slurm_cluster.env(HPC_RLHF_TERM_GRACE_S="40", OMP_NUM_THREADS="1")
-    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=scaled(60))
     assert out.returncode == 0, out.stdout + out.stderr
     job = out.stdout.split("[submit] submitted job ")[1].split(":")[0]
     logs = lambda: "\n".join(p.read_text() for p in sorted((run / "submitit").glob("*.out")))
-    _wait_for(lambda: 1 in metrics(run), 120, "step 1", lambda: f"{slurm_cluster.job(job)}")
+    wait_until(lambda: 1 in metrics(run), 120, f"step 1 of job {job}")
 
     # A high-priority job that needs both whole nodes: slurmctld preempts the RL job.
     t_preempt = time.monotonic()
     out = subprocess.run(["sbatch", "--parsable", "-p", "high", "--nodes=2", "--exclusive",
                           f"--output={tmp_path}/high.out", "--wrap", "sleep 1"],
-                         env=slurm_cluster.env(), capture_output=True, text=True, timeout=30)
+                         env=slurm_cluster.env(), capture_output=True, text=True, timeout=scaled(30))
     assert out.returncode == 0, out.stdout + out.stderr
     high = out.stdout.strip().split(";")[0]
     info = slurm_cluster.wait(job, timeout=240, restarts=1)
