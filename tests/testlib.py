@@ -140,12 +140,12 @@ class TimedOutput:
         return rc, t_exit
 
 
-def slurm_rdzv_port(slurm_conf: Path, job_id: int) -> int:
-    """A torchrun rendezvous port on the head node of a job of the local test cluster that no
+def slurm_rdzv_ports(slurm_conf: Path) -> range:
+    """Ports for torchrun rendezvous on the head node of the local test cluster's jobs that no
     other cluster on this host uses: scripts/slurm_cluster.sh gives each cluster its own block
     of 10 ports from SlurmctldPort on (picked under a host-wide lock; the daemons use the first
-    3), so jobs use the other 7 in turn. (20000 + job id would repeat across clusters: every
+    3), so its jobs take the other 7 in turn. (20000 + job id repeats across clusters: every
     cluster numbers its jobs from 1.)"""
     import re
     ctld = int(re.search(r"^SlurmctldPort=(\d+)$", Path(slurm_conf).read_text(), re.M).group(1))
-    return ctld + 3 + int(job_id) % 7
+    return range(ctld + 3, ctld + 10)
