@@ -14,13 +14,14 @@ Each process makes only a standalone ProcessGroupGloo (no default world), as in 
 mode; vLLM's uniprocess executor then makes its own one-rank default world undisturbed.
 """
 import multiprocessing as mp
-import socket
 import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
+
+from testlib import scaled, store_server
 
 pytestmark = pytest.mark.distributed
 
@@ -29,17 +30,13 @@ LOGPROB_TOL = 1e-4
 PROMPTS = [[1, 4, 40, 41, 42], [1, 4, 50], [1, 4, 60, 61, 62, 63]]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sync_group(rank: int, world: int, port: int):
+    """The standalone gloo group; every rank is a client of the store the parent hosts at
+    `port` (testlib.store_server), so no rank binds a port found free earlier."""
     import torch.distributed as dist
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timedelta(seconds=60))
-    return dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", store), rank, world,
-                                 timedelta(seconds=60))
+    timeout = timedelta(seconds=scaled(60))
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    return dist.ProcessGroupGloo(dist.PrefixStore("weight_sync", store), rank, world, timeout)
 
 
 def put(queue, rank, kind, payload):
@@ -204,23 +201,24 @@ def _perturb(model, seed=3, scale=0.05):
 def run_procs(target, world, *args):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
     results = {}
-    try:
-        for _ in range(world):
-            rank, kind, payload = queue.get(timeout=TIMEOUT_S)
-            if kind == "error":
-                raise AssertionError(f"rank {rank} failed:\n{payload}")
-            import io
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
+    with store_server() as port:  # hosted here while the ranks run
+        procs = [ctx.Process(target=target, args=(r, world, port, *args, queue))
+                 for r in range(world)]
         for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
+            p.start()
+        try:
+            for _ in range(world):
+                rank, kind, payload = queue.get(timeout=scaled(TIMEOUT_S))
+                if kind == "error":
+                    raise AssertionError(f"rank {rank} failed:\n{payload}")
+                import io
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
     return results
 
 
