@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_trainers import ROOT, spawn  # same directory (pytest puts it on sys.path)
+
+from distlib import ROOT
+from testlib import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
@@ -72,10 +74,9 @@ def _rounds(run_dir: Path) -> dict[int, dict]:
 def test_warned_rank_checkpoints_round_requeues_and_resume_matches(tmp_path, recipe):
     from hpc_rlhf.checkpoint.store import list_checkpoints
     from hpc_rlhf.models.tiny import ensure_tiny_model
-    from hpc_rlhf.topology import free_port
     ensure_tiny_model(tmp_path / "cache" / "models", arch="llama")  # before the ranks race
     t0 = time.time()
-    spawn(_worker, 2, (free_port(), str(tmp_path), recipe,
+    spawn(_worker, 2, (str(tmp_path), recipe,
                        (("whole", 0), ("preempted", WARN_AT))), TIMEOUT_S)
     whole = _rounds(tmp_path / "whole")
     assert sorted(whole) == list(range(ROUNDS))
@@ -89,7 +90,7 @@ def test_warned_rank_checkpoints_round_requeues_and_resume_matches(tmp_path, rec
     assert not (run / "hf").exists()                        # no export of an unfinished run
     (run / "REQUEUE").unlink()                              # what the launcher does
 
-    spawn(_worker, 2, (free_port(), str(tmp_path), recipe, (("preempted", 0),)), TIMEOUT_S)
+    spawn(_worker, 2, (str(tmp_path), recipe, (("preempted", 0),)), TIMEOUT_S)
     resumed = _rounds(run)
     assert sorted(resumed) == list(range(ROUNDS))
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [WARN_AT, ROUNDS]
@@ -107,7 +108,7 @@ def test_warned_rank_checkpoints_round_requeues_and_resume_matches(tmp_path, rec
 GRACE_S = 3.0
 
 
-def _vote_worker(rank: int, world: int, port: int, store_port: int, tmp: str) -> None:
+def _vote_worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     os.environ.pop("SLURM_JOB_ID", None)  # request_requeue: no scontrol, warnings only
@@ -118,8 +119,11 @@ def _vote_worker(rank: int, world: int, port: int, store_port: int, tmp: str) ->
     from hpc_rlhf.launch import signals
     signals.install(grace_s=GRACE_S)  # SIGTERM: hard exit unless agreed
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    store = dist.TCPStore("127.0.0.1", store_port, world, rank == 0)
-    job = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=60))  # as topology/groups
+    # a standalone group on a PrefixStore of the job's store, as topology/groups builds its job
+    # group: here a client of the TCPStore that spawn hosts (no second port)
+    store = dist.PrefixStore("job", dist.TCPStore("127.0.0.1", port, world, False,
+                                                  timeout=timedelta(seconds=60)))
+    job = dist.ProcessGroupGloo(store, rank, world, timedelta(seconds=60))
 
     def votes() -> tuple[int, int]:
         return signals.agreed_stop_vote(), signals.agreed_stop_vote(job)
@@ -149,6 +153,5 @@ def test_agreed_stop_vote_is_the_max_over_the_world_and_a_standalone_group(tmp_p
     agrees, so that rank's SIGTERM watchdog does not hard-exit it after its grace; no requeue
     outside SLURM); STOP_WARNED on every rank once one was warned, and then request_requeue
     writes the marker on any rank."""
-    from hpc_rlhf.topology import free_port
-    spawn(_vote_worker, 2, (free_port(), free_port(), str(tmp_path)), 60)
+    spawn(_vote_worker, 2, (str(tmp_path),), 60)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["warned0", "warned1"]
