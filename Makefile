@@ -6,10 +6,14 @@ export TOKENIZERS_PARALLELISM ?= false
 # Tests: everything but `gpu` (those skip themselves without CUDA anyway).
 PYTEST_ARGS ?= -m "not gpu"
 
-.PHONY: venv quickstart test test-unit test-stress lint clean-cache
+.PHONY: venv venv-gpu quickstart test test-unit test-stress gpu-check gpu-check-prepare lint clean-cache
 
 venv:
 	@bash scripts/make_venv.sh
+
+# On a GPU cluster's login node: vLLM (CUDA) + DeepSpeed, pinned by constraints-gpu.txt.
+venv-gpu:
+	@bash scripts/make_venv.sh --gpu
 
 # GRPO end to end on the embedded SmolLM2-135M-Instruct, on this machine (no SLURM needed).
 quickstart: venv
@@ -27,6 +31,14 @@ test-unit: venv
 test-stress: venv
 	HPC_RLHF_TEST_SLOWDOWN=$${HPC_RLHF_TEST_SLOWDOWN:-3} scripts/with_cpu_hog.sh \
 	  $(PY) -m pytest -m "not gpu and not unit" -p no:cacheprovider $(STRESS_ARGS)
+
+# The one-command check on a machine with one CUDA GPU (scripts/gpu_check.sh); the wheels it may
+# need (DeepSpeed, pydantic, ...) are prepared here first by gpu-check-prepare.
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-check-prepare: venv
+	PYTHON=$(PY) bash scripts/gpu_check.sh --prepare
 
 clean-cache:
 	rm -rf $${HPC_RLHF_CACHE:-$$HOME/.cache/hpc_rlhf}

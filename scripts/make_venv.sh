@@ -1,10 +1,27 @@
 #!/usr/bin/env bash
 # Create .venv (if missing or incomplete) and install hpc_rlhf with the CPU extras, pinned by
 # constraints.txt. Idempotent: a finished venv is reused (a stamp file records the inputs).
+#
+# --gpu: a GPU cluster's login node instead (Linux x86-64, Python 3.10-3.12): `.[gpu,dev]` pinned
+# by constraints-gpu.txt (vLLM and the CUDA torch it pins, resolved in requirements-gpu.lock).
+# flash-attn is optional: see setup.cfg's `flash` extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
+if [[ "${1:-}" == "--gpu" ]]; then
+  stamp="$VENV/.hpc_rlhf_installed_gpu"
+  want=$(cat setup.cfg constraints-gpu.txt scripts/make_venv.sh | sha256sum | cut -c1-16)
+  [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && exit 0
+  echo "[make_venv] installing the GPU stack into $VENV"
+  [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip wheel
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints-gpu.txt \
+    -e ".[gpu,dev]"
+  "$VENV/bin/python" -c "import torch, deepspeed, transformers, vllm; print('[make_venv] ok: torch', torch.__version__, 'CUDA', torch.version.cuda, 'vllm', vllm.__version__)"
+  echo "$want" > "$stamp"
+  exit 0
+fi
 stamp="$VENV/.hpc_rlhf_installed"
 want=$(cat setup.cfg constraints.txt scripts/make_venv.sh | sha256sum | cut -c1-16)
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
