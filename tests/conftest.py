@@ -36,13 +36,28 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
+# REQUIRE_GPU=1 (scripts/gpu_check.sh): a `gpu` test that skips fails instead, except for
+# the optional packages below, whose tests skip with the reason printed.
+REQUIRE_GPU = os.environ.get("REQUIRE_GPU") == "1"
+OPTIONAL_GPU_PACKAGES = ("flash-attn", "flash_attn", "ring-flash-attn", "ring_flash_attn", "vllm")
+
+
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
+    import torch
+    if torch.cuda.is_available() or REQUIRE_GPU:
+        return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if "gpu" in item.keywords and not has_cuda:
+        if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_GPU and report.skipped and "gpu" in item.keywords:
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+        if not any(p in reason for p in OPTIONAL_GPU_PACKAGES):
+            report.outcome = "failed"
+            report.longrepr = f"REQUIRE_GPU=1, but the test skipped: {reason}"
