@@ -8,11 +8,12 @@ written plainly below.
 import json
 import math
 import os
-import socket
 import time
 
 import pytest
 import torch
+
+from testlib import scaled, spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
@@ -29,27 +30,16 @@ LOSS_TOL = 2e-5     # absolute, per step (fp32; only the reduction order differs
 PARAM_TOL = 1e-4    # absolute, final weights after 5 Adam steps
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(fn, world: int, args: tuple, timeout_s: float = 120.0) -> None:
-    """Spawn `world` processes running fn(rank, world, port, *args); fail (not hang) on timeout."""
-    import torch.multiprocessing as mp
-    ctx = mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            raise TimeoutError(f"{fn.__name__} did not finish in {timeout_s} s")
+    """Spawn `world` processes running fn(rank, world, port, *args); fail (not hang) past
+    scaled(timeout_s). `port` is a TCPStore this process already hosts (testlib.spawn): no
+    port is found free here and bound later by a rank."""
+    spawn(fn, world, args, timeout_s)
 
 
 def init_rank(rank: int, world: int, port: int) -> None:
+    """The torchrun-like environment of a spawned rank; DeepSpeed's env:// init joins the
+    parent's store at `port` as a client."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -154,7 +144,7 @@ def reference(tiny_path):
     return reference_run(tiny_path)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(scaled(300))
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_rank_trajectory_matches_single_process(case, trajectories, reference):
     results, out = trajectories
