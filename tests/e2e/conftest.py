@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from testlib import TORCHRUN_ENDPOINT, scaled
+
 from hpc_rlhf.metrics.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,13 +38,6 @@ def job_env() -> dict:
     return env
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Job:
     run_dir: Path
@@ -60,12 +55,14 @@ class Job:
         return "\n".join(lines[-n:])
 
     def wait(self, timeout_s: float) -> int:
+        """Exit code; fails the test past scaled(timeout_s)."""
         t0 = time.monotonic()
         try:
-            rc = self.proc.wait(timeout=timeout_s)
+            rc = self.proc.wait(timeout=scaled(timeout_s))
         except subprocess.TimeoutExpired:
             _kill_group(self.proc)
-            pytest.fail(f"timed out after {timeout_s:.0f}s: {' '.join(self.cmd)}\n{self.tail()}")
+            pytest.fail(f"timed out after {scaled(timeout_s):.0f}s: {' '.join(self.cmd)}\n"
+                        f"{self.tail()}")
         self.seconds += time.monotonic() - t0
         return rc
 
@@ -84,8 +81,10 @@ def _command(overrides, nproc: int) -> list:
              *overrides]
     if nproc == 1:
         return [sys.executable, *entry]
+    # c10d on port 0: torchrun binds a free port itself and tells its ranks (a port found
+    # free here and bound later by torchrun could be taken in between).
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *entry]
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", TORCHRUN_ENDPOINT, *entry]
 
 
 def start(run_dir: Path, overrides=(), nproc: int = 1, log_name: str = "job.log") -> Job:
