@@ -19,9 +19,10 @@ from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, request_requeue
+from hpc_rlhf.memory.schedule import ColocatedMemory
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
-                                    local_prompts, rollout_sampling, sync_weights)
+                                    local_prompts, policy_weights, rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
@@ -60,6 +61,8 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
 
     ckpt_dir = run_dir / "checkpoints"
     engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
+    # vLLM and DeepSpeed take turns on the GPU (memory/schedule.py); bookkeeping on a CPU.
+    mem = ColocatedMemory(engine, engines.values(), enabled=cfg.rollout.enable_sleep)
     start = 0
     if cfg.checkpoint.resume:
         restored = strategy.load_checkpoint(ckpt_dir, engines)
@@ -67,7 +70,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
             start, extra = restored
             prompts.load_state_dict(extra["prompts"])
             kl_ctl.value = extra["kl_coef"]
-            sync_weights(strategy, models.actor, engine)  # the engine still has step-0 weights
+            mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
             if rank == 0:
                 print(f"[rl] resumed from step {start} ({ckpt_dir})", flush=True)
 
@@ -78,10 +81,12 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                            start_step=start)
     timer = Timer()
     if cfg.eval.every and start == 0 and reward_source is not None:  # the baseline
+        mem.to_rollout()
         baseline = _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world)
         logger.log(0, {"eval/reward": baseline})
     for step in range(start, cfg.train.num_steps):
         t0 = time.perf_counter()
+        mem.to_rollout()
         # 1-2. Rollout (n samples per prompt, or agent episodes) and rewards; with dynamic
         # filtering, groups whose rewards are all equal are replaced by fresh prompts.
         episodes, rewards, collect_metrics = _collect_step(cfg, engine, tok, prompts,
@@ -92,26 +97,29 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                            action_masks=None if agent is None else
                            [e.action_mask for e in episodes])
         # 3. Experience: the engine sleeps while the trainer holds the memory.
-        engine.sleep()
+        mem.to_train()
         with timer("experience"):
             batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
         # 4. Train.
         with timer("train"):
             fault_point("train")
             train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
-        # 5. Weight sync: wake the weights, load the new ones, then the KV cache.
+        # 5. Weight sync: wake vLLM's weights, load the new ones (KV cache wakes at rollout).
         with timer("weight_sync"):
             fault_point("weight_sync")
-            sync_weights(strategy, models.actor, engine)
+            mem.sync(policy_weights(strategy, models.actor))
         if "kl/mean" in exp_metrics:
             kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
         metrics = {**exp_metrics, **train_metrics, **_rollout_metrics(batch, episodes),
                    **collect_metrics, "kl/coef": kl_ctl.value}
         if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and reward_source is not None:
             with timer("eval"):
+                mem.to_rollout()
                 metrics["eval/reward"] = _evaluate(cfg, engine, reward_source, tok, eval_prompts,
                                                    rank, world)
         metrics.update(timer.pop())
+        metrics.update(mem.metrics())
+        metrics["train/zero_stage"] = strategy.zero_stage  # the stage that ran, not the asked
         metrics["time/step"] = time.perf_counter() - t0
         metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(
             metrics["time/rollout"], 1e-9)
@@ -123,6 +131,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
         done = step + 1 == cfg.train.num_steps
         every = cfg.checkpoint.save_every
         if stop or (every and (step + 1) % every == 0) or done:
+            mem.to_train()  # DeepSpeed states resident for the save
             strategy.save_checkpoint(ckpt_dir, step + 1, engines,
                                      {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
                                      keep_last=cfg.checkpoint.keep_last)
@@ -138,6 +147,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     logger.close()
     if cfg.checkpoint.export_hf:
         from hpc_rlhf.rl.components import export_actor
+        mem.to_train()
         export_actor(strategy, models, run_dir / "export", rank)
     if rank == 0:
         print(summary(run_dir), flush=True)
