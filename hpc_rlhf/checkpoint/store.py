@@ -138,6 +138,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, engines: dict,
             torch.save({"step": step, "extra": extra_state}, tmp / "trainer_state.pt")
     except (OSError, RuntimeError) as e:
         # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos".
+        # Nothing half-written stays: the partial directory would hold the space a retry or the
+        # requeued job needs (other ranks still writing into it fail too, and the job ends).
+        shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(root).free if root.exists() else 0
         raise CheckpointWriteError(
             f"rank {rank}: writing checkpoint step {step} into {tmp} failed ({e}). The disk may "
