@@ -25,8 +25,8 @@ STEPS = 5
 # reference run's metrics are comparable with every resumed run's.
 RL_OVERRIDES = ["rollout.engine=hf", "topology.procs_per_node=2", f"train.num_steps={STEPS}",
                 "logging.tensorboard=false", "topology.timeout_s=30"]
-# Metrics that depend on wall time, not on the computation.
-TIMING_PREFIXES = ("time/", "throughput/")
+# Metrics that depend on wall time or the process's memory history, not on the computation.
+TIMING_PREFIXES = ("time/", "throughput/", "memory/")
 REL_TOL, ABS_TOL = 1e-5, 1e-6
 
 
