@@ -138,7 +138,9 @@ class TorchrunTask:
                                    text=True).stdout
         addr = next((w.split("=", 1)[1] for w in node_info.split() if w.startswith("NodeAddr=")),
                     head)
-        port = 20000 + int(job_id) % 20000
+        # As in the sbatch scripts: $RDZV_PORT if the job's environment sets it, else derived
+        # from the job id so that jobs sharing a node differ.
+        port = int(os.environ.get("RDZV_PORT") or 20000 + int(job_id) % 20000)
         argv = planlib.torchrun_argv(self.config_path, self.overrides, env.num_nodes,
                                      self.nproc_per_node, f"{addr}:{port}", str(job_id),
                                      self.shutdown_timeout_s, self.python)

@@ -33,7 +33,11 @@ class SlurmCluster:
     conf: Path
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, "SLURM_CONF": str(self.conf), **extra}
+        """This process's environment for a SLURM command: the cluster's config, and a
+        rendezvous port of its own for any job submitted with it (RDZV_PORT, read by the
+        sbatch scripts and by submit's torchrun task)."""
+        return {**os.environ, "SLURM_CONF": str(self.conf), "RDZV_PORT": self.rdzv_port(),
+                **extra}
 
     def rdzv_port(self) -> str:
         """A torchrun rendezvous port for the next job (RDZV_PORT of the sbatch scripts): one of
