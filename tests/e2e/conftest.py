@@ -76,8 +76,8 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _command(overrides, nproc: int) -> list:
-    entry = ["-m", "hpc_rlhf.launch.main", "--config", str(CONFIG), *BASE_OVERRIDES,
+def _command(overrides, nproc: int, config: Path = CONFIG) -> list:
+    entry = ["-m", "hpc_rlhf.launch.main", "--config", str(config), *BASE_OVERRIDES,
              *overrides]
     if nproc == 1:
         return [sys.executable, *entry]
@@ -87,10 +87,11 @@ def _command(overrides, nproc: int) -> list:
             "--rdzv-backend", "c10d", "--rdzv-endpoint", TORCHRUN_ENDPOINT, *entry]
 
 
-def start(run_dir: Path, overrides=(), nproc: int = 1, log_name: str = "job.log") -> Job:
+def start(run_dir: Path, overrides=(), nproc: int = 1, log_name: str = "job.log",
+          config: Path = CONFIG) -> Job:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = _command([f"launch.run_dir={run_dir}", *overrides], nproc)
+    cmd = _command([f"launch.run_dir={run_dir}", *overrides], nproc, config)
     log = run_dir.parent / f"{run_dir.name}.{log_name}"
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=out,
@@ -99,10 +100,11 @@ def start(run_dir: Path, overrides=(), nproc: int = 1, log_name: str = "job.log"
 
 
 def run(run_dir: Path, overrides=(), nproc: int = 1, timeout_s: float = 300,
-        log_name: str = "job.log") -> Job:
-    """Run a job to completion; fail the test (with the log's tail) unless it exits 0."""
+        log_name: str = "job.log", config: Path = CONFIG) -> Job:
+    """Run a job (configs/grpo_tiny.yaml unless `config` names another) to completion; fail
+    the test (with the log's tail) unless it exits 0."""
     t0 = time.monotonic()
-    job = start(run_dir, overrides, nproc, log_name)
+    job = start(run_dir, overrides, nproc, log_name, config)
     rc = job.wait(timeout_s)
     job.seconds = time.monotonic() - t0
     if rc != 0:
@@ -112,7 +114,7 @@ def run(run_dir: Path, overrides=(), nproc: int = 1, timeout_s: float = 300,
 
 @pytest.fixture(scope="session")
 def rl_job():
-    """run(run_dir, overrides=(), nproc=1, timeout_s=300, log_name=...) -> finished Job."""
+    """run(run_dir, overrides=(), nproc=1, timeout_s=300, log_name=..., config=...) -> Job."""
     return run
 
 

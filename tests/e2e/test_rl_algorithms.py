@@ -81,12 +81,10 @@ SHORT = ("rollout.engine=hf", "train.num_steps=2", "logging.progress_bar=false")
 
 
 @pytest.mark.parametrize("name", CONFIG_FILES)
-def test_example_config_runs_as_written(name, tmp_path, rl_job, monkeypatch):
+def test_example_config_runs_as_written(name, tmp_path, rl_job):
     """configs/<name>.yaml (what a user starts from) loads, validates and trains 2 steps."""
     path = REPO / "configs" / f"{name}.yaml"
-    # rl_job launches `--config <its CONFIG>` (grpo_tiny.yaml): point it at this file instead.
-    monkeypatch.setitem(rl_job.__globals__, "CONFIG", path)
-    job = rl_job(tmp_path / name, SHORT)
+    job = rl_job(tmp_path / name, SHORT, config=path)
     # The run used this file: its resolved config carries the file's algorithm settings.
     written = yaml.safe_load(path.read_text())
     ran = yaml.safe_load((job.run_dir / "config.yaml").read_text())
