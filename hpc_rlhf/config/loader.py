@@ -15,6 +15,13 @@ import yaml
 
 from .schema import JobConfig
 
+# Fields that existed and were accepted without effect: why they are gone, and what to do.
+REMOVED = {
+    "launch.rdzv_port": "removed (it was never used); the rendezvous port is derived from the "
+                        "job id so jobs sharing a node differ; to choose one, set RDZV_PORT=N "
+                        "in the environment you submit from",
+}
+
 
 class ConfigError(ValueError):
     """All problems found in a config, one per line."""
@@ -101,7 +108,8 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in hints:
-            errors.append(f"unknown key {full}{_suggest(full, section_keys)}")
+            errors.append(f"unknown key {full}: {REMOVED[full]}" if full in REMOVED else
+                          f"unknown key {full}{_suggest(full, section_keys)}")
             continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):

@@ -199,17 +199,20 @@ class LaunchConfig:
     cpus_per_node: int = opt(0, "CPUs per node to request (0 = SLURM default)", ge=0)
     mem: str = opt("0", "memory per node ('0' = all of it)")
     signal_lead_s: int = opt(300, "SLURM sends USR1 this long before the time limit", gt=0)
-    requeue: bool = opt(True, "on preemption / time limit: checkpoint, requeue and resume")
+    requeue: bool = opt(True, "on preemption / time limit: checkpoint, requeue and resume "
+                        "(false: checkpoint and end the job)")
     setup: tuple = opt((), "shell lines run before the job (module load, source venv, ...)")
-    rdzv_port: int = opt(29500, "torchrun rendezvous port on the first node", gt=1024, lt=65536)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = opt(True, "write tensorboard event files to the run directory")
     wandb_project: str = opt("", "wandb project ('' = off; needs wandb installed)")
-    log_every: int = opt(1, "log metrics every N steps", gt=0)
+    log_every: int = opt(0, "print a line of metrics every N steps (0 = none: the progress bar; "
+                         "metrics.jsonl and tensorboard get every step)", ge=0)
     progress_bar: bool = opt(True, "show a progress bar on rank 0")
+    samples_per_step: int = opt(0, "RL: append this many of rank 0's samples per step (query, "
+                                "response, reward as scored) to samples.jsonl (0 = none)", ge=0)
 
 
 @dataclass(frozen=True)

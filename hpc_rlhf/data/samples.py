@@ -115,7 +115,9 @@ def _response_of(row: Row, fmt: ChatFormat, key: str, prompt) -> tuple[list[int]
 
 
 def pair_sample(row: Row, fmt: ChatFormat, input_key: str, chosen_key: str,
-                rejected_key: str) -> PairSample:
+                rejected_key: str, margin_key: str = MARGIN_KEY) -> PairSample:
+    """A (prompt, chosen, rejected) pair; `margin_key` (optional in the row) is the reward
+    model's margin, 0 when absent. DPO ignores it."""
     prompt = get_field(row, input_key, required=False)
     if prompt is not None:
         prompt = get_text_or_messages(row, input_key)
@@ -124,7 +126,7 @@ def pair_sample(row: Row, fmt: ChatFormat, input_key: str, chosen_key: str,
     if pc != pr:
         raise DataError(row.file, row.index, rejected_key, "has a different prompt than "
                         f"{chosen_key!r}; a pair must share its prompt")
-    margin = get_float(row, MARGIN_KEY) if MARGIN_KEY in row.data else 0.0
+    margin = get_float(row, margin_key) if margin_key in row.data else 0.0
     return PairSample(pc, chosen, rejected, margin)
 
 

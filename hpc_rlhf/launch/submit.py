@@ -227,7 +227,8 @@ def submit_slurm(cfg: JobConfig, args, run_dir: Path):
     folder = Path(args.folder or run_dir / "submitit")
     ex = submitit.SlurmExecutor(folder=folder, python=sys.executable)
     gpus = gpus_per_node(cfg)
-    extra = {"requeue": True}
+    # launch.requeue=false: the ranks still checkpoint on a signal but write no REQUEUE marker
+    extra = {"requeue": True} if cfg.launch.requeue else {"no_requeue": True}
     params = dict(job_name=cfg.launch.name, nodes=cfg.topology.nodes, ntasks_per_node=1,
                   time=_time_minutes(cfg.launch.time), signal_delay_s=cfg.launch.signal_lead_s,
                   srun_args=["--kill-on-bad-exit=1"], additional_parameters=extra,

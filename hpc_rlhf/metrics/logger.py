@@ -34,10 +34,13 @@ class Timer:
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool = True,
                  wandb_project: str = "", progress_total: int = 0, progress_bar: bool = True,
-                 run_name: str = "", config: dict | None = None, start_step: int = 0):
-        self.enabled = enabled
+                 run_name: str = "", config: dict | None = None, start_step: int = 0,
+                 print_every: int = 0):
+        self.enabled, self.print_every, self.run_name = enabled, print_every, run_name
+        self.total = progress_total
         self._tb = self._wandb = self._bar = None
-        self._file = None
+        self._file = self._samples = None
+        self._dir = run_dir
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -78,8 +81,28 @@ class MetricsLogger:
                      "time/step": "step_s"}
             shown = {short: f"{clean[k]:.3g}" for k, short in names.items() if k in clean}
             self._bar.set_postfix(shown)
+        if self.print_every and step % self.print_every == 0:
+            line = f"[{self.run_name or 'metrics'}] step {step}" + (
+                f"/{self.total}" if self.total else "") + ": " + " ".join(
+                f"{k}={v:.4g}" for k, v in clean.items())
+            if self._bar is not None:
+                self._bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def samples(self, step: int, records: list[dict]) -> None:
+        """Append `records` (dicts of text and numbers) to samples.jsonl, tagged with `step`."""
+        if not self.enabled or not records:
+            return
+        if self._samples is None:
+            self._samples = open(self._dir / "samples.jsonl", "a")
+        for rec in records:
+            self._samples.write(json.dumps({"step": step, **rec}) + "\n")
+        self._samples.flush()
 
     def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
         for h in (self._bar, self._tb):
             if h is not None:
                 h.close()

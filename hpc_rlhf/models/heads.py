@@ -41,9 +41,14 @@ class ValueModel(nn.Module):
         base = self.hf_base
         return getattr(base, base.base_model_prefix)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, use_cache: bool = False
+                ) -> torch.Tensor:
+        """Padded rows (attention_mask) or packed rows (position_ids restart per sample, no
+        mask), as an HF causal LM takes them; `use_cache` is accepted for that call shape."""
         if position_ids is None:
+            if attention_mask is None:
+                raise ValueError("ValueModel needs attention_mask or position_ids")
             position_ids = position_ids_from_mask(attention_mask)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state

@@ -34,6 +34,16 @@ class LoraSpec:
         if self.qlora and not self.rank:
             raise ValueError("LoraSpec.qlora=True needs rank > 0 (QLoRA trains adapters only)")
 
+    @classmethod
+    def of(cls, model_cfg) -> "LoraSpec | None":
+        """config.ModelConfig's model.lora_* / load_in_4bit, or None when model.lora_rank=0;
+        every trainer's trained model (policy, critic, reward model) uses it."""
+        if not model_cfg.lora_rank:
+            return None
+        return cls(rank=model_cfg.lora_rank, alpha=model_cfg.lora_alpha,
+                   dropout=model_cfg.lora_dropout, targets=tuple(model_cfg.lora_targets),
+                   qlora=model_cfg.load_in_4bit)
+
 
 def quantization_config(spec: LoraSpec):
     """The 4-bit BitsAndBytesConfig for QLoRA, or None; clear error where it cannot run."""

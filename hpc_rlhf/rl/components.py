@@ -77,12 +77,8 @@ def build_models(cfg: JobConfig, strategy) -> Models:
 
 def _lora_spec(cfg: JobConfig):
     """model.lora_* as a LoraSpec (actor and critic alike), or None without LoRA."""
-    if not cfg.model.lora_rank:
-        return None
     from hpc_rlhf.models.lora import LoraSpec
-    return LoraSpec(rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha,
-                    dropout=cfg.model.lora_dropout, targets=tuple(cfg.model.lora_targets),
-                    qlora=cfg.model.load_in_4bit)
+    return LoraSpec.of(cfg.model)
 
 
 def _sizes_of(cfg):
@@ -174,7 +170,8 @@ def sync_weights(strategy, actor, engine) -> None:
     engine.wake(("kv_cache",))
 
 
-def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> None:
-    """The final policy as a plain HF directory (safetensors + config + tokenizer)."""
+def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> Path | None:
+    """The final policy as a plain HF directory (safetensors + config + tokenizer); the
+    directory on global rank 0, None elsewhere."""
     from hpc_rlhf.checkpoint.export import export_hf
-    export_hf(models.actor, out_dir, models.tokenizer, strategy=strategy)
+    return export_hf(models.actor, out_dir, models.tokenizer, strategy=strategy)

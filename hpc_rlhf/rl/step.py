@@ -46,6 +46,17 @@ def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes) -> tor
     return rewards
 
 
+def sample_records(tok, prompts, episodes, rewards: torch.Tensor, k: int) -> list[dict]:
+    """The first `k` samples as scored: the query text (prompt as the model saw it), the
+    decoded response and its reward (logging.samples_per_step -> samples.jsonl)."""
+    out = []
+    for e, r in list(zip(episodes, rewards.tolist()))[:k]:
+        out.append({"query": prompts[e.prompt_index].text, "label": prompts[e.prompt_index].label,
+                    "response": tok.decode(e.response_ids, skip_special_tokens=True),
+                    "reward": float(r)})
+    return out
+
+
 def _forward_rows(fn, batch: Batch, micro: int, max_tokens: int = 0, group: int = 1
                   ) -> torch.Tensor:
     """Run fn(micro_batch) -> [b, r] over the batch's micro-batches (fixed size, or by token

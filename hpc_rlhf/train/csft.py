@@ -24,7 +24,8 @@ from pathlib import Path
 from hpc_rlhf.data import load_samples, read_rows, sft_sample
 from hpc_rlhf.data.readers import Row
 from hpc_rlhf.data.rows import DataError, get_float, get_text_or_messages
-from hpc_rlhf.train.recipe_common import (MetricLog, StepCheckpoints, chat_format, export_hf,
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (chat_format,
                                           load_causal_lm, load_tokenizer, make_strategy)
 from hpc_rlhf.train.sft import train_sft
 
@@ -103,10 +104,9 @@ def run(cfg, topo, run_dir: Path) -> None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "csft_scores.json").write_text(json.dumps(
             {"score_min": lo, "score_max": hi, "tag": SCORE_TAG, "top_score": TOP_SCORE}))
-    engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
+    engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))
+    ctx = RunContext(cfg, strategy, run_dir, name="csft")
+    ckpt = ctx.checkpoints({"model": engine})
     train_sft(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        export_hf(strategy, engine, tokenizer, Path(run_dir) / "hf")
+              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ckpt=ckpt)
+    ctx.finish(engine, tokenizer)

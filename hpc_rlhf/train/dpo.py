@@ -20,8 +20,9 @@ import torch
 from hpc_rlhf.data import pair_batch, pair_sample, rank_micro_batches, step_indices
 from hpc_rlhf.train.losses_pref import preference_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
-from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, StepCheckpoints,
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
+                                          make_strategy,
                                           policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
                                         scaled, sequence_logps_any)
@@ -53,7 +54,7 @@ def eval_pairs(policy, ref, samples, *, beta: float, pad_id: int, packing: bool,
 
 
 def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-              log: MetricLog, eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
+              log: StepLog, eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
     """The loop. `ring` (ring_common.ring_setup): sequence parallelism; both models must then
     use ring attention (ring_common.enable_ring)."""
     t = train_cfg
@@ -107,10 +108,9 @@ def run(cfg, topo, run_dir: Path) -> None:
     samples, eval_samples, _ = load_train_eval(d, make, name="dpo",
                                                rank=strategy.rank)
     policy, ref = policy_and_reference(cfg, strategy, ring)
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)
+    ctx = RunContext(cfg, strategy, run_dir, name="dpo")
+    ckpt = ctx.checkpoints({"model": policy})
     train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
               ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
+    ctx.finish(policy, tokenizer)

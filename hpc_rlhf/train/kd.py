@@ -16,9 +16,9 @@ import torch
 
 from hpc_rlhf.data import rank_micro_batches, sft_batch, sft_sample, step_indices
 from hpc_rlhf.train.losses_pref import kd_forward_kl
-from hpc_rlhf.train.recipe_common import (chat_format, export_hf, forward_logits, load_causal_lm,
-                                          load_tokenizer, load_train_eval, make_strategy,
-                                          MetricLog, StepCheckpoints)
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (chat_format, forward_logits, load_causal_lm,
+                                          load_tokenizer, load_train_eval, make_strategy)
 
 
 def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.Tensor:
@@ -79,11 +79,10 @@ def run(cfg, topo, run_dir: Path) -> None:
                    output_key=d.output_key)
     samples, eval_samples, _ = load_train_eval(d, make, name="kd",
                                                rank=strategy.rank)
-    student = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    student = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))
     teacher = strategy.prepare_eval_model(load_causal_lm(cfg.train.teacher_path, cfg.model))
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": student}, run_dir)
+    ctx = RunContext(cfg, strategy, run_dir, name="kd")
+    ckpt = ctx.checkpoints({"model": student})
     train_kd(student, teacher, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        export_hf(strategy, student, tokenizer, Path(run_dir) / "hf")
+             pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ckpt=ckpt)
+    ctx.finish(student, tokenizer)

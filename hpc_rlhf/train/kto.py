@@ -19,15 +19,13 @@ import torch
 from hpc_rlhf.data import (kto_batch, kto_sample, prompt_response_batch,
                            rank_micro_batches, step_indices)
 from hpc_rlhf.train.losses_pref import kto_loss
-from hpc_rlhf.train.recipe_common import (chat_format, export_hf, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, StepCheckpoints,
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
+                                          make_strategy,
                                           policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
                                         scaled, sequence_logps_any)
 
-# Loss weights of desirable / undesirable samples (no config fields yet; TRL's defaults).
-DESIRABLE_WEIGHT = 1.0
-UNDESIRABLE_WEIGHT = 1.0
 
 
 def _logps(model, chunk, pad_id, packing, device, ring: Ring | None = None):
@@ -82,8 +80,8 @@ def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log
                 ref_logps, _ = _logps(ref, chunk, pad_id, packing, strategy.device, ring)
             pol_logps, desirable = _logps(policy, chunk, pad_id, packing, strategy.device, ring)
             loss = kto_loss(pol_logps, ref_logps, desirable, z0, beta=t.beta,
-                            desirable_weight=DESIRABLE_WEIGHT,
-                            undesirable_weight=UNDESIRABLE_WEIGHT)
+                            desirable_weight=train_cfg.kto_desirable_weight,
+                            undesirable_weight=train_cfg.kto_undesirable_weight)
             strategy.backward(scaled(loss, ring), policy)
             strategy.step(policy)
             losses.append(loss.item())
@@ -109,10 +107,9 @@ def run(cfg, topo, run_dir: Path) -> None:
     samples, eval_samples, _ = load_train_eval(d, make, name="kto",
                                                rank=strategy.rank)
     policy, ref = policy_and_reference(cfg, strategy, ring)
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": policy}, run_dir)
+    ctx = RunContext(cfg, strategy, run_dir, name="kto")
+    ckpt = ctx.checkpoints({"model": policy})
     train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
               ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        export_hf(strategy, policy, tokenizer, Path(run_dir) / "hf")
+    ctx.finish(policy, tokenizer)

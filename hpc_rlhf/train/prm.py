@@ -17,20 +17,17 @@ import torch
 
 from hpc_rlhf.data import prm_batch, prm_sample, rank_micro_batches, step_indices
 from hpc_rlhf.train.losses_pref import prm_loss
-from hpc_rlhf.train.recipe_common import (chat_format, export_hf, forward_logits, load_causal_lm,
-                                          load_tokenizer, load_train_eval, make_strategy,
-                                          MetricLog, StepCheckpoints)
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (chat_format, forward_logits, load_causal_lm,
+                                          load_tokenizer, load_train_eval, make_strategy)
 
-# Placeholder after each step and the reward tokens (no config fields yet); each must be one
-# token of the tokenizer.
-STEP_TAG, GOOD_TOKEN, BAD_TOKEN = "\n", "+", "-"
-
-
-def single_token_id(tokenizer, text: str, what: str) -> int:
+def single_token_id(tokenizer, text: str, field: str) -> int:
+    """The id of `text`, which must be one token: the step placeholder (data.prm_step_tag) and
+    the good/bad tokens (data.prm_good_token / prm_bad_token)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
-        raise ValueError(f"PRM {what} {text!r} is {len(ids)} tokens for this tokenizer; it must "
-                         "be exactly one (change hpc_rlhf.train.prm constants)")
+        raise ValueError(f"{field}={text!r} is {len(ids)} tokens for this tokenizer; it must be "
+                         f"exactly one: set {field} to a string the tokenizer keeps whole")
     return ids[0]
 
 
@@ -85,19 +82,18 @@ def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_i
 def run(cfg, topo, run_dir: Path) -> None:
     strategy = make_strategy(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
-    tag = single_token_id(tokenizer, STEP_TAG, "step tag")
-    reward_ids = (single_token_id(tokenizer, BAD_TOKEN, "bad token"),
-                  single_token_id(tokenizer, GOOD_TOKEN, "good token"))
     d = cfg.data
+    tag = single_token_id(tokenizer, d.prm_step_tag, "data.prm_step_tag")
+    reward_ids = (single_token_id(tokenizer, d.prm_bad_token, "data.prm_bad_token"),
+                  single_token_id(tokenizer, d.prm_good_token, "data.prm_good_token"))
     make = partial(prm_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    output_key=d.output_key, label_key=d.label_key, step_tag_id=tag)
     samples, eval_samples, _ = load_train_eval(d, make, name="prm",
                                                rank=strategy.rank)
-    engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
+    engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))
+    ctx = RunContext(cfg, strategy, run_dir, name="prm")
+    ckpt = ctx.checkpoints({"model": engine})
     train_prm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, reward_ids=reward_ids, log=log,
+              pad_id=tokenizer.pad_token_id, reward_ids=reward_ids, log=ctx.log,
               eval_samples=eval_samples, ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        export_hf(strategy, engine, tokenizer, Path(run_dir) / "hf")
+    ctx.finish(engine, tokenizer)

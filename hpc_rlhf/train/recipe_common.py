@@ -1,20 +1,16 @@
 """Pieces every supervised / preference recipe shares: model + tokenizer loading, the strategy
 config derived from the job config, forwards that return per-token / per-sample logprobs on a
-TokenBatch, metric logging and the final HF export.
+TokenBatch. The run-time parts (metrics log, checkpoints, export) are hpc_rlhf.runtime.
 
 Recipes (sft.py, rm.py, dpo.py, ...) are loops read top to bottom over these.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
-from pathlib import Path
 
 import torch
 
 from hpc_rlhf.data import ChatFormat, TokenBatch, segment_sum, token_logprobs
-from hpc_rlhf.topology import collectives
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -28,18 +24,42 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_causal_lm(path: str, model_cfg):
-    """An HF causal LM from a config path ('tiny:llama', 'embedded:...', a directory)."""
-    from transformers import AutoModelForCausalLM
-
-    from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
+def _dtype(model_cfg) -> torch.dtype:
     dtype = getattr(torch, model_cfg.dtype)
     if dtype == torch.bfloat16 and not torch.cuda.is_available():
         dtype = torch.float32  # CPU: the supervised trainers run fp32 (the RL recipe honours bf16)
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(path), dtype=dtype,
+    return dtype
+
+
+def load_causal_lm(path: str, model_cfg, *, trained: bool = False):
+    """An HF causal LM from a config path ('tiny:llama', 'embedded:...', a directory).
+    trained=True: the model this recipe trains, LoRA-wrapped when model.lora_rank > 0 (only
+    the adapters train; the export merges them). Frozen models (reference, teacher) never are."""
+    from transformers import AutoModelForCausalLM
+
+    from hpc_rlhf.models.lora import LoraSpec, apply_lora, quantization_config
+    from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
+    lora = LoraSpec.of(model_cfg) if trained else None
+    extra = {}
+    if lora is not None and lora.qlora:  # raises a clear error on CPU
+        extra["quantization_config"] = quantization_config(lora)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(path), dtype=_dtype(model_cfg),
         attn_implementation=attn_implementation(model_cfg.attn_implementation),
-        trust_remote_code=model_cfg.trust_remote_code)
+        trust_remote_code=model_cfg.trust_remote_code, **extra)
+    return apply_lora(model, lora) if lora is not None else model
+
+
+def load_value_model_for(cfg, path: str):
+    """The reward model this recipe trains (models.heads: an HF *ForSequenceClassification,
+    one value per token), LoRA-wrapped when model.lora_rank > 0."""
+    from hpc_rlhf.models.heads import load_value_model
+    from hpc_rlhf.models.lora import LoraSpec
+    from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
+    m = cfg.model
+    return load_value_model(resolve_model_path(path), dtype=_dtype(m), lora=LoraSpec.of(m),
+                            attn_implementation=attn_implementation(m.attn_implementation),
+                            trust_remote_code=m.trust_remote_code)
 
 
 def chat_format(tokenizer, data_cfg, chat_template: str | None = None) -> ChatFormat:
@@ -121,41 +141,7 @@ def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
     return segment_sum(lp * batch.loss_mask, batch.segment_ids, batch.num_samples)
 
 
-# ---- bookkeeping --------------------------------------------------------------------------
-class MetricLog:
-    """Rank 0 appends one JSON line per step to run_dir/metrics.jsonl and prints it."""
-
-    def __init__(self, run_dir: Path | None, rank: int, log_every: int = 1):
-        self.rank, self.log_every, self.t0 = rank, log_every, time.time()
-        self.path = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
-        self.history: list[dict] = []
-        if self.path is not None and rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def __call__(self, step: int, metrics: dict) -> None:
-        rec = {"step": step, "time_s": round(time.time() - self.t0, 3),
-               **{k: float(v) for k, v in metrics.items()}}
-        self.history.append(rec)
-        if self.rank != 0:
-            return
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if step % self.log_every == 0:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                           for k, v in rec.items()), flush=True)
-
-
-def export_hf(strategy, engine, tokenizer, out_dir: Path) -> None:
-    """Gather the (ZeRO-3) weights and write an HF directory on rank 0 (collective)."""
-    state = dict(strategy.gathered_state(engine))
-    if strategy.rank == 0:
-        module = getattr(engine, "module", engine)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        module.save_pretrained(out_dir, state_dict=state)
-        tokenizer.save_pretrained(out_dir)
-
-
+# ---- data and models --------------------------------------------------------------------
 def load_train_eval(data_cfg, make, *, name: str, rank: int):
     """(train samples, held-out samples or None, stats) of a trainer's data, the train file's
     filter/skip counts printed once (rank 0)."""
@@ -173,7 +159,7 @@ def load_train_eval(data_cfg, make, *, name: str, rank: int):
 def policy_and_reference(cfg, strategy, ring=None):
     """(trained policy engine, frozen reference engine) from model.path / model.ref_path; with
     a `ring` (ring_common.ring_setup) both use ring attention."""
-    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model))
+    policy = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))
     ref = strategy.prepare_eval_model(load_causal_lm(cfg.model.ref_path or cfg.model.path,
                                                      cfg.model))
     if ring is not None:
@@ -181,64 +167,3 @@ def policy_and_reference(cfg, strategy, ring=None):
         enable_ring(policy)
         enable_ring(ref)
     return policy, ref
-
-
-# ---- checkpoints and preemption ---------------------------------------------------------------
-class StepCheckpoints:
-    """Resume and save for a supervised trainer's step loop, with the stop-vote protocol of
-    rl/loop.py (hpc_rlhf.launch.signals): the loop's batches must be a pure function of the
-    step (data.step_indices), so the step counter, the engines and the RNG are the whole state.
-
-        ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
-        for step in range(ckpt.resume(), cfg.train.num_steps):
-            ...train step...
-            if ckpt.after_step(step + 1):   # saved on a signal and not done: stop (requeue)
-                return
-
-    A loop with more state (a prompt stream's cursor, ...) passes it as
-    `after_step(step + 1, extra_state={...})` and reads it back from `ckpt.extra` after
-    `resume()` (an empty dict when nothing was restored).
-    """
-
-    def __init__(self, cfg, strategy, engines: dict, run_dir: Path | None):
-        self.c, self.num_steps, self.strategy, self.engines = (cfg.checkpoint,
-                                                               cfg.train.num_steps, strategy,
-                                                               engines)
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
-        self.stopped = False  # True once the loop stopped early on a signal
-        self.extra: dict = {}  # the caller's extra_state of the restored checkpoint
-
-    def resume(self) -> int:
-        """The step to start from: that of the newest complete checkpoint, else 0."""
-        if self.dir is None or not self.c.resume:
-            return 0
-        restored = self.strategy.load_checkpoint(self.dir, self.engines)
-        if restored is None:
-            return 0
-        self.extra = dict(restored[1] or {})
-        if self.strategy.rank == 0:
-            print(f"[train] resumed from step {restored[0]} ({self.dir})", flush=True)
-        return restored[0]
-
-    def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
-        """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
-        a signal; True when the loop must stop now (a signal before the last step)."""
-        from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
-        vote = agreed_stop_vote()  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
-        done = done_steps == self.num_steps
-        every = self.c.save_every
-        if self.dir is None or not (vote or done or (every and done_steps % every == 0)):
-            return False
-        self.strategy.save_checkpoint(self.dir, done_steps, self.engines, extra_state,
-                                      keep_last=self.c.keep_last)
-        if not vote or done:
-            return False
-        if self.strategy.rank == 0:
-            requeue = request_requeue(self.run_dir)
-            print(f"[train] checkpointed at step {done_steps} on a signal; "
-                  + ("requeue requested" if requeue else "no requeue (SIGTERM, not a preemption)"),
-                  flush=True)
-        collectives.barrier()
-        self.stopped = True
-        return True

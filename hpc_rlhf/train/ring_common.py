@@ -109,7 +109,7 @@ def ring_setup(train_cfg, topo=None) -> Ring | None:
 
 
 def enable_ring(model):
-    """Switch the HF model inside `model` (a DeepSpeed engine, a ScoreModel / ValueModel
+    """Switch the HF model inside `model` (a DeepSpeed engine, a models.heads.ValueModel
     wrapper, a peft model or a plain HF model) to attention "ring". Idempotent; returns model."""
     module = getattr(model, "module", model)
     for sub in module.modules():  # the outermost HF PreTrainedModel switches all its layers
@@ -176,7 +176,7 @@ def sequence_logps_any(model, batch: TokenBatch, ring: Ring | None) -> torch.Ten
 
 
 def ring_token_outputs(model, batch: TokenBatch, ring: Ring, **model_kwargs) -> torch.Tensor:
-    """A model that returns one value per token ([1, L] tensor, e.g. rm.ScoreModel) on a
+    """A model that returns one value per token ([1, L] tensor, e.g. models.heads.ValueModel) on a
     one-row batch under a ring: [1, T], gathered."""
     return ring_forward(model, batch.input_ids, row_cu_seqlens(batch), ring.group, ring.cfg,
                         lambda out, shard: out, **model_kwargs)

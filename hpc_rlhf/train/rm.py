@@ -1,13 +1,17 @@
 """Reward-model recipe: Bradley-Terry loss on (chosen, rejected) pairs, optional margin.
 
-    pairs  = load_samples(data.prompts, pair_sample)      # row["margin"] optional
-    engine = strategy.prepare_model(ScoreModel(backbone)) # scalar head, ZeRO-3
+    pairs  = load_samples(data.prompts, pair_sample)      # row[data.margin_key] optional
+    engine = strategy.prepare_model(value model)          # models.heads: HF seq-cls + per-token
     for step, micro-batch:  score(prompt+chosen), score(prompt+rejected) at each last token
         loss = -log sigmoid(s_w - s_l - margin); backward; step
     held-out accuracy = P(s_w > s_l)
 
 train.ring_attn_size > 1 (ring_common.py): each micro-batch (chosen + rejected) is packed into
 one row split over the ring; per-token scores are gathered back; loss x ring in backward.
+
+The export (run_dir/export) is a plain HF *ForSequenceClassification with num_labels=1 and
+the tokenizer: what `reward.source=model model.reward_model_path=...`, transformers and vLLM
+load. LoRA (model.lora_rank > 0) trains adapters + the score head; the export merges them.
 """
 from __future__ import annotations
 
@@ -19,42 +23,11 @@ import torch
 from hpc_rlhf.data import (pair_batch, pair_sample, rank_micro_batches,
                            segment_last_index, step_indices)
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
-from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
-                                          make_strategy, MetricLog, StepCheckpoints)
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (load_value_model_for, chat_format, load_tokenizer, load_train_eval,
+                                          make_strategy)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
                                         ring_setup, ring_token_outputs, scaled)
-
-
-class ScoreModel(torch.nn.Module):
-    """An HF decoder backbone + a linear head: one scalar per token, [b, T].
-
-    (A local stand-in until hpc_rlhf.models.heads lands; same call convention as an HF model
-    fed TokenBatch.model_inputs().)
-    """
-
-    def __init__(self, backbone, init_std: float | None = None):
-        super().__init__()
-        self.backbone = backbone
-        hidden = backbone.config.hidden_size
-        self.score = torch.nn.Linear(hidden, 1, bias=False)
-        torch.nn.init.normal_(self.score.weight, std=init_std or 1.0 / (hidden + 1) ** 0.5)
-        self.config = backbone.config
-
-    @classmethod
-    def from_pretrained(cls, path: str, model_cfg):
-        from transformers import AutoModel
-
-        from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
-        backbone = AutoModel.from_pretrained(
-            resolve_model_path(path), dtype=torch.float32 if not torch.cuda.is_available()
-            else getattr(torch, model_cfg.dtype),
-            attn_implementation=attn_implementation(model_cfg.attn_implementation))
-        return cls(backbone)
-
-    def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
-        hidden = self.backbone(input_ids=input_ids, position_ids=position_ids,
-                               attention_mask=attention_mask, use_cache=use_cache)[0]  # [b,T,h]
-        return self.score(hidden).squeeze(-1).float()                                  # [b, T]
 
 
 def pair_scores(model, samples, *, pad_id: int, packing: bool, device, ring: Ring | None = None):
@@ -84,7 +57,7 @@ def eval_pair_accuracy(model, samples, *, pad_id: int, packing: bool, device,
 
 
 def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-             log: MetricLog, eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
+             log: StepLog, eval_samples=None, ring: Ring | None = None, ckpt=None) -> list[dict]:
     """The loop. `ring` (ring_common.ring_setup): sequence parallelism; the engine's backbone
     must then use ring attention (ring_common.enable_ring)."""
     evaluate = partial(eval_pair_accuracy, pad_id=pad_id, packing=packing,
@@ -126,21 +99,16 @@ def run(cfg, topo, run_dir: Path) -> None:
     tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
     make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
-                   chosen_key=d.chosen_key, rejected_key=d.rejected_key)
+                   chosen_key=d.chosen_key, rejected_key=d.rejected_key,
+                   margin_key=d.margin_key)
     samples, eval_samples, _ = load_train_eval(d, make, name="rm",
                                                rank=strategy.rank)
-    engine = strategy.prepare_model(ScoreModel.from_pretrained(cfg.model.path, cfg.model))
+    engine = strategy.prepare_model(load_value_model_for(cfg, cfg.model.path))
     if ring is not None:
         enable_ring(engine)
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
+    ctx = RunContext(cfg, strategy, run_dir, name="rm")
+    ckpt = ctx.checkpoints({"model": engine})
     train_rm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-             pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+             pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
              ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        state = dict(strategy.gathered_state(engine))
-        if strategy.rank == 0:
-            out = Path(run_dir) / "hf"
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(state, out / "reward_model.pt")
-            tokenizer.save_pretrained(out)
+    ctx.finish(engine, tokenizer)  # an HF *ForSequenceClassification: reward.source=model

@@ -21,7 +21,8 @@ from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sampl
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
-from hpc_rlhf.train.recipe_common import (MetricLog, StepCheckpoints, chat_format, export_hf,
+from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.train.recipe_common import (chat_format,
                                           forward_token_logprobs, load_causal_lm, load_tokenizer,
                                           make_strategy)
 from hpc_rlhf.train.ring_sft import RingSFT, ring_sft_loss, ring_sft_setup
@@ -47,7 +48,7 @@ def eval_sft_loss(model, samples, *, pad_id: int, packing: bool, device,
 
 
 def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int,
-              log: MetricLog, eval_samples=None, ring: RingSFT | None = None,
+              log: StepLog, eval_samples=None, ring: RingSFT | None = None,
               ckpt: StepCheckpoints | None = None) -> list[dict]:
     """The loop. Returns the metric history (also logged). `ring` (ring_sft_setup): sequence
     parallelism; the engine's model must then use ring attention. `ckpt`: resume from the
@@ -102,14 +103,13 @@ def run(cfg, topo, run_dir: Path) -> None:
                                        skip_bad_rows=d.skip_bad_rows)
     if strategy.rank == 0:
         print(f"sft data {d.prompts}: {stats.summary()}", flush=True)
-    model = load_causal_lm(cfg.model.path, cfg.model)
+    model = load_causal_lm(cfg.model.path, cfg.model, trained=True)
     if ring is not None:
         enable_ring_attention(model)  # attention "ring"; forwards need ring_attention_scope
     engine = strategy.prepare_model(model)
-    log = MetricLog(run_dir, strategy.rank, cfg.logging.log_every)
-    ckpt = StepCheckpoints(cfg, strategy, {"model": engine}, run_dir)
+    ctx = RunContext(cfg, strategy, run_dir, name="sft")
+    ckpt = ctx.checkpoints({"model": engine})
     train_sft(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=log, eval_samples=eval_samples, ring=ring,
+              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
               ckpt=ckpt)
-    if cfg.checkpoint.export_hf and not ckpt.stopped:
-        export_hf(strategy, engine, tokenizer, Path(run_dir) / "hf")
+    ctx.finish(engine, tokenizer)

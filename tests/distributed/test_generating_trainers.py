@@ -122,7 +122,7 @@ def test_rejection_sampling_raises_best_reward(runs):
     rows = read_metrics(runs / "rs")
     _show("rejection sampling", rows, runs / "rs",
           ("reward/best", "reward/mean", "sft/loss_first", "sft/loss_last"))
-    assert [r["step"] for r in rows] == list(range(RS_ROUNDS))
+    assert [r["step"] for r in rows] == list(range(1, RS_ROUNDS + 1))
     assert all(r["kept"] == 16 for r in rows)                 # one kept sample per prompt
     best = [r["reward/best"] for r in rows]
     assert best[-2] + best[-1] > 2.5 * (best[0] + best[1]), best
@@ -136,7 +136,7 @@ def test_iterative_dpo_raises_margin(runs):
     rows = read_metrics(runs / "idpo")
     _show("iterative dpo", rows, runs / "idpo",
           ("reward/best", "reward/mean", "pairs", "margin/before", "margin/after"))
-    assert [r["step"] for r in rows] == list(range(DPO_ROUNDS))
+    assert [r["step"] for r in rows] == list(range(1, DPO_ROUNDS + 1))
     trained = [r for r in rows if r["pairs"] > 0]
     assert len(trained) >= DPO_ROUNDS - 1, rows
     assert abs(rows[0]["margin/before"]) < 1e-5        # policy == reference before round 0
@@ -158,10 +158,10 @@ def test_csft_top_tag_gives_better_responses(runs):
     from transformers import AutoModelForCausalLM
     rows = read_metrics(runs / "csft")
     _show("csft (first and last step)", [rows[0], rows[-1]], runs / "csft", ("loss",))
-    train = [r["loss"] for r in rows if r["step"] >= 0]
+    train = [r["loss"] for r in rows if r["step"] > 0]
     assert train[-1] < 0.6 * train[0], train
 
-    hf = runs / "csft" / "hf"
+    hf = runs / "csft" / "export"
     tok = load_tokenizer(str(hf))
     fmt = ChatFormat(tok)
     engine = HFEngine(AutoModelForCausalLM.from_pretrained(hf), eos_token_ids=[tok.eos_token_id],

@@ -108,7 +108,7 @@ def test_moe_sft_aux_loss_under_zero3_matches_torch_reference(tmp_path):
     t0 = time.time()
     spawn(_worker, 2, (str(tmp_path),), timeout_s=240)
     spawn_s = time.time() - t0
-    runs = {k: [r for r in _history(tmp_path / k) if r["step"] >= 0] for k in ("coef0", "coef")}
+    runs = {k: [r for r in _history(tmp_path / k) if r["step"] > 0] for k in ("coef0", "coef")}
     got = {k: [r["loss"] for r in h] for k, h in runs.items()}
     got_aux = [r["moe_aux_loss"] for r in runs["coef"]]
     assert all("moe_aux_loss" not in r for r in runs["coef0"])    # off: nothing recorded

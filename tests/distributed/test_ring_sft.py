@@ -126,7 +126,7 @@ def test_sft_ring_size_2_matches_ring_size_1(tmp_path):
         else:
             os.environ["HPC_RLHF_CACHE"] = old
     runs = {name: _history(tmp_path / name) for name in ("ring1", "ring2", "ring2_notopo")}
-    train = {k: [r["loss"] for r in h if r["step"] >= 0] for k, h in runs.items()}
+    train = {k: [r["loss"] for r in h if r["step"] > 0] for k, h in runs.items()}
     evals = {k: [r["eval_loss"] for r in h if "eval_loss" in r] for k, h in runs.items()}
     walls = {k: (tmp_path / k / "wall_s").read_text() for k in runs}
     base = train["ring1"] + evals["ring1"]

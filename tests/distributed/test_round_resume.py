@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, recipe: str, runs: tuple
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from hpc_rlhf.config import load_config
     from hpc_rlhf.launch import signals
-    from hpc_rlhf.train.recipe_common import StepCheckpoints
+    from hpc_rlhf.runtime import StepCheckpoints
     module, config, extra = RECIPES[recipe]
     original = StepCheckpoints.after_step
     for name, warn_at in runs:
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, recipe: str, runs: tuple
 
 def _rounds(run_dir: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: {k: v for k, v in r.items() if k != "time_s"} for r in rows}
+    return {r["step"]: r for r in rows}
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -79,28 +79,28 @@ def test_warned_rank_checkpoints_round_requeues_and_resume_matches(tmp_path, rec
     spawn(_worker, 2, (str(tmp_path), recipe,
                        (("whole", 0), ("preempted", WARN_AT))), TIMEOUT_S)
     whole = _rounds(tmp_path / "whole")
-    assert sorted(whole) == list(range(ROUNDS))
+    assert sorted(whole) == list(range(1, ROUNDS + 1))   # 1-based: after k rounds
     assert [s for s, _ in list_checkpoints(tmp_path / "whole" / "checkpoints")] == [ROUNDS]
-    assert (tmp_path / "whole" / "hf").is_dir()
+    assert (tmp_path / "whole" / "export").is_dir()
 
     run = tmp_path / "preempted"
-    assert sorted(_rounds(run)) == list(range(WARN_AT))     # both ranks stopped after it
+    assert sorted(_rounds(run)) == list(range(1, WARN_AT + 1))  # both ranks stopped after it
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [WARN_AT]
     assert (run / "REQUEUE").exists()                       # rank 0 knew rank 1 was warned
-    assert not (run / "hf").exists()                        # no export of an unfinished run
+    assert not (run / "export").exists()                        # no export of an unfinished run
     (run / "REQUEUE").unlink()                              # what the launcher does
 
     spawn(_worker, 2, (str(tmp_path), recipe, (("preempted", 0),)), TIMEOUT_S)
     resumed = _rounds(run)
-    assert sorted(resumed) == list(range(ROUNDS))
+    assert sorted(resumed) == list(range(1, ROUNDS + 1))
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [WARN_AT, ROUNDS]
     loss = "sft/loss_last" if recipe == "rs" else "dpo/loss_last"
-    assert all(loss in whole[r] for r in range(ROUNDS)), whole  # every round trained
-    for r in range(ROUNDS):   # rounds before the stop ran once; later ones after the resume
+    assert all(loss in whole[r] for r in range(1, ROUNDS + 1)), whole  # every round trained
+    for r in range(1, ROUNDS + 1):   # rounds before the stop ran once; later ones after the resume
         assert resumed[r].keys() == whole[r].keys(), (r, resumed[r], whole[r])
         for k, v in whole[r].items():
             assert resumed[r][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (r, k, resumed, whole)
-    assert (run / "hf").is_dir() and not (run / "REQUEUE").exists()
+    assert (run / "export").is_dir() and not (run / "REQUEUE").exists()
     walls = {n: (tmp_path / f"{n}.wall_s").read_text().strip() for n in ("whole", "preempted")}
     print(f"\n{recipe}: {time.time() - t0:.1f} s in all; run walls {walls}")
 

@@ -51,7 +51,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, trainer: str, name: str,
     from hpc_rlhf.config import load_config
     from hpc_rlhf.launch import signals
     module = __import__(f"hpc_rlhf.train.{trainer}", fromlist=["run"])
-    from hpc_rlhf.train.recipe_common import StepCheckpoints
+    from hpc_rlhf.runtime import StepCheckpoints
     if warn_at and rank == 1:  # only rank 1 hears the warning, during step `warn_at`
         original = StepCheckpoints.after_step
 
@@ -71,7 +71,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, trainer: str, name: str,
 
 def _losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["step"] >= 0}
+    return {r["step"]: r["loss"] for r in rows if r["step"] > 0}
 
 
 @pytest.mark.parametrize("trainer", list(JOBS))
@@ -86,23 +86,23 @@ def test_warned_rank_checkpoints_requeues_and_resume_matches(tmp_path, trainer):
         ensure_tiny_model(tmp_path / "cache" / "models", arch=arch)  # before the ranks race
     spawn(_worker, 2, (str(tmp_path), trainer, "whole", 0), 240)
     whole = _losses(tmp_path / "whole")
-    assert sorted(whole) == list(range(STEPS))
+    assert sorted(whole) == list(range(1, STEPS + 1))   # 1-based: the state after k steps
     assert [s for s, _ in list_checkpoints(tmp_path / "whole" / "checkpoints")] == [STEPS]
 
     run = tmp_path / "preempted"
     spawn(_worker, 2, (str(tmp_path), trainer, "preempted", 2), 240)
-    assert sorted(_losses(run)) == [0, 1]                  # both ranks stopped after step 2
+    assert sorted(_losses(run)) == [1, 2]                  # both ranks stopped after step 2
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2]
     assert (run / "REQUEUE").exists()                      # rank 0 knew rank 1 was warned
-    assert not (run / "hf").exists()                       # no export of an unfinished run
+    assert not (run / "export").exists()                       # no export of an unfinished run
     (run / "REQUEUE").unlink()                             # what the launcher does
 
     spawn(_worker, 2, (str(tmp_path), trainer, "preempted", 0), 240)
     resumed = _losses(run)
-    assert sorted(resumed) == list(range(STEPS))
-    for step in (2, 3):
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in (3, 4):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-6, abs=1e-7), (step, resumed,
                                                                                  whole)
-    assert resumed[0] == pytest.approx(whole[0], rel=1e-6)  # same data, same start
-    assert (run / "hf").is_dir() and not (run / "REQUEUE").exists()
+    assert resumed[1] == pytest.approx(whole[1], rel=1e-6)  # same data, same start
+    assert (run / "export").is_dir() and not (run / "REQUEUE").exists()
     print(f"\n{trainer}: {time.time() - t0:.1f} s")

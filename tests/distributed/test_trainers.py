@@ -73,7 +73,7 @@ def _report(name: str, rows: list[dict], run_dir: Path) -> None:
 def test_sft_loss_falls(runs):
     rows = read_metrics(runs / "sft")
     _report("sft", rows, runs / "sft")
-    train = [r["loss"] for r in rows if r["step"] >= 0]
+    train = [r["loss"] for r in rows if r["step"] > 0]
     assert train[-1] < 0.6 * train[0], train
     assert rows[-1]["eval_loss"] < 0.6 * rows[0]["eval_loss"], (rows[0], rows[-1])
 
@@ -81,7 +81,7 @@ def test_sft_loss_falls(runs):
 def test_rm_ranks_heldout_pairs(runs):
     rows = read_metrics(runs / "rm")
     _report("rm", rows, runs / "rm")
-    train = [r["loss"] for r in rows if r["step"] >= 0]
+    train = [r["loss"] for r in rows if r["step"] > 0]
     assert sum(train[-3:]) / 3 < sum(train[:3]) / 3, train
     assert rows[-1]["eval_accuracy"] >= 0.75, rows[-1]     # 32 held-out pairs; chance = 0.5
     assert rows[-1]["eval_score_gap"] > rows[0]["eval_score_gap"]
@@ -90,7 +90,7 @@ def test_rm_ranks_heldout_pairs(runs):
 def test_dpo_raises_margin(runs):
     rows = read_metrics(runs / "dpo")
     _report("dpo", rows, runs / "dpo")
-    train = [r["loss"] for r in rows if r["step"] >= 0]
+    train = [r["loss"] for r in rows if r["step"] > 0]
     assert abs(rows[0]["eval_reward_margin"]) < 1e-5       # policy == reference at the start
     assert rows[-1]["eval_reward_margin"] > 0.5, rows[-1]
     assert rows[-1]["eval_logp_margin"] > rows[0]["eval_logp_margin"] + 5.0

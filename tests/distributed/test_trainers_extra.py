@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         ("sft", "sft", ["checkpoint.export_hf=true", "train.num_steps=6"]),
         ("kto", "kto", ["train.actor_lr=1e-3", "train.num_steps=12"]),
         ("prm", "prm", ["train.actor_lr=1e-3", "train.num_steps=30"]),
-        ("kd", "sft", [f"train.teacher_path={tmp / 'sft' / 'hf'}", "train.num_steps=10"]),
+        ("kd", "sft", [f"train.teacher_path={tmp / 'sft' / 'export'}", "train.num_steps=10"]),
     ]
     for name, kind, extra in jobs:
         module = __import__(f"hpc_rlhf.train.{name}", fromlist=["run"])
@@ -75,7 +75,7 @@ def test_kto_separates_desirable(runs):
     rows = _show("kto", runs)
     assert abs(rows[0]["eval_reward_gap"]) < 1e-5          # policy == reference at the start
     assert rows[-1]["eval_reward_gap"] > 1.0, rows[-1]
-    train = [r["loss"] for r in rows if r["step"] >= 0]
+    train = [r["loss"] for r in rows if r["step"] > 0]
     assert train[-1] < train[0], train
 
 
@@ -86,6 +86,6 @@ def test_prm_step_accuracy_rises(runs):
 
 
 def test_kd_student_approaches_teacher(runs):
-    assert (runs / "sft" / "hf" / "config.json").exists()       # the HF export is loadable
+    assert (runs / "sft" / "export" / "config.json").exists()       # the HF export is loadable
     rows = _show("kd", runs)
     assert rows[-1]["eval_kl"] < 0.5 * rows[0]["eval_kl"], (rows[0], rows[-1])

@@ -104,7 +104,7 @@ FIELD_CASES = [
     ("reward.source=web", "reward.source='web' is not one of"),
     ("topology.mode=hybrid", "topology.mode='hybrid' is not one of"),
     ("topology.nodes=0", "topology.nodes=0 must be > 0"),
-    ("launch.rdzv_port=80", "launch.rdzv_port=80 must be > 1024"),
+    ("launch.rdzv_port=29500", "unknown key launch.rdzv_port: removed (it was never used)"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0 must be > 0"),
     ("eval.every=-1", "eval.every=-1 must be >= 0"),
 ]

@@ -1,0 +1,199 @@
+"""RunContext: what every supervised / preference / round-based recipe shares at run time.
+
+    run  = RunContext(cfg, strategy, run_dir, name="sft")
+    ckpt = run.checkpoints({"model": engine})          # resume, save, stop vote, requeue
+    for step in range(ckpt.resume(), num_steps):
+        ...train step...
+        run.log(step, metrics)                          # logged as step + 1 (1-based)
+        if ckpt.after_step(step + 1):                   # saved on a signal: stop (requeue)
+            break
+    run.finish(engine, tokenizer, ckpt)                 # export/ (unless stopped), summary
+
+The log is the same MetricsLogger the RL loops use: metrics.jsonl, tensorboard, wandb when
+configured, a progress bar, and a printed line every `logging.log_every` steps.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from hpc_rlhf.topology import collectives
+
+EXPORT_DIR = "export"  # where every recipe writes its final HF model (checkpoint.export_hf)
+
+
+class StepLog:
+    """Callable `log(step, metrics)` with the loop's 0-based step (-1: before training, e.g. a
+    baseline evaluation); records it as step + 1, so step k of the file is the state after k
+    optimizer steps (or rounds), as in the RL loops. `history` holds every record on every rank;
+    only rank 0 with a run directory writes."""
+
+    def __init__(self, run_dir: Path | None, rank: int, logging_cfg=None, *, name: str = "",
+                 total_steps: int = 0, start_step=lambda: 0, config: dict | None = None):
+        self.history: list[dict] = []
+        self.logger = None  # opened on the first record, after a resume (the bar starts there)
+        self._open = dict(run_dir=run_dir, rank=rank, lc=logging_cfg, name=name,
+                          total=total_steps, start=start_step, config=config)
+
+    def _logger(self):
+        from hpc_rlhf.metrics.logger import MetricsLogger
+        o, lc = self._open, self._open["lc"]
+        return MetricsLogger(
+            Path(o["run_dir"]) if o["run_dir"] is not None else Path("."),
+            enabled=o["rank"] == 0 and o["run_dir"] is not None,
+            tensorboard=lc.tensorboard if lc else False,
+            wandb_project=lc.wandb_project if lc else "",
+            progress_total=o["total"], progress_bar=lc.progress_bar if lc else False,
+            run_name=o["name"], config=o["config"], start_step=o["start"](),
+            print_every=lc.log_every if lc else 0)
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        rec = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(rec)
+        if self.logger is None:
+            self.logger = self._logger()
+        self.logger.log(step + 1, {k: v for k, v in rec.items() if k != "step"})
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+
+class StepCheckpoints:
+    """Resume and save for a step loop, with the stop-vote protocol of the RL loops
+    (hpc_rlhf.launch.signals): the loop's batches must be a pure function of the step
+    (data.step_indices), so the step counter, the engines and the RNG are the whole state.
+
+    A loop with more state (a prompt stream's cursor, ...) passes it as
+    `after_step(step + 1, extra_state={...})` and reads it back from `ckpt.extra` after
+    `resume()` (an empty dict when nothing was restored).
+    """
+
+    def __init__(self, cfg, strategy, engines: dict, run_dir: Path | None):
+        self.c, self.num_steps, self.strategy, self.engines = (cfg.checkpoint,
+                                                               cfg.train.num_steps, strategy,
+                                                               engines)
+        self.requeue = cfg.launch.requeue
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.dir = self.run_dir / "checkpoints" if self.run_dir is not None else None
+        self.stopped = False  # True once the loop stopped early on a signal
+        self.extra: dict = {}  # the caller's extra_state of the restored checkpoint
+        self.start = 0        # the step resume() returned
+
+    def resume(self) -> int:
+        """The step to start from: that of the newest complete checkpoint, else 0."""
+        if self.dir is None or not self.c.resume:
+            return 0
+        restored = self.strategy.load_checkpoint(self.dir, self.engines)
+        if restored is None:
+            return 0
+        self.extra = dict(restored[1] or {})
+        self.start = restored[0]
+        if self.strategy.rank == 0:
+            print(f"[train] resumed from step {restored[0]} ({self.dir})", flush=True)
+        return restored[0]
+
+    def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
+        """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
+        a signal; True when the loop must stop now (a signal before the last step)."""
+        from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
+        vote = agreed_stop_vote()  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
+        done = done_steps == self.num_steps
+        every = self.c.save_every
+        if self.dir is None or not (vote or done or (every and done_steps % every == 0)):
+            return False
+        self.strategy.save_checkpoint(self.dir, done_steps, self.engines, extra_state,
+                                      keep_last=self.c.keep_last)
+        if not vote or done:
+            return False
+        if self.strategy.rank == 0:
+            if self.requeue:
+                requeue = request_requeue(self.run_dir)
+                how = "requeue requested" if requeue else "no requeue (SIGTERM, not a preemption)"
+            else:
+                how = "no requeue (launch.requeue=false)"
+            print(f"[train] checkpointed at step {done_steps} on a signal; {how}", flush=True)
+        collectives.barrier()
+        self.stopped = True
+        return True
+
+
+class RunContext:
+    """One per run: the step log, checkpoints, export and the closing summary of a recipe.
+
+    `name` labels the progress bar and the summary; `total_steps` is what the bar counts
+    (train.num_steps by default: optimizer steps, or rounds for round-based recipes)."""
+
+    def __init__(self, cfg, strategy, run_dir: Path | None, *, name: str,
+                 total_steps: int | None = None):
+        from hpc_rlhf.config import to_dict
+        from hpc_rlhf.launch.rundir import redacted
+        self.cfg, self.strategy, self.name = cfg, strategy, name
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.rank = strategy.rank
+        self.t0 = time.time()
+        self._engines: dict | None = None
+        self._total = total_steps if total_steps is not None else cfg.train.num_steps
+        self._log: StepLog | None = None
+        self._ckpt: StepCheckpoints | None = None
+        self._config = to_dict(redacted(cfg))
+
+    def checkpoints(self, engines: dict) -> StepCheckpoints:
+        self._ckpt = StepCheckpoints(self.cfg, self.strategy, engines, self.run_dir)
+        return self._ckpt
+
+    @property
+    def log(self) -> StepLog:
+        """The step log (its files open at the first record, after resume)."""
+        if self._log is None:
+            self._log = StepLog(self.run_dir, self.rank, self.cfg.logging, name=self.name,
+                                total_steps=self._total, config=self._config,
+                                start_step=lambda: self._ckpt.start if self._ckpt else 0)
+        return self._log
+
+    def export(self, engine, tokenizer) -> Path | None:
+        """Collective: the trained model as a plain HF directory run_dir/export (LoRA merged,
+        ZeRO-3 shards gathered, written atomically); the path on rank 0."""
+        from hpc_rlhf.checkpoint.export import export_hf
+        if self.run_dir is None:
+            return None
+        return export_hf(engine, self.run_dir / EXPORT_DIR, tokenizer, strategy=self.strategy)
+
+    def finish(self, engine, tokenizer, ckpt: StepCheckpoints | None = None) -> None:
+        """Close the log; export unless the run stopped early or checkpoint.export_hf is off;
+        print the summary (rank 0), naming only what exists."""
+        ckpt = ckpt or self._ckpt
+        stopped = ckpt is not None and ckpt.stopped
+        if self._log is not None:
+            self._log.close()
+        exported = None
+        if self.cfg.checkpoint.export_hf and not stopped:
+            exported = self.export(engine, tokenizer)
+        if self.rank == 0:
+            print(self.summary(exported, stopped), flush=True)
+
+    def summary(self, exported: Path | None, stopped: bool) -> str:
+        history = self._log.history if self._log is not None else []
+        trained = [r for r in history if r["step"] > 0]
+        tag = f"[{self.name}]"
+        if not trained:
+            return f"{tag} no steps run" + (f"; see {self.run_dir}" if self.run_dir else "")
+        first, last = trained[0], trained[-1]
+        shown = [k for k in ("loss", "reward/mean", "accuracy") if k in last]
+        change = ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in shown)
+        lines = [f"{tag} {'stopped at' if stopped else 'done:'} step {last['step']} of "
+                 f"{self._total} in {time.time() - self.t0:.0f} s" + (f"; {change}" if change
+                                                                      else "")]
+        evals = [(k, v) for k, v in history[-1].items() if k.startswith("eval")]
+        if evals:
+            lines.append(f"{tag} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in evals))
+        if self.run_dir is not None:
+            where = [f"metrics: {self.run_dir / 'metrics.jsonl'}"]
+            if self.cfg.logging.tensorboard:
+                where.append(f"tensorboard --logdir {self.run_dir / 'tensorboard'}")
+            if exported is not None:
+                where.append(f"model: {exported}")
+            elif stopped:
+                where.append(f"checkpoint: {self.run_dir / 'checkpoints'} (resumes on rerun)")
+            lines.append(f"{tag} " + "; ".join(where))
+        return "\n".join(lines)
