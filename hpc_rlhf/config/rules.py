@@ -69,6 +69,10 @@ def validate(cfg: JobConfig) -> list[str]:
     for rule in (_model_rules, _topology_rules, _batch_rules, _algorithm_rules, _reward_rules,
                  _launch_rules):
         errors.extend(rule(cfg))
+    # fields without effect for this trainer / setting, unless a rule above already named them
+    from .applies import unused_fields
+    errors.extend(e for e in unused_fields(cfg)
+                  if not any(f"{e.split('=')[0]}=" in other for other in errors))
     return errors
 
 
