@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import pair_batch, pair_sample, rank_micro_batches, step_indices
+from hpc_rlhf.data import pair_batch, pair_sample
 from hpc_rlhf.train.losses_pref import preference_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
                                           make_strategy,
                                           policy_and_reference)
@@ -62,40 +63,28 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
         raise ValueError("train.preference_loss='cdpo' with train.label_smoothing=0 is plain DPO;"
                          " set train.label_smoothing (e.g. 0.1) or train.preference_loss=dpo")
     common = dict(pad_id=pad_id, packing=packing, device=strategy.device, ring=ring)
-    dp_rank, dp_size = data_coords(ring, strategy)
     evaluate = partial(eval_pairs, beta=t.beta, micro_batch_size=t.micro_batch_size, **common)
     aux = attach_router_aux_loss(policy, getattr(t, "aux_loss_coef", 0.0))  # MoE policy only
-    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
-    if eval_samples and start == 0:
-        policy.eval()
-        log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
-    for step in range(start, t.num_steps):
-        policy.train()
-        indices = step_indices(len(samples), t.batch_size, step, t.seed)
-        losses, margins, accs = [], [], []
-        for micro in rank_micro_batches(indices, dp_rank, dp_size, t.micro_batch_size):
-            chunk = [samples[i] for i in micro]
-            with torch.no_grad():
-                ref_c, ref_r = pair_logps(ref, chunk, **common)
-            pol_c, pol_r = pair_logps(policy, chunk, **common)
-            loss, rew_c, rew_r = preference_loss(pol_c, pol_r, ref_c, ref_r, beta=t.beta,
-                                                 loss_type=t.preference_loss,
-                                                 label_smoothing=t.label_smoothing)
-            # + train.aux_loss_coef x MoE load-balancing loss of the policy forward (0 = off)
-            strategy.backward(scaled(aux.add_to(loss), ring), policy)
-            strategy.step(policy)
-            losses.append(loss.item())
-            margins.append((rew_c - rew_r).mean().item())
-            accs.append((rew_c > rew_r).float().mean().item())
-        metrics = {name: strategy.all_reduce_mean(sum(v) / len(v)) for name, v in
-                   (("loss", losses), ("reward_margin", margins), ("reward_accuracy", accs))}
-        if eval_samples and step == t.num_steps - 1:
-            policy.eval()
-            metrics.update({f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
-        log(step, metrics)
-        if ckpt is not None and ckpt.after_step(step + 1):
-            break  # checkpointed on a signal: the launcher requeues the job
-    return log.history
+
+    def micro_step(micro: list[int]) -> dict:
+        chunk = [samples[i] for i in micro]
+        with torch.no_grad():
+            ref_c, ref_r = pair_logps(ref, chunk, **common)
+        pol_c, pol_r = pair_logps(policy, chunk, **common)
+        loss, rew_c, rew_r = preference_loss(pol_c, pol_r, ref_c, ref_r, beta=t.beta,
+                                             loss_type=t.preference_loss,
+                                             label_smoothing=t.label_smoothing)
+        # + train.aux_loss_coef x MoE load-balancing loss of the policy forward (0 = off)
+        strategy.backward(scaled(aux.add_to(loss), ring), policy)
+        strategy.step(policy)
+        return {"loss": loss.item(), "reward_margin": (rew_c - rew_r).mean().item(),
+                "reward_accuracy": (rew_c > rew_r).float().mean().item()}
+
+    return step_loop(model=policy, strategy=strategy, train_cfg=t, num_samples=len(samples),
+                     micro_step=micro_step, log=log, ckpt=ckpt,
+                     evaluate=(lambda: {f"eval_{k}": v for k, v in
+                                        evaluate(policy, ref, eval_samples).items()})
+                     if eval_samples else None, dp=data_coords(ring, strategy))
 
 
 def run(cfg, topo, run_dir: Path) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import rank_micro_batches, sft_batch, sft_sample, step_indices
+from hpc_rlhf.data import sft_batch, sft_sample
 from hpc_rlhf.train.losses_pref import kd_forward_kl
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format, forward_logits, load_causal_lm,
                                           load_tokenizer, load_train_eval, make_strategy)
 
@@ -41,31 +42,19 @@ def train_kd(student, teacher, strategy, samples, *, train_cfg, packing, pad_id,
 
     @torch.no_grad()
     def evaluate():
-        student.eval()
         chunks = [eval_samples[i:i + t.micro_batch_size]
                   for i in range(0, len(eval_samples), t.micro_batch_size)]
         return sum(loss_of(student, teacher, c).item() for c in chunks) / len(chunks)
 
-    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
-    if eval_samples and start == 0:
-        log(-1, {"eval_kl": evaluate()})
-    for step in range(start, t.num_steps):
-        student.train()
-        indices = step_indices(len(samples), t.batch_size, step, t.seed)
-        losses = []
-        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
-                                        t.micro_batch_size):
-            loss = loss_of(student, teacher, [samples[i] for i in micro])
-            strategy.backward(loss, student)
-            strategy.step(student)
-            losses.append(loss.item())
-        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses))}
-        if eval_samples and step == t.num_steps - 1:
-            metrics["eval_kl"] = evaluate()
-        log(step, metrics)
-        if ckpt is not None and ckpt.after_step(step + 1):
-            break  # checkpointed on a signal: the launcher requeues the job
-    return log.history
+    def micro_step(micro: list[int]) -> dict:
+        loss = loss_of(student, teacher, [samples[i] for i in micro])
+        strategy.backward(loss, student)
+        strategy.step(student)
+        return {"loss": loss.item()}
+
+    return step_loop(model=student, strategy=strategy, train_cfg=t, num_samples=len(samples),
+                     micro_step=micro_step, log=log, ckpt=ckpt,
+                     evaluate=(lambda: {"eval_kl": evaluate()}) if eval_samples else None)
 
 
 def run(cfg, topo, run_dir: Path) -> None:

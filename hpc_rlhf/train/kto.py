@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import (kto_batch, kto_sample, prompt_response_batch,
-                           rank_micro_batches, step_indices)
+from hpc_rlhf.data import kto_batch, kto_sample, prompt_response_batch
 from hpc_rlhf.train.losses_pref import kto_loss
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
                                           make_strategy,
                                           policy_and_reference)
@@ -63,38 +63,26 @@ def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log
     use ring attention (ring_common.enable_ring)."""
     t = train_cfg
     common = dict(pad_id=pad_id, packing=packing, device=strategy.device, ring=ring)
-    dp_rank, dp_size = data_coords(ring, strategy)
     evaluate = partial(eval_kto, micro_batch_size=t.micro_batch_size, **common)
-    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
-    if eval_samples and start == 0:
-        policy.eval()
-        log(-1, {f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
-    for step in range(start, t.num_steps):
-        policy.train()
-        indices = step_indices(len(samples), t.batch_size, step, t.seed)
-        losses, kls = [], []
-        for micro in rank_micro_batches(indices, dp_rank, dp_size, t.micro_batch_size):
-            chunk = [samples[i] for i in micro]
-            z0 = strategy.all_reduce_mean(kl_estimate(policy, ref, chunk, **common))
-            with torch.no_grad():
-                ref_logps, _ = _logps(ref, chunk, pad_id, packing, strategy.device, ring)
-            pol_logps, desirable = _logps(policy, chunk, pad_id, packing, strategy.device, ring)
-            loss = kto_loss(pol_logps, ref_logps, desirable, z0, beta=t.beta,
-                            desirable_weight=train_cfg.kto_desirable_weight,
-                            undesirable_weight=train_cfg.kto_undesirable_weight)
-            strategy.backward(scaled(loss, ring), policy)
-            strategy.step(policy)
-            losses.append(loss.item())
-            kls.append(float(z0))
-        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses)),
-                   "kl": sum(kls) / len(kls)}
-        if eval_samples and step == t.num_steps - 1:
-            policy.eval()
-            metrics.update({f"eval_{k}": v for k, v in evaluate(policy, ref, eval_samples).items()})
-        log(step, metrics)
-        if ckpt is not None and ckpt.after_step(step + 1):
-            break  # checkpointed on a signal: the launcher requeues the job
-    return log.history
+
+    def micro_step(micro: list[int]) -> dict:
+        chunk = [samples[i] for i in micro]
+        z0 = strategy.all_reduce_mean(kl_estimate(policy, ref, chunk, **common))
+        with torch.no_grad():
+            ref_logps, _ = _logps(ref, chunk, pad_id, packing, strategy.device, ring)
+        pol_logps, desirable = _logps(policy, chunk, pad_id, packing, strategy.device, ring)
+        loss = kto_loss(pol_logps, ref_logps, desirable, z0, beta=t.beta,
+                        desirable_weight=t.kto_desirable_weight,
+                        undesirable_weight=t.kto_undesirable_weight)
+        strategy.backward(scaled(loss, ring), policy)
+        strategy.step(policy)
+        return {"loss": loss.item(), "kl": float(z0)}   # z0: already a mean over ranks
+
+    return step_loop(model=policy, strategy=strategy, train_cfg=t, num_samples=len(samples),
+                     micro_step=micro_step, log=log, ckpt=ckpt,
+                     evaluate=(lambda: {f"eval_{k}": v for k, v in
+                                        evaluate(policy, ref, eval_samples).items()})
+                     if eval_samples else None, dp=data_coords(ring, strategy))
 
 
 def run(cfg, topo, run_dir: Path) -> None:

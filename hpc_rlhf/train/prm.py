@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import prm_batch, prm_sample, rank_micro_batches, step_indices
+from hpc_rlhf.data import prm_batch, prm_sample
 from hpc_rlhf.train.losses_pref import prm_loss
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format, forward_logits, load_causal_lm,
                                           load_tokenizer, load_train_eval, make_strategy)
 
@@ -48,7 +49,6 @@ def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_i
 
     @torch.no_grad()
     def evaluate():
-        engine.eval()
         right = total = 0
         for i in range(0, len(eval_samples), t.micro_batch_size):
             logits, labels = scores(engine, eval_samples[i:i + t.micro_batch_size])
@@ -56,27 +56,17 @@ def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_i
             total += labels.numel()
         return right / total
 
-    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
-    if eval_samples and start == 0:
-        log(-1, {"eval_step_accuracy": evaluate()})
-    for step in range(start, t.num_steps):
-        engine.train()
-        indices = step_indices(len(samples), t.batch_size, step, t.seed)
-        losses = []
-        for micro in rank_micro_batches(indices, strategy.dp_rank, strategy.dp_size,
-                                        t.micro_batch_size):
-            logits, labels = scores(engine, [samples[i] for i in micro])
-            loss = prm_loss(logits, labels)
-            strategy.backward(loss, engine)
-            strategy.step(engine)
-            losses.append(loss.item())
-        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses))}
-        if eval_samples and step == t.num_steps - 1:
-            metrics["eval_step_accuracy"] = evaluate()
-        log(step, metrics)
-        if ckpt is not None and ckpt.after_step(step + 1):
-            break  # checkpointed on a signal: the launcher requeues the job
-    return log.history
+    def micro_step(micro: list[int]) -> dict:
+        logits, labels = scores(engine, [samples[i] for i in micro])
+        loss = prm_loss(logits, labels)
+        strategy.backward(loss, engine)
+        strategy.step(engine)
+        return {"loss": loss.item()}
+
+    return step_loop(model=engine, strategy=strategy, train_cfg=t, num_samples=len(samples),
+                     micro_step=micro_step, log=log, ckpt=ckpt,
+                     evaluate=(lambda: {"eval_step_accuracy": evaluate()})
+                     if eval_samples else None)
 
 
 def run(cfg, topo, run_dir: Path) -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import (pair_batch, pair_sample, rank_micro_batches,
-                           segment_last_index, step_indices)
+from hpc_rlhf.data import (pair_batch, pair_sample,
+                           segment_last_index)
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (load_value_model_for, chat_format, load_tokenizer, load_train_eval,
                                           make_strategy)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
@@ -63,34 +64,22 @@ def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int
     evaluate = partial(eval_pair_accuracy, pad_id=pad_id, packing=packing,
                        device=strategy.device, micro_batch_size=train_cfg.micro_batch_size,
                        ring=ring)
-    dp_rank, dp_size = data_coords(ring, strategy)
-    start = ckpt.resume() if ckpt is not None else 0  # StepCheckpoints
-    if eval_samples and start == 0:
-        engine.eval()
-        log(-1, {f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
-    for step in range(start, train_cfg.num_steps):
-        engine.train()
-        indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
-        losses, accs = [], []
-        for micro in rank_micro_batches(indices, dp_rank, dp_size, train_cfg.micro_batch_size):
-            chunk = [samples[i] for i in micro]
-            chosen, rejected = pair_scores(engine, chunk, pad_id=pad_id, packing=packing,
-                                           device=strategy.device, ring=ring)
-            margin = torch.tensor([s.margin for s in chunk], device=chosen.device)
-            loss = bradley_terry_loss(chosen, rejected, margin)
-            strategy.backward(scaled(loss, ring), engine)
-            strategy.step(engine)
-            losses.append(loss.item())
-            accs.append((chosen > rejected).float().mean().item())
-        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses)),
-                   "accuracy": strategy.all_reduce_mean(sum(accs) / len(accs))}
-        if eval_samples and step == train_cfg.num_steps - 1:
-            engine.eval()
-            metrics.update({f"eval_{k}": v for k, v in evaluate(engine, eval_samples).items()})
-        log(step, metrics)
-        if ckpt is not None and ckpt.after_step(step + 1):
-            break  # checkpointed on a signal: the launcher requeues the job
-    return log.history
+
+    def micro_step(micro: list[int]) -> dict:
+        chunk = [samples[i] for i in micro]
+        chosen, rejected = pair_scores(engine, chunk, pad_id=pad_id, packing=packing,
+                                       device=strategy.device, ring=ring)
+        margin = torch.tensor([s.margin for s in chunk], device=chosen.device)
+        loss = bradley_terry_loss(chosen, rejected, margin)
+        strategy.backward(scaled(loss, ring), engine)
+        strategy.step(engine)
+        return {"loss": loss.item(), "accuracy": (chosen > rejected).float().mean().item()}
+
+    return step_loop(model=engine, strategy=strategy, train_cfg=train_cfg,
+                     num_samples=len(samples), micro_step=micro_step, log=log, ckpt=ckpt,
+                     evaluate=(lambda: {f"eval_{k}": v for k, v in
+                                        evaluate(engine, eval_samples).items()})
+                     if eval_samples else None, dp=data_coords(ring, strategy))
 
 
 def run(cfg, topo, run_dir: Path) -> None:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sample, step_indices
+from hpc_rlhf.data import load_samples, sft_batch, sft_sample
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format,
                                           forward_token_logprobs, load_causal_lm, load_tokenizer,
                                           make_strategy)
@@ -55,37 +56,27 @@ def train_sft(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: in
     newest complete checkpoint, save on schedule / at the end / on a signal (then stop)."""
     evaluate = partial(eval_sft_loss, pad_id=pad_id, packing=packing, device=strategy.device,
                        micro_batch_size=train_cfg.micro_batch_size, ring=ring)
-    # data-parallel coordinates: with a ring, all its ranks read the same micro-batches
-    dp_rank, dp_size = (ring.dp_rank, ring.dp_size) if ring else (strategy.dp_rank,
-                                                                  strategy.dp_size)
     # MoE: loss + train.aux_loss_coef x router load-balancing loss (off at 0; refused on dense)
     aux = attach_router_aux_loss(engine, getattr(train_cfg, "aux_loss_coef", 0.0))
-    start = ckpt.resume() if ckpt is not None else 0
-    if eval_samples and start == 0:
-        log(-1, {"eval_loss": evaluate(engine, eval_samples)})
-    for step in range(start, train_cfg.num_steps):
-        engine.train()
-        indices = step_indices(len(samples), train_cfg.batch_size, step, train_cfg.seed)
-        losses, aux_losses = [], []
-        for micro in rank_micro_batches(indices, dp_rank, dp_size, train_cfg.micro_batch_size):
-            loss = sft_batch_loss(engine, [samples[i] for i in micro], pad_id=pad_id,
-                                  packing=packing, device=strategy.device, ring=ring)
-            aux_m: dict = {}
-            total = aux.add_to(loss, aux_m)   # "loss" stays the SFT loss; the aux term is logged
-            strategy.backward(ring.scale_for_backward(total) if ring else total, engine)
-            strategy.step(engine)
-            losses.append(loss.item())
-            aux_losses.extend(aux_m.values())
-        metrics = {"loss": strategy.all_reduce_mean(sum(losses) / len(losses))}
-        if aux_losses:
-            metrics["moe_aux_loss"] = strategy.all_reduce_mean(sum(aux_losses) / len(aux_losses))
-        if eval_samples and step == train_cfg.num_steps - 1:
-            engine.eval()
-            metrics["eval_loss"] = evaluate(engine, eval_samples)
-        log(step, metrics)
-        if ckpt is not None and ckpt.after_step(step + 1):
-            break  # checkpointed on a signal: the launcher requeues the job
-    return log.history
+
+    def micro_step(micro: list[int]) -> dict:
+        loss = sft_batch_loss(engine, [samples[i] for i in micro], pad_id=pad_id,
+                              packing=packing, device=strategy.device, ring=ring)
+        aux_m: dict = {}
+        total = aux.add_to(loss, aux_m)   # "loss" stays the SFT loss; the aux term is logged
+        strategy.backward(ring.scale_for_backward(total) if ring else total, engine)
+        strategy.step(engine)
+        out = {"loss": loss.item()}
+        if aux_m:
+            out["moe_aux_loss"] = sum(aux_m.values()) / len(aux_m)
+        return out
+
+    # data-parallel coordinates: with a ring, all its ranks read the same micro-batches
+    return step_loop(model=engine, strategy=strategy, train_cfg=train_cfg,
+                     num_samples=len(samples), micro_step=micro_step, log=log, ckpt=ckpt,
+                     evaluate=(lambda: {"eval_loss": evaluate(engine, eval_samples)})
+                     if eval_samples else None,
+                     dp=(ring.dp_rank, ring.dp_size) if ring else None)
 
 
 def run(cfg, topo, run_dir: Path) -> None:
