@@ -175,3 +175,17 @@ def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> Path | N
     directory on global rank 0, None elsewhere."""
     from hpc_rlhf.checkpoint.export import export_hf
     return export_hf(models.actor, out_dir, models.tokenizer, strategy=strategy)
+
+
+def restore_rl(cfg: JobConfig, strategy, ckpt_dir: Path, engines: dict, prompts, kl_ctl) -> int:
+    """The RL step to start from: that of the newest complete checkpoint in `ckpt_dir` (its
+    engines, prompt-stream cursor and KL coefficient restored), else 0."""
+    if not cfg.checkpoint.resume:
+        return 0
+    restored = strategy.load_checkpoint(ckpt_dir, engines)
+    if restored is None:
+        return 0
+    start, extra = restored
+    prompts.load_state_dict(extra["prompts"])
+    kl_ctl.value = extra["kl_coef"]
+    return start

@@ -30,7 +30,7 @@ from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
-                                    rollout_sampling)
+                                    restore_rl, rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent
 from hpc_rlhf.rl.experience import make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
@@ -129,13 +129,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     dp_rank, dp = strategy.dp_rank, strategy.dp_size
     ckpt_dir = run_dir / "checkpoints"
     engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
-    start, extra = 0, None
-    if cfg.checkpoint.resume:
-        restored = strategy.load_checkpoint(ckpt_dir, engines)
-        if restored is not None:
-            start, extra = restored
-            prompts.load_state_dict(extra["prompts"])
-            kl_ctl.value = extra["kl_coef"]
+    start = restore_rl(cfg, strategy, ckpt_dir, engines, prompts, kl_ctl)
     collectives.reduce_values([start if rank0 else 0], "sum", job, torch.long)
     # Buckets live where the sync group's backend needs them (CUDA for NCCL; see transport).
     sender = (BroadcastSender(sync, 0, bucket_bytes=bucket, verify=cfg.rollout.weight_sync_verify)

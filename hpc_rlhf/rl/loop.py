@@ -22,7 +22,7 @@ from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, request_
 from hpc_rlhf.memory.schedule import ColocatedMemory
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
-                                    local_prompts, policy_weights, rollout_sampling)
+                                    local_prompts, policy_weights, restore_rl, rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
@@ -63,16 +63,11 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
     # vLLM and DeepSpeed take turns on the GPU (memory/schedule.py); bookkeeping on a CPU.
     mem = ColocatedMemory(engine, engines.values(), enabled=cfg.rollout.enable_sleep)
-    start = 0
-    if cfg.checkpoint.resume:
-        restored = strategy.load_checkpoint(ckpt_dir, engines)
-        if restored is not None:
-            start, extra = restored
-            prompts.load_state_dict(extra["prompts"])
-            kl_ctl.value = extra["kl_coef"]
-            mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
-            if rank == 0:
-                print(f"[rl] resumed from step {start} ({ckpt_dir})", flush=True)
+    start = restore_rl(cfg, strategy, ckpt_dir, engines, prompts, kl_ctl)
+    if start:
+        mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
+        if rank == 0:
+            print(f"[rl] resumed from step {start} ({ckpt_dir})", flush=True)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,

@@ -22,7 +22,7 @@ from hpc_rlhf.train.losses_pref import preference_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
+from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, chat_format, load_tokenizer, load_train_eval,
                                           make_strategy,
                                           policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
@@ -87,19 +87,22 @@ def train_dpo(policy, ref, strategy, samples, *, train_cfg, packing: bool, pad_i
                      if eval_samples else None, dp=data_coords(ring, strategy))
 
 
-def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
+def run_with_reference(cfg, topo, run_dir: Path, name: str, sample_fn, train_fn, **keys):
+    """run() of the recipes that train a policy against its frozen reference (DPO, KTO):
+    `sample_fn` reads the rows (with the data keys `keys`), `train_fn` is the loop."""
+    strategy, tokenizer, samples, eval_samples = setup_dataset_recipe(
+        cfg, sample_fn, name, ring=True, **keys)
     ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
-    tokenizer = load_tokenizer(cfg.model.path)
-    d = cfg.data
-    make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
-                   chosen_key=d.chosen_key, rejected_key=d.rejected_key)
-    samples, eval_samples, _ = load_train_eval(d, make, name="dpo",
-                                               rank=strategy.rank)
     policy, ref = policy_and_reference(cfg, strategy, ring)
-    ctx = RunContext(cfg, strategy, run_dir, name="dpo")
+    ctx = RunContext(cfg, strategy, run_dir, name=name)
     ckpt = ctx.checkpoints({"model": policy})
-    train_dpo(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
-              ckpt=ckpt)
+    train_fn(policy, ref, strategy, samples, train_cfg=cfg.train, packing=cfg.data.packing,
+             pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
+             ckpt=ckpt)
     ctx.finish(policy, tokenizer)
+
+
+def run(cfg, topo, run_dir: Path) -> None:
+    d = cfg.data
+    run_with_reference(cfg, topo, run_dir, "dpo", pair_sample, train_dpo,
+                       chosen_key=d.chosen_key, rejected_key=d.rejected_key)

@@ -18,7 +18,7 @@ from hpc_rlhf.data import sft_batch, sft_sample
 from hpc_rlhf.train.losses_pref import kd_forward_kl
 from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (chat_format, forward_logits, load_causal_lm,
+from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, chat_format, forward_logits, load_causal_lm,
                                           load_tokenizer, load_train_eval, make_strategy)
 
 
@@ -61,13 +61,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     if not cfg.train.teacher_path:
         raise ValueError("train.trainer=kd needs train.teacher_path (an HF directory or "
                          "'tiny:llama'-style name sharing the student's tokenizer)")
-    strategy = make_strategy(cfg)
-    tokenizer = load_tokenizer(cfg.model.path)
-    d = cfg.data
-    make = partial(sft_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
-                   output_key=d.output_key)
-    samples, eval_samples, _ = load_train_eval(d, make, name="kd",
-                                               rank=strategy.rank)
+    strategy, tokenizer, samples, eval_samples = setup_dataset_recipe(
+        cfg, sft_sample, "kd", output_key=cfg.data.output_key)
     student = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))
     teacher = strategy.prepare_eval_model(load_causal_lm(cfg.train.teacher_path, cfg.model))
     ctx = RunContext(cfg, strategy, run_dir, name="kd")

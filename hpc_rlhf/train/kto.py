@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from hpc_rlhf.data import kto_batch, kto_sample, prompt_response_batch
+from hpc_rlhf.train.dpo import run_with_reference
 from hpc_rlhf.train.losses_pref import kto_loss
 from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (chat_format, load_tokenizer, load_train_eval,
+from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, chat_format, load_tokenizer, load_train_eval,
                                           make_strategy,
                                           policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
@@ -86,18 +87,6 @@ def train_kto(policy, ref, strategy, samples, *, train_cfg, packing, pad_id, log
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
-    ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
-    tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
-    make = partial(kto_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
-                   output_key=d.output_key, label_key=d.label_key)
-    samples, eval_samples, _ = load_train_eval(d, make, name="kto",
-                                               rank=strategy.rank)
-    policy, ref = policy_and_reference(cfg, strategy, ring)
-    ctx = RunContext(cfg, strategy, run_dir, name="kto")
-    ckpt = ctx.checkpoints({"model": policy})
-    train_kto(policy, ref, strategy, samples, train_cfg=cfg.train, packing=d.packing,
-              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
-              ckpt=ckpt)
-    ctx.finish(policy, tokenizer)
+    run_with_reference(cfg, topo, run_dir, "kto", kto_sample, train_kto,
+                       output_key=d.output_key, label_key=d.label_key)

@@ -142,6 +142,20 @@ def sequence_logps(model, batch: TokenBatch) -> torch.Tensor:
 
 
 # ---- data and models --------------------------------------------------------------------
+def setup_dataset_recipe(cfg, sample_fn, name: str, *, ring: bool = False, **keys):
+    """(strategy, tokenizer, train samples, held-out samples or None) of a recipe on a fixed
+    dataset: the strategy on the joined world (ring: see make_strategy), the tokenizer, and
+    `sample_fn(row, fmt=<the config's chat format>, input_key=data.input_key, **keys)` over
+    data.prompts / data.eval_prompts (filter counts printed on rank 0)."""
+    from functools import partial
+    strategy = make_strategy(cfg, ring=ring)
+    tokenizer = load_tokenizer(cfg.model.path)
+    d = cfg.data
+    make = partial(sample_fn, fmt=chat_format(tokenizer, d), input_key=d.input_key, **keys)
+    samples, eval_samples, _ = load_train_eval(d, make, name=name, rank=strategy.rank)
+    return strategy, tokenizer, samples, eval_samples
+
+
 def load_train_eval(data_cfg, make, *, name: str, rank: int):
     """(train samples, held-out samples or None, stats) of a trainer's data, the train file's
     filter/skip counts printed once (rank 0)."""

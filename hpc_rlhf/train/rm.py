@@ -25,7 +25,7 @@ from hpc_rlhf.data import (pair_batch, pair_sample,
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
 from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (load_value_model_for, chat_format, load_tokenizer, load_train_eval,
+from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, load_value_model_for, chat_format, load_tokenizer, load_train_eval,
                                           make_strategy)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
                                         ring_setup, ring_token_outputs, scaled)
@@ -83,15 +83,11 @@ def train_rm(engine, strategy, samples, *, train_cfg, packing: bool, pad_id: int
 
 
 def run(cfg, topo, run_dir: Path) -> None:
-    strategy = make_strategy(cfg, ring=True)  # grad_accum from world / (autotp x ring)
-    ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
-    tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
-    make = partial(pair_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
-                   chosen_key=d.chosen_key, rejected_key=d.rejected_key,
-                   margin_key=d.margin_key)
-    samples, eval_samples, _ = load_train_eval(d, make, name="rm",
-                                               rank=strategy.rank)
+    strategy, tokenizer, samples, eval_samples = setup_dataset_recipe(
+        cfg, pair_sample, "rm", ring=True, chosen_key=d.chosen_key, rejected_key=d.rejected_key,
+        margin_key=d.margin_key)
+    ring = ring_setup(cfg.train, topo)         # None unless train.ring_attn_size > 1
     engine = strategy.prepare_model(load_value_model_for(cfg, cfg.model.path))
     if ring is not None:
         enable_ring(engine)
