@@ -67,6 +67,6 @@ def run(cfg, topo, run_dir: Path) -> None:
     teacher = strategy.prepare_eval_model(load_causal_lm(cfg.train.teacher_path, cfg.model))
     ctx = RunContext(cfg, strategy, run_dir, name="kd")
     ckpt = ctx.checkpoints({"model": student})
-    train_kd(student, teacher, strategy, samples, train_cfg=cfg.train, packing=d.packing,
+    train_kd(student, teacher, strategy, samples, train_cfg=cfg.train, packing=cfg.data.packing,
              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ckpt=ckpt)
     ctx.finish(student, tokenizer)

@@ -21,7 +21,7 @@ from hpc_rlhf.data import load_samples, sft_batch, sft_sample
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
-from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime import RunContext, StepCheckpoints, StepLog
 from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format,
                                           forward_token_logprobs, load_causal_lm, load_tokenizer,
