@@ -24,7 +24,7 @@ from pathlib import Path
 from hpc_rlhf.data import load_samples, read_rows, sft_sample
 from hpc_rlhf.data.readers import Row
 from hpc_rlhf.data.rows import DataError, get_float, get_text_or_messages
-from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.train.recipe_common import (chat_format,
                                           load_causal_lm, load_tokenizer, make_strategy)
 from hpc_rlhf.train.sft import train_sft

@@ -22,9 +22,7 @@ from hpc_rlhf.train.losses_pref import preference_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
 from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, chat_format, load_tokenizer, load_train_eval,
-                                          make_strategy,
-                                          policy_and_reference)
+from hpc_rlhf.train.recipe_common import policy_and_reference, setup_dataset_recipe
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
                                         scaled, sequence_logps_any)
 

@@ -16,10 +16,9 @@ import torch
 
 from hpc_rlhf.data import sft_batch, sft_sample
 from hpc_rlhf.train.losses_pref import kd_forward_kl
-from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, chat_format, forward_logits, load_causal_lm,
-                                          load_tokenizer, load_train_eval, make_strategy)
+from hpc_rlhf.train.recipe_common import forward_logits, load_causal_lm, setup_dataset_recipe
 
 
 def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.Tensor:

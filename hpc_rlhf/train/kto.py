@@ -19,14 +19,9 @@ import torch
 from hpc_rlhf.data import kto_batch, kto_sample, prompt_response_batch
 from hpc_rlhf.train.dpo import run_with_reference
 from hpc_rlhf.train.losses_pref import kto_loss
-from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, chat_format, load_tokenizer, load_train_eval,
-                                          make_strategy,
-                                          policy_and_reference)
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, ring_setup,
                                         scaled, sequence_logps_any)
-
 
 
 def _logps(model, chunk, pad_id, packing, device, ring: Ring | None = None):

@@ -17,7 +17,7 @@ import torch
 
 from hpc_rlhf.data import prm_batch, prm_sample
 from hpc_rlhf.train.losses_pref import prm_loss
-from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import (chat_format, forward_logits, load_causal_lm,
                                           load_tokenizer, load_train_eval, make_strategy)

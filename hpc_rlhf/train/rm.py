@@ -25,8 +25,7 @@ from hpc_rlhf.data import (pair_batch, pair_sample,
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
 from hpc_rlhf.runtime import RunContext, StepLog
 from hpc_rlhf.runtime.loop import step_loop
-from hpc_rlhf.train.recipe_common import (setup_dataset_recipe, load_value_model_for, chat_format, load_tokenizer, load_train_eval,
-                                          make_strategy)
+from hpc_rlhf.train.recipe_common import load_value_model_for, setup_dataset_recipe
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
                                         ring_setup, ring_token_outputs, scaled)
 
