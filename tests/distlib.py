@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +17,21 @@ import torch
 from testlib import REPO, spawn
 
 ROOT = REPO   # the repository root: configs/ lives here
+
+
+@contextmanager
+def private_model_cache(path: Path):
+    """HPC_RLHF_CACHE=path for the block (spawned ranks inherit it), restored after: a module
+    that builds its models privately cannot race other tests rebuilding the shared cache."""
+    old = os.environ.get("HPC_RLHF_CACHE")
+    os.environ["HPC_RLHF_CACHE"] = str(path)
+    try:
+        yield Path(path)
+    finally:
+        if old is None:
+            os.environ.pop("HPC_RLHF_CACHE", None)
+        else:
+            os.environ["HPC_RLHF_CACHE"] = old
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -4,13 +4,12 @@ model bit for bit outside the adapted projections, and each adapted projection m
 update of rank <= lora_rank; tensorboard holds the loss curve of every step."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from distlib import ROOT, read_metrics
+from distlib import ROOT, init_rank, private_model_cache, read_metrics
 from testlib import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
@@ -21,10 +20,8 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")   # model.lora_targets' defau
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_rank(rank, world, port)
     import torch.distributed as dist
-    torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from hpc_rlhf.config import load_config
     data = Path(tmp) / "data"
@@ -46,16 +43,9 @@ def runs(tmp_path_factory):
     from hpc_rlhf.models.tiny import ensure_tiny_model
     tmp = tmp_path_factory.mktemp("lora_trainers")
     write_toy_datasets(tmp / "data", n_train=64, n_eval=8)
-    old = os.environ.get("HPC_RLHF_CACHE")
-    os.environ["HPC_RLHF_CACHE"] = str(tmp / "cache")
-    try:
+    with private_model_cache(tmp / "cache"):
         base = ensure_tiny_model(cache_dir() / "models", arch="llama")
         spawn(_worker, 2, (str(tmp),), TIMEOUT_S)
-    finally:
-        if old is None:
-            os.environ.pop("HPC_RLHF_CACHE", None)
-        else:
-            os.environ["HPC_RLHF_CACHE"] = old
     return tmp, Path(base)
 
 
