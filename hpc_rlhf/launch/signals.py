@@ -141,6 +141,17 @@ def request_requeue(run_dir: str | os.PathLike) -> Path | None:
     return path
 
 
+def requeue_after_stop(run_dir: str | os.PathLike, enabled: bool = True) -> str:
+    """Global rank 0, after the checkpoint of a signal-stopped run: request the requeue where
+    one is wanted (request_requeue) and `enabled` (launch.requeue); what happened, for the
+    closing line."""
+    if not enabled:
+        return "no requeue (launch.requeue=false)"
+    if request_requeue(run_dir) is not None:
+        return "requeue requested"
+    return "no requeue (SIGTERM, not a preemption)"
+
+
 def requeue_requested(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / REQUEUE_FILE).exists()
 

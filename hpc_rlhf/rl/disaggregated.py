@@ -27,7 +27,7 @@ import torch
 from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
-from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
+from hpc_rlhf.launch.signals import agreed_stop_vote, requeue_after_stop
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
                                     restore_rl, rollout_sampling)
@@ -195,8 +195,8 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
                                      {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
                                      keep_last=cfg.checkpoint.keep_last)
         if stop and not done:
-            if rank0 and cfg.launch.requeue:
-                request_requeue(run_dir)
+            if rank0:
+                requeue_after_stop(run_dir, cfg.launch.requeue)
             logger.close()
             return
     logger.close()

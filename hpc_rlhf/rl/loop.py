@@ -18,7 +18,7 @@ import torch.distributed as dist
 from hpc_rlhf.config import JobConfig, sizes, to_dict
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.rundir import redacted
-from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, request_requeue
+from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, requeue_after_stop
 from hpc_rlhf.memory.schedule import ColocatedMemory
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
@@ -133,13 +133,9 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                                      keep_last=cfg.checkpoint.keep_last)
         if stop and not done:
             if rank == 0:
-                # not after scancel / a dead peer's SIGTERM, nor with launch.requeue=false
-                requeue = cfg.launch.requeue and request_requeue(run_dir)
+                how = requeue_after_stop(run_dir, cfg.launch.requeue)  # not after scancel
                 print(f"[rl] checkpointed at step {step + 1} on a signal "
-                      f"{received_signals()}; " + (
-                          "requeue requested" if requeue else
-                          "no requeue (launch.requeue=false)" if not cfg.launch.requeue else
-                          "no requeue (SIGTERM, not a preemption)"), flush=True)
+                      f"{received_signals()}; {how}", flush=True)
             logger.close()
             return
     logger.close()

@@ -96,7 +96,7 @@ class StepCheckpoints:
     def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
         """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
         a signal; True when the loop must stop now (a signal before the last step)."""
-        from hpc_rlhf.launch.signals import agreed_stop_vote, request_requeue
+        from hpc_rlhf.launch.signals import agreed_stop_vote, requeue_after_stop
         vote = agreed_stop_vote()  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
         done = done_steps == self.num_steps
         every = self.c.save_every
@@ -107,11 +107,7 @@ class StepCheckpoints:
         if not vote or done:
             return False
         if self.strategy.rank == 0:
-            if self.requeue:
-                requeue = request_requeue(self.run_dir)
-                how = "requeue requested" if requeue else "no requeue (SIGTERM, not a preemption)"
-            else:
-                how = "no requeue (launch.requeue=false)"
+            how = requeue_after_stop(self.run_dir, self.requeue)
             print(f"[train] checkpointed at step {done_steps} on a signal; {how}", flush=True)
         collectives.barrier()
         self.stopped = True
