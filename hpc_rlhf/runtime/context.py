@@ -32,19 +32,19 @@ class StepLog:
                  total_steps: int = 0, start_step=lambda: 0, config: dict | None = None):
         self.history: list[dict] = []
         self.logger = None  # opened on the first record, after a resume (the bar starts there)
-        self._open = dict(run_dir=run_dir, rank=rank, lc=logging_cfg, name=name,
-                          total=total_steps, start=start_step, config=config)
+        self.run_dir, self.rank, self.lc, self.name = run_dir, rank, logging_cfg, name
+        self.total, self.start_step, self.config = total_steps, start_step, config
 
     def _logger(self):
         from hpc_rlhf.metrics.logger import MetricsLogger
-        o, lc = self._open, self._open["lc"]
+        lc = self.lc
         return MetricsLogger(
-            Path(o["run_dir"]) if o["run_dir"] is not None else Path("."),
-            enabled=o["rank"] == 0 and o["run_dir"] is not None,
+            Path(self.run_dir) if self.run_dir is not None else Path("."),
+            enabled=self.rank == 0 and self.run_dir is not None,
             tensorboard=lc.tensorboard if lc else False,
             wandb_project=lc.wandb_project if lc else "",
-            progress_total=o["total"], progress_bar=lc.progress_bar if lc else False,
-            run_name=o["name"], config=o["config"], start_step=o["start"](),
+            progress_total=self.total, progress_bar=lc.progress_bar if lc else False,
+            run_name=self.name, config=self.config, start_step=self.start_step(),
             print_every=lc.log_every if lc else 0)
 
     def __call__(self, step: int, metrics: dict) -> None:
@@ -128,7 +128,6 @@ class RunContext:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.rank = strategy.rank
         self.t0 = time.time()
-        self._engines: dict | None = None
         self._total = total_steps if total_steps is not None else cfg.train.num_steps
         self._log: StepLog | None = None
         self._ckpt: StepCheckpoints | None = None
