@@ -78,16 +78,35 @@ def _child_env(**env: str):
                 os.environ[k] = v
 
 
+def _rank_main(rank: int, fn, *args) -> None:
+    """A spawned rank: dies with its parent (PR_SET_PDEATHSIG), so a killed pytest leaves no
+    orphaned ranks; runs fn; then destroys the process groups fn left behind. A gloo group
+    alive at interpreter exit can abort the process (SIGABRT, "terminate called without an
+    active exception") after fn succeeded: its worker threads still hold async work whose
+    tensors are freed during finalization."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    fn(rank, *args)
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def spawn(fn, world: int, args: tuple, timeout_s: float) -> None:
     """Run fn(rank, world, port, *args) on `world` spawned processes; fail (never hang) past
     scaled(timeout_s). `port` is a TCPStore this process hosts: a worker sets MASTER_ADDR=
     127.0.0.1, MASTER_PORT=port and calls init_process_group (env://) once; it joins as a
-    client. (A second init in the same process would read the first world's stale keys.)"""
+    client. (A second init in the same process would read the first world's stale keys.)
+    The ranks die with this process, and their process groups are destroyed after fn."""
     import torch.multiprocessing as mp
     with store_server() as port, _child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                                             TORCHELASTIC_USE_AGENT_STORE="True"):
-        ctx = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(_rank_main, args=(fn, world, port, *args), nprocs=world,
+                                 join=False, start_method="spawn")
         deadline = time.monotonic() + scaled(timeout_s)
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:

@@ -148,3 +148,27 @@ def barrier(group=None) -> None:
     """Every rank of `group` reaches this point (an all-reduce: works on every backend and on
     standalone groups, and with NCCL needs no device_ids)."""
     all_reduce(torch.zeros(1), "sum", group)
+
+
+_teardown_registered = [False]
+
+
+def destroy_world_at_exit() -> None:
+    """Destroy the default world (and its groups) at interpreter exit, while Python is still
+    alive. For code that creates the world itself (the strategy in a plain script): a gloo
+    world left for finalization can abort a finished process (SIGABRT, "terminate called
+    without an active exception"), since its worker threads still hold async work whose
+    tensors are freed after the interpreter is gone. Idempotent; a world already destroyed
+    is left alone."""
+    if _teardown_registered[0]:
+        return
+    _teardown_registered[0] = True
+    import atexit
+
+    def _destroy() -> None:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except (RuntimeError, ValueError):  # torn down elsewhere (vLLM shutdown)
+                pass
+    atexit.register(_destroy)

@@ -178,6 +178,7 @@ class DeepSpeedStrategy:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                        timeout=datetime.timedelta(seconds=timeout_s))
+            collectives.destroy_world_at_exit()  # this strategy made the world
         else:
             # A group made elsewhere (topology code, vLLM in-process): DeepSpeed still reads
             # RANK / WORLD_SIZE / LOCAL_RANK from the environment and asserts they exist.
