@@ -100,16 +100,15 @@ def rank_pid(proc: subprocess.Popen, rank: int, timeout: float = 60) -> int:
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> metrics; for a step logged twice (killed, then resumed) the last entry wins."""
+    """step -> metrics. A resumed run drops what the killed attempt logged past its checkpoint
+    (MetricsLogger), so each step must appear once, in order: checked here for every test."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return {}
-    out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            out[d["step"]] = d
-    return out
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    steps = [d["step"] for d in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {d["step"]: d for d in rows}
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:

@@ -44,10 +44,15 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
+        # A resumed run repeats the steps after its checkpoint: drop what an earlier attempt
+        # logged past `start_step` (metrics, samples; tensorboard purges them on read).
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(run_dir / name, start_step)
         self._file = open(run_dir / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1
+                                     if start_step else 0)
         if wandb_project:
             try:
                 import wandb  # the only place wandb is imported
@@ -110,6 +115,28 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Keep the rows of a step-tagged JSON-lines file up to `last_step` (none when it is 0: a
+    fresh start logs its baseline again), atomically; returns how many rows were dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill mid-write
+        if last_step and step <= last_step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
+    return len(lines) - len(keep)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
