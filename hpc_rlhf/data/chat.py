@@ -9,6 +9,7 @@ wrong.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class TemplateError(ValueError):
@@ -20,6 +21,31 @@ def as_messages(prompt) -> list[dict]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return list(prompt)
+
+
+_JINJA = ("{{", "{%")
+_announced: set = set()
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """data.chat_template: jinja text as is, or a path to a file holding it (read, and said
+    once per process on rank 0). A value that is neither is refused, naming the field."""
+    import os
+    if not value or any(m in value for m in _JINJA):
+        return value or None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise TemplateError(f"data.chat_template={value!r} is neither a jinja template (no "
+                            "'{{' or '{%') nor an existing file; give the template text or the "
+                            "path of a .jinja file")
+    text = path.read_text()
+    if not any(m in text for m in _JINJA):
+        raise TemplateError(f"data.chat_template={value!r}: the file holds no jinja template "
+                            "('{{' or '{%' not found)")
+    if value not in _announced and os.environ.get("RANK", "0") == "0":
+        _announced.add(value)
+        print(f"[data] chat template read from {path}", flush=True)
+    return text
 
 
 @dataclass(frozen=True)
@@ -34,6 +60,7 @@ class ChatFormat:
     chat_template: str | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "chat_template", resolve_chat_template(self.chat_template))
         if self.apply_chat_template and not (self.chat_template
                                              or getattr(self.tokenizer, "chat_template", None)):
             raise TemplateError("data.apply_chat_template=true but the tokenizer has no chat "

@@ -155,3 +155,22 @@ def test_pair_batch_layout(tok):
     b = pair_batch(s, pad_id=0)
     assert b.num_samples == 4
     assert segment_sum(b.loss_mask, b.segment_ids, 4).tolist() == [1, 2, 2, 1]
+
+
+def test_chat_template_is_text_or_a_file_and_anything_else_is_refused(tmp_path, tok, capsys):
+    from hpc_rlhf.data.chat import TemplateError
+    text = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    path = tmp_path / "tpl.jinja"
+    path.write_text(text)
+    inline = ChatFormat(tok, True, text)
+    from_file = ChatFormat(tok, True, str(path))
+    assert from_file.chat_template == text
+    assert f"chat template read from {path}" in capsys.readouterr().out
+    want = inline.prompt_ids("hello")
+    assert from_file.prompt_ids("hello") == want
+    assert tok.decode(want).startswith("<<hello>>")   # the template, not the path, is used
+    with pytest.raises(TemplateError, match="tpl2.jinja.* is neither a jinja template"):
+        ChatFormat(tok, True, str(tmp_path / "tpl2.jinja"))
+    (tmp_path / "plain.txt").write_text("no template here")
+    with pytest.raises(TemplateError, match="holds no jinja template"):
+        ChatFormat(tok, True, str(tmp_path / "plain.txt"))
