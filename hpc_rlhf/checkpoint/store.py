@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -31,12 +30,12 @@ import torch
 
 import torch.distributed as dist
 
+from hpc_rlhf.checkpoint.layout import (MARKER, STEP_DIR, latest_checkpoint,  # noqa: F401
+                                        list_checkpoints, resume_source, step_dir_name)
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.topology import collectives
 
 log = logging.getLogger(__name__)
-STEP_DIR = re.compile(r"^step_(\d+)$")
-MARKER = "COMPLETE"
 
 
 def _rank() -> int:
@@ -53,10 +52,6 @@ def _barrier() -> None:
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, quota, I/O error); nothing was committed."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict:
@@ -89,25 +84,6 @@ def _fsync_tree(path: Path) -> None:
         for f in files:
             _fsync_path(Path(dirpath) / f)
         _fsync_path(Path(dirpath))
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root` as (step, path), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and (child / MARKER).is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint, or None."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, engines: dict,

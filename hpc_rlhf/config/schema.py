@@ -52,7 +52,8 @@ class DataConfig:
     chosen_key: str = opt("chosen", "dataset field of the preferred response (DPO/RM)")
     rejected_key: str = opt("rejected", "dataset field of the rejected response (DPO/RM)")
     apply_chat_template: bool = opt(True, "wrap prompts with the tokenizer's chat template")
-    chat_template: str = opt("", "a jinja chat template to use instead of the tokenizer's own")
+    chat_template: str = opt("", "a jinja chat template to use instead of the tokenizer's own: "
+                                  "the template text, or the path of a file holding it")
     margin_key: str = opt("margin", "dataset field of a pair's reward margin (RM, optional)")
     prm_step_tag: str = opt("\n", "PRM: placeholder text after each step, where labels are "
                             "predicted")
@@ -220,6 +221,9 @@ class CheckpointConfig:
     save_every: int = opt(0, "save every N steps (0 = only at the end and on signals)", ge=0)
     keep_last: int = opt(2, "complete checkpoints kept", gt=0)
     resume: bool = opt(True, "resume from the newest complete checkpoint in the run directory")
+    resume_from: str = opt("", "start a new run from this checkpoint (a checkpoints/step_N "
+                                "directory, or a run directory: its newest) when the run "
+                                "directory has none of its own; weights, optimizer and step")
     export_hf: bool = opt(True, "export the final policy as an HF directory")
 
 

@@ -109,7 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     program = resolve_program(name)
 
     from hpc_rlhf.topology import Topology
-    from .rundir import prepare_run_dir, tee_rank_logs
+    from .rundir import (RerunRefused, check_rerun, clear_failure, prepare_run_dir,
+                         record_failure, tee_rank_logs)
+    first = os.environ.get("RANK", "0") == "0"
+    try:  # the same verdict on every rank (they read the same files): no world needed
+        finished = check_rerun(cfg)
+    except RerunRefused as e:
+        if first:
+            print(e, file=sys.stderr)
+        return 2
+    if finished:
+        if first:
+            print(finished, flush=True)
+        return 0
 
     t0 = time.monotonic()
     topo = Topology.init(cfg)
@@ -118,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     _log(topo.rank, f"{'+'.join(topo.roles)} world {topo.info.world!r} "
                     f"{topo.world_rank}/{topo.info.world_size}; groups ready in "
                     f"{time.monotonic() - t0:.1f}s; program {name!r}; run dir {run_dir}")
+    clear_failure(run_dir, topo.rank)
     try:
         program(cfg, topo, run_dir)
+    except BaseException as e:
+        record_failure(run_dir, topo.rank, e)
+        raise
     finally:
         if signals.received_signals():
             _log(topo.rank, f"signals received: {signals.received_signals()}")

@@ -5,7 +5,15 @@
     <run_dir>/layout.txt       Layout.describe() of the job
     <run_dir>/logs/rank<R>.log every rank's stdout+stderr lines (tee'd, the console keeps them)
     <run_dir>/REQUEUE          written after a signal-triggered checkpoint (see signals.py)
+    <run_dir>/logs/failed_rank<R>.txt   one line: why rank R failed in the last attempt
     <run_dir>/...              checkpoints, metrics: owned by the programs
+
+A run directory remembers its config (config.yaml): `check_rerun` runs before anything is
+queued (submit) and again on every rank before the world starts (the sbatch path). The same
+config resumes; a finished run says so and exits 0; a different config is refused with the
+differences, since resuming it would train on settings config.yaml no longer records. Only
+the fields in RERUN_FREE (where and how long the job runs, what it logs, how often it saves)
+may change between attempts.
 
 Where: $HPC_RLHF_RUN_DIR if set (the sbatch script and our submitit task set it), else
 launch.run_dir with {name} replaced by launch.name. Both are fixed for a job, so a requeued
@@ -18,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from hpc_rlhf.config import JobConfig, to_yaml
+from hpc_rlhf.config import JobConfig, to_dict, to_yaml
 
 ENV_RUN_DIR = "HPC_RLHF_RUN_DIR"
 
@@ -84,3 +92,109 @@ def tee_rank_logs(run_dir: Path, rank: int) -> Path:
     sys.stdout = _Tee(sys.stdout, log, "")
     sys.stderr = _Tee(sys.stderr, log, "")
     return path
+
+
+class RerunRefused(ValueError):
+    """The run directory holds a run that this config must not continue (or resume_from is
+    not a checkpoint); the message lists why and the ways out."""
+
+
+# Fields that may differ between attempts of one run (prefixes end with a dot).
+RERUN_FREE = ("launch.", "logging.", "checkpoint.save_every", "checkpoint.keep_last",
+              "checkpoint.export_hf", "checkpoint.resume_from", "topology.timeout_s")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, cfg: JobConfig) -> list[str]:
+    """`field: old -> new` for every field outside RERUN_FREE that differs."""
+    a, b = _flat(old), _flat(to_dict(redacted(cfg)))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RERUN_FREE) or a.get(key) == b.get(key):
+            continue
+        out.append(f"  {key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
+    return out
+
+
+def check_rerun(cfg: JobConfig, run_dir: Path | None = None) -> str | None:
+    """Before a run starts in `run_dir`: None to go on (a new run, or a resume with the same
+    config); a message when the run already finished (print it, exit 0). Raises RerunRefused
+    when the directory holds a run with a different config, or checkpoint.resume_from does
+    not name a checkpoint."""
+    import yaml
+
+    from hpc_rlhf.checkpoint.layout import branch_source, list_checkpoints
+    run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
+    saved = run_dir / "config.yaml"
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if cfg.checkpoint.resume_from and not ckpts:
+        try:
+            branch_source(cfg.checkpoint.resume_from)
+        except ValueError as e:
+            raise RerunRefused(str(e)) from None
+    if not saved.is_file() or not cfg.checkpoint.resume:
+        return None
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        return None  # a foreign or damaged file: prepare_run_dir rewrites it
+    diffs = config_differences(old, cfg)
+    if diffs and ckpts:
+        raise RerunRefused(
+            f"{run_dir} holds a run with a different config ({saved}), checkpointed at step "
+            f"{ckpts[-1][0]}; resuming it would train on settings that config.yaml does not "
+            f"record. Differences (saved -> now):\n" + "\n".join(diffs) +
+            "\nEither start a new run (launch.name=<new name>), or branch from its checkpoint "
+            f"with launch.name=<new name> checkpoint.resume_from={ckpts[-1][1]}")
+    if ckpts and ckpts[-1][0] >= cfg.train.num_steps:
+        export = run_dir / "export"
+        return (f"[run] {run_dir} already finished: checkpoint at step {ckpts[-1][0]} of "
+                f"{cfg.train.num_steps}" + (f", model in {export}" if export.is_dir() else "")
+                + "; nothing to train. To train more, start a new run (launch.name=<new name>)"
+                f", optionally from this one: checkpoint.resume_from={ckpts[-1][1]}")
+    return None
+
+
+def _failure_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "logs" / f"failed_rank{rank}.txt"
+
+
+def clear_failure(run_dir: Path, rank: int) -> None:
+    """A new attempt starts: forget why this rank failed last time."""
+    _failure_file(run_dir, rank).unlink(missing_ok=True)
+
+
+def record_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
+    """One line for the launcher's closing message: the exception and where in hpc_rlhf it
+    was raised (the full traceback stays in logs/rank<R>.log)."""
+    import traceback
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "hpc_rlhf" in f.filename]
+    where = ""
+    if frames:
+        f = frames[-1]
+        where = f" (in {f.name}, {Path(f.filename).name}:{f.lineno})"
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    try:
+        _failure_file(run_dir, rank).write_text(f"{type(exc).__name__}: {message}{where}\n")
+    except OSError:
+        pass
+
+
+def failure_line(run_dir: Path) -> str | None:
+    """`FAILED on rank R: <reason>; full log: ...` for the rank that failed first, or None."""
+    files = sorted(Path(run_dir).glob("logs/failed_rank*.txt"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return None
+    rank = files[0].stem.removeprefix("failed_rank")
+    others = f" ({len(files) - 1} more ranks failed after it)" if len(files) > 1 else ""
+    return (f"FAILED on rank {rank}: {files[0].read_text().strip()}{others}; full log: "
+            f"{Path(run_dir) / 'logs' / f'rank{rank}.log'}")

@@ -34,6 +34,11 @@ atomically, so the previous complete one is what the next run resumes from. Choo
 below GraceTime/KillWait minus the save time; 0 means "never save on SIGTERM, exit at once".
 Only the first SIGTERM arms the watchdog (torchrun forwards SLURM's SIGTERM, so ranks get two).
 
+SIGINT (Ctrl-C; the local launcher forwards it to the ranks) takes the SIGTERM path: checkpoint
+at the next step boundary within the grace, no requeue, one line saying what was saved; no
+KeyboardInterrupt tracebacks. The parent (torchrun) dying is treated the same way: a watcher
+thread sees the rank re-parented and sets the flag, so no rank trains on as an orphan.
+
 Requeue after SIGTERM: SLURM requeues a preempted job only if the job is still running when
 GraceTime ends; a job that checkpoints and exits inside the grace ends COMPLETED and is never
 rerun (seen on SLURM 22.05; tests/slurm/test_rl_preempt_slurm.py). So after a SIGTERM-only
@@ -52,6 +57,7 @@ from pathlib import Path
 
 REQUEUE_FILE = "REQUEUE"
 _WARNINGS = (signal.SIGUSR1, signal.SIGUSR2)
+_STOPS = (signal.SIGTERM, signal.SIGINT)  # stop at the next step boundary, no requeue
 _flag = threading.Event()
 _lock = threading.Lock()
 # warned: USR1/USR2 or request_checkpoint() (a requeue is wanted); agreed: stop_agreed() ran;
@@ -149,6 +155,8 @@ def requeue_after_stop(run_dir: str | os.PathLike, enabled: bool = True) -> str:
         return "no requeue (launch.requeue=false)"
     if request_requeue(run_dir) is not None:
         return "requeue requested"
+    if "SIGINT" in _state["signals"] or "PARENT_EXIT" in _state["signals"]:
+        return "interrupted; rerun the same command to resume"
     return "no requeue (SIGTERM, not a preemption)"
 
 
@@ -188,9 +196,9 @@ def _watchdog(read_fd: int, grace_s: float, rank: str) -> None:
         for signum in data:
             if signum in _WARNINGS:
                 _state["warned"] = True
-            if signum in (*_WARNINGS, signal.SIGTERM):
+            if signum in (*_WARNINGS, *_STOPS):
                 _flag.set()
-            if signum == signal.SIGTERM:
+            if signum in _STOPS:
                 _arm(grace_s, rank)
 
 
@@ -215,10 +223,28 @@ def install(grace_s: float | None = None) -> None:
     signal.signal(signal.SIGUSR1, _on_signal)
     signal.signal(signal.SIGUSR2, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     r, w = os.pipe()
     os.set_blocking(w, False)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     rank = os.environ.get("HPC_RLHF_GLOBAL_RANK", os.environ.get("RANK", "0"))
     threading.Thread(target=_watchdog, args=(r, grace_s, rank), daemon=True,
                      name="hpc_rlhf-sigterm-watchdog").start()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun: stop if it dies
+        threading.Thread(target=_watch_parent, args=(os.getppid(), grace_s, rank), daemon=True,
+                         name="hpc_rlhf-parent-watch").start()
     _state["installed"] = True
+
+
+def _watch_parent(parent: int, grace_s: float, rank: str, poll_s: float = 1.0) -> None:
+    """The rank's parent (the torchrun agent) died, e.g. SIGKILLed with its launcher: the rank
+    was re-parented. Take the SIGTERM path (checkpoint at the step boundary within the grace,
+    else exit), so no rank of a dead job trains on in the background."""
+    import time
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    sys.stderr.write(f"[rank {rank}] the torchrun agent (pid {parent}) exited; stopping\n")
+    if not _state["signals"] or _state["signals"][-1] != "PARENT_EXIT":
+        _state["signals"].append("PARENT_EXIT")
+    _flag.set()
+    _arm(grace_s, rank)

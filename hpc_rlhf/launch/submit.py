@@ -39,7 +39,8 @@ from pathlib import Path
 from hpc_rlhf.config import ConfigError, JobConfig, load_config
 from hpc_rlhf.topology.layout import Layout, build_layout
 from . import plan as planlib
-from .rundir import ENV_RUN_DIR, resolve_run_dir
+from .rundir import (ENV_RUN_DIR, RerunRefused, check_rerun, failure_line,
+                     resolve_run_dir)
 from .signals import REQUEUE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -218,7 +219,77 @@ def run_local(cfg: JobConfig, args, run_dir: Path) -> int:
     if args.program:
         env["HPC_RLHF_PROGRAM"] = args.program
     print(f"[submit] local: {planlib.shell_join(argv)}", flush=True)
-    return subprocess.run(argv, env=env).returncode
+    return LocalJob(argv, env, run_dir).wait()
+
+
+def _pdeathsig_term() -> None:  # in the torchrun child, before exec
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _children(pid: int) -> list[int]:
+    """Direct child pids of `pid` (Linux /proc), [] when it is gone."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+class LocalJob:
+    """torchrun on this machine, in its own session, so that a Ctrl-C reaches the ranks once,
+    through here: the first SIGINT/SIGTERM/SIGHUP is forwarded to the ranks (they checkpoint
+    at the end of the current step and exit; torchrun then ends cleanly), a second kills the
+    ranks and torchrun at once. torchrun gets SIGTERM if this launcher dies (PR_SET_PDEATHSIG),
+    and the ranks stop when torchrun dies (signals.py), so no process of the job outlives it."""
+
+    STOP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, argv: list, env: dict, run_dir: Path):
+        self.run_dir, self.stops = run_dir, []
+        self.proc = subprocess.Popen(argv, env=env, start_new_session=True,
+                                     preexec_fn=_pdeathsig_term)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stops.append(signum)
+        name = signal.Signals(signum).name
+        ranks = _children(self.proc.pid)
+        if len(self.stops) == 1:
+            print(f"\n[submit] {name}: the ranks checkpoint at the end of the current step and "
+                  "exit (again to stop at once, without saving)", file=sys.stderr, flush=True)
+            for pid in ranks or [self.proc.pid]:  # before the ranks start: torchrun itself
+                self._send(pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+        else:
+            print(f"\n[submit] {name} again: stopping now; the last complete checkpoint is "
+                  "kept", file=sys.stderr, flush=True)
+            for pid in [*ranks, self.proc.pid]:
+                self._send(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _send(pid: int, sig) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        old = {s: signal.signal(s, self._on_signal) for s in self.STOP}
+        try:
+            rc = self.proc.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        if self.stops:
+            print(f"[submit] stopped by {signal.Signals(self.stops[0]).name}; rerun the same "
+                  f"command to resume from the last checkpoint in {self.run_dir}", flush=True)
+            return 128 + self.stops[0]
+        if rc != 0:
+            line = failure_line(self.run_dir) or (
+                f"FAILED: torchrun exited {rc}; logs: {self.run_dir / 'logs'}")
+            print(f"[submit] {line}", file=sys.stderr, flush=True)
+        return rc
 
 
 def submit_slurm(cfg: JobConfig, args, run_dir: Path):
@@ -265,8 +336,9 @@ def failure_summaries(log: str) -> list[str]:
     return out
 
 
-def wait_job(job, poll_s: float = 0.5) -> int:
-    """Until the job leaves the queue (a requeue keeps it there); 0 iff it succeeded."""
+def wait_job(job, run_dir: Path | None = None, poll_s: float = 0.5) -> int:
+    """Until the job leaves the queue (a requeue keeps it there); 0 iff it succeeded. On a
+    failure the last line names the rank that failed first, its reason and its log."""
     env = {**os.environ}
     while True:
         out = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"],
@@ -300,6 +372,9 @@ def wait_job(job, poll_s: float = 0.5) -> int:
                 print(f"[submit] node task {task}: torchrun's failure summary:\n{summary}",
                       flush=True)
         print(f"[submit] job {job.job_id} FAILED: " + "; ".join(failed), file=sys.stderr)
+        line = failure_line(run_dir) if run_dir is not None else None
+        if line:
+            print(f"[submit] job {job.job_id} {line}", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -319,6 +394,14 @@ def main(argv: list | None = None) -> int:
                   file=sys.stderr)
             return 2
     run_dir = resolve_run_dir(cfg).resolve()
+    try:  # the run directory remembers its config: same config resumes, finished says so
+        finished = check_rerun(cfg, run_dir)
+    except RerunRefused as e:
+        print(e, file=sys.stderr)
+        return 2
+    if finished:
+        print(finished, flush=True)
+        return 0
     text, warnings = plan_text(cfg, layout, args.config, args.overrides, args.program,
                                args.gpu_mem_gb)
     if args.dry_run:
@@ -328,11 +411,16 @@ def main(argv: list | None = None) -> int:
     os.environ[ENV_RUN_DIR] = str(run_dir)
     if args.local:
         return run_local(cfg, args, run_dir)
+    import shutil
+    if shutil.which("sbatch") is None:
+        print("[submit] SLURM not found (no sbatch on PATH): run on this machine with --local, "
+              "or submit from a cluster login node", file=sys.stderr)
+        return 2
     job = submit_slurm(cfg, args, run_dir)
     print(f"[submit] submitted job {job.job_id}: {cfg.topology.nodes} nodes x "
           f"{cfg.topology.procs_per_node} ranks; log {job.paths.stdout}; run dir {run_dir}",
           flush=True)
-    return wait_job(job) if args.wait else 0
+    return wait_job(job, run_dir) if args.wait else 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ class StepLog:
             self.logger.close()
 
 
+def _resumed(source, step: int) -> str:
+    """The line that says where a run started from (its own checkpoint, or a branch)."""
+    root, branched = source
+    if branched is None:
+        return f"resumed from step {step} ({root})"
+    return f"branched from {root / f'step_{step:08d}'} (checkpoint.resume_from) at step {step}"
+
+
 class StepCheckpoints:
     """Resume and save for a step loop, with the stop-vote protocol of the RL loops
     (hpc_rlhf.launch.signals): the loop's batches must be a pure function of the step
@@ -82,15 +90,17 @@ class StepCheckpoints:
 
     def resume(self) -> int:
         """The step to start from: that of the newest complete checkpoint, else 0."""
+        from hpc_rlhf.checkpoint.store import resume_source
         if self.dir is None or not self.c.resume:
             return 0
-        restored = self.strategy.load_checkpoint(self.dir, self.engines)
-        if restored is None:
+        source = resume_source(self.dir, self.c.resume_from)
+        if source is None:
             return 0
+        restored = self.strategy.load_checkpoint(source[0], self.engines, step=source[1])
         self.extra = dict(restored[1] or {})
         self.start = restored[0]
         if self.strategy.rank == 0:
-            print(f"[train] resumed from step {restored[0]} ({self.dir})", flush=True)
+            print(f"[train] {_resumed(source, restored[0])}", flush=True)
         return restored[0]
 
     def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:

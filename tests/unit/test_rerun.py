@@ -1,0 +1,80 @@
+"""A run directory remembers its config (launch/rundir.check_rerun): the same config resumes, a
+finished run says so, a changed one is refused with its differences, resume_from is checked."""
+import pytest
+
+from hpc_rlhf.checkpoint.layout import MARKER, branch_source, resume_source, step_dir_name
+from hpc_rlhf.config import load_config, to_yaml
+from hpc_rlhf.launch.rundir import (RerunRefused, check_rerun, clear_failure, failure_line,
+                                    record_failure)
+from testlib import REPO
+
+pytestmark = pytest.mark.unit
+GRPO = REPO / "configs" / "grpo_tiny.yaml"
+
+
+def _cfg(*overrides):
+    return load_config(GRPO, ["train.num_steps=6", *overrides])
+
+
+def _checkpoint(root, step, complete=True):
+    d = root / step_dir_name(step)
+    d.mkdir(parents=True)
+    if complete:
+        (d / MARKER).write_text("{}")
+    return d
+
+
+def test_same_config_resumes_finished_says_so_changed_is_refused(tmp_path):
+    cfg = _cfg()
+    assert check_rerun(cfg, tmp_path) is None                   # a new run
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    assert check_rerun(cfg, tmp_path) is None                   # no checkpoint yet
+    assert check_rerun(_cfg("train.actor_lr=1e-3"), tmp_path) is None  # nothing to protect
+    _checkpoint(tmp_path / "checkpoints", 3)
+    assert check_rerun(cfg, tmp_path) is None                   # resumes
+    # where and how long it runs, what it logs, how often it saves: free to change
+    assert check_rerun(_cfg("launch.time=00:10:00", "logging.log_every=1",
+                            "checkpoint.save_every=1", "topology.timeout_s=99"), tmp_path) is None
+    with pytest.raises(RerunRefused) as e:
+        check_rerun(_cfg("train.actor_lr=1e-3", "rollout.temperature=0.5"), tmp_path)
+    msg = str(e.value)
+    assert "train.actor_lr" in msg and "rollout.temperature" in msg and "step 3" in msg
+    assert "launch.name=<new name>" in msg
+    assert f"checkpoint.resume_from={tmp_path / 'checkpoints' / step_dir_name(3)}" in msg
+    assert check_rerun(_cfg("train.actor_lr=1e-3", "checkpoint.resume=false"), tmp_path) is None
+    _checkpoint(tmp_path / "checkpoints", 6)
+    done = check_rerun(cfg, tmp_path)
+    assert done is not None and "already finished" in done and "step 6 of 6" in done
+
+
+def test_resume_from_names_a_checkpoint_or_is_refused(tmp_path):
+    old = tmp_path / "old"
+    _checkpoint(old / "checkpoints", 2)
+    _checkpoint(old / "checkpoints", 4)
+    _checkpoint(old / "checkpoints", 5, complete=False)
+    new_ckpts = tmp_path / "new" / "checkpoints"
+    assert branch_source(old) == (old / "checkpoints", 4)                 # a run dir: newest
+    assert branch_source(old / "checkpoints") == (old / "checkpoints", 4)
+    assert branch_source(old / "checkpoints" / step_dir_name(2)) == (old / "checkpoints", 2)
+    assert resume_source(new_ckpts, str(old)) == (old / "checkpoints", 4)
+    assert resume_source(new_ckpts, "") is None
+    _checkpoint(new_ckpts, 1)
+    assert resume_source(new_ckpts, str(old)) == (new_ckpts, None)        # its own comes first
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        branch_source(old / "checkpoints" / step_dir_name(5))
+    with pytest.raises(ValueError, match="does not exist"):
+        branch_source(tmp_path / "nope")
+    with pytest.raises(RerunRefused, match="checkpoint.resume_from=.*nope"):
+        check_rerun(_cfg(f"checkpoint.resume_from={tmp_path / 'nope'}"), tmp_path / "x")
+
+
+def test_failure_line_names_the_first_failed_rank(tmp_path):
+    (tmp_path / "logs").mkdir()
+    try:
+        raise RuntimeError("boom\nsecond line")
+    except RuntimeError as e:
+        record_failure(tmp_path, 1, e)
+    assert failure_line(tmp_path) == (
+        f"FAILED on rank 1: RuntimeError: boom; full log: {tmp_path / 'logs' / 'rank1.log'}")
+    clear_failure(tmp_path, 1)
+    assert failure_line(tmp_path) is None
