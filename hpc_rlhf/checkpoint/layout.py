@@ -63,3 +63,12 @@ def resume_source(ckpt_dir: str | os.PathLike, resume_from: str = ""
     if not resume_from:
         return None
     return branch_source(resume_from)
+
+
+def describe_start(source: tuple[Path, int | None], step: int) -> str:
+    """The line that says where a run started from (its own checkpoint, or a branch)."""
+    ckpts, branched = source
+    if branched is None:
+        return f"resumed from step {step} ({ckpts})"
+    return (f"branched from {Path(ckpts) / step_dir_name(step)} (checkpoint.resume_from) at "
+            f"step {step}")

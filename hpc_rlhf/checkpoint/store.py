@@ -30,8 +30,9 @@ import torch
 
 import torch.distributed as dist
 
-from hpc_rlhf.checkpoint.layout import (MARKER, STEP_DIR, latest_checkpoint,  # noqa: F401
-                                        list_checkpoints, resume_source, step_dir_name)
+from hpc_rlhf.checkpoint.layout import (MARKER, STEP_DIR, describe_start,  # noqa: F401
+                                        latest_checkpoint, list_checkpoints, resume_source,
+                                        step_dir_name)
 from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.topology import collectives
 

@@ -178,18 +178,18 @@ def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> Path | N
 
 
 def restore_rl(cfg: JobConfig, strategy, ckpt_dir: Path, engines: dict, prompts, kl_ctl) -> int:
-    """The RL step to start from: that of the newest complete checkpoint in `ckpt_dir` (its
-    engines, prompt-stream cursor and KL coefficient restored), else 0."""
-    from hpc_rlhf.checkpoint.store import resume_source
+    """The RL step to start from: that of the newest complete checkpoint in `ckpt_dir`, else of
+    checkpoint.resume_from (its engines, prompt-stream cursor and KL coefficient restored),
+    else 0. Rank 0 says which."""
+    from hpc_rlhf.checkpoint.store import describe_start, resume_source
     if not cfg.checkpoint.resume:
         return 0
     source = resume_source(ckpt_dir, cfg.checkpoint.resume_from)
     if source is None:
         return 0
     start, extra = strategy.load_checkpoint(source[0], engines, step=source[1])
-    if strategy.rank == 0 and source[1] is not None:
-        print(f"[rl] branched from {source[0] / f'step_{start:08d}'} "
-              "(checkpoint.resume_from)", flush=True)
+    if strategy.rank == 0:
+        print(f"[rl] {describe_start(source, start)}", flush=True)
     prompts.load_state_dict(extra["prompts"])
     kl_ctl.value = extra["kl_coef"]
     return start

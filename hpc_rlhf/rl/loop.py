@@ -66,8 +66,6 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     start = restore_rl(cfg, strategy, ckpt_dir, engines, prompts, kl_ctl)
     if start:
         mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
-        if rank == 0:
-            print(f"[rl] resumed from step {start} ({ckpt_dir})", flush=True)
 
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,

@@ -59,14 +59,6 @@ class StepLog:
             self.logger.close()
 
 
-def _resumed(source, step: int) -> str:
-    """The line that says where a run started from (its own checkpoint, or a branch)."""
-    root, branched = source
-    if branched is None:
-        return f"resumed from step {step} ({root})"
-    return f"branched from {root / f'step_{step:08d}'} (checkpoint.resume_from) at step {step}"
-
-
 class StepCheckpoints:
     """Resume and save for a step loop, with the stop-vote protocol of the RL loops
     (hpc_rlhf.launch.signals): the loop's batches must be a pure function of the step
@@ -90,7 +82,7 @@ class StepCheckpoints:
 
     def resume(self) -> int:
         """The step to start from: that of the newest complete checkpoint, else 0."""
-        from hpc_rlhf.checkpoint.store import resume_source
+        from hpc_rlhf.checkpoint.store import describe_start, resume_source
         if self.dir is None or not self.c.resume:
             return 0
         source = resume_source(self.dir, self.c.resume_from)
@@ -100,7 +92,7 @@ class StepCheckpoints:
         self.extra = dict(restored[1] or {})
         self.start = restored[0]
         if self.strategy.rank == 0:
-            print(f"[train] {_resumed(source, restored[0])}", flush=True)
+            print(f"[train] {describe_start(source, restored[0])}", flush=True)
         return restored[0]
 
     def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:

@@ -1,9 +1,10 @@
 """Resume: a run stopped at a checkpoint and restarted continues exactly as if uninterrupted.
 
 The uninterrupted GRPO run A (4 steps, HF engine: `grpo_hf_reference`) is the reference. B
-stops after 2 steps (its final checkpoint) and is restarted with num_steps=4 in the same run
-directory; S gets SIGUSR1 mid-run, must checkpoint, write REQUEUE and exit 0, and is then rerun
-to completion. Rollout seeds depend only on (train.seed, step, rank) and the micro-batch
+stops after 2 steps (its final checkpoint); rerunning it with num_steps=4 is refused (a changed
+config on a checkpointed run), and a new run B2 branched from it with checkpoint.resume_from
+continues it. S gets SIGUSR1 mid-run, must checkpoint, write REQUEUE and exit 0, and is then
+rerun, as the requeued job would be, to completion. Rollout seeds depend only on (train.seed, step, rank) and the micro-batch
 shuffle on (seed, step), so the resumed steps must reproduce A's rewards and losses.
 The HF engine follows the same seeded-sampling contract as vLLM and starts ~15 s faster.
 """
@@ -34,18 +35,24 @@ def assert_same_steps(got, want, steps):
                 f"{want[step][key]!r}")
 
 
-def test_resume_from_final_checkpoint_matches_uninterrupted(grpo_hf_reference, tmp_path,
-                                                            rl_job):
+def test_branch_from_final_checkpoint_matches_uninterrupted(grpo_hf_reference, tmp_path,
+                                                            rl_job, start_rl_job):
     ref = grpo_hf_reference
     run_dir = tmp_path / "B"
     first = rl_job(run_dir, [*ref.overrides, "train.num_steps=2"])
     assert [m["step"] for m in first.metrics] == [1, 2]
-    resumed = rl_job(run_dir, [*ref.overrides, f"train.num_steps={ref.steps}"],
-                     log_name="resume.log")
-    assert "resumed from step 2" in resumed.log.read_text()
+    more = [*ref.overrides, f"train.num_steps={ref.steps}"]
+    refused = start_rl_job(run_dir, more, log_name="refused.log")
+    assert refused.wait(120) == 2, refused.tail()
+    text = refused.log.read_text()
+    assert "train.num_steps: 2 -> 4" in text and "checkpoint.resume_from=" in text, text
+    branch = tmp_path / "B2"
+    resumed = rl_job(branch, [*more, f"checkpoint.resume_from={run_dir}"])
+    assert f"branched from {run_dir / 'checkpoints' / 'step_00000002'}" in resumed.log.read_text()
     got = by_step(resumed.metrics)
-    assert sorted(got) == list(range(1, ref.steps + 1))
-    assert_same_steps(got, ref.by_step(), range(1, ref.steps + 1))
+    assert sorted(got) == list(range(3, ref.steps + 1))   # the branch logs its own steps
+    assert_same_steps(got, ref.by_step(), range(3, ref.steps + 1))
+    assert [m["step"] for m in first.metrics] == [1, 2]   # the original run is untouched
 
 
 def test_sigusr1_checkpoints_requeues_and_resumes(grpo_hf_reference, tmp_path, rl_job,
@@ -69,10 +76,10 @@ def test_sigusr1_checkpoints_requeues_and_resumes(grpo_hf_reference, tmp_path, r
     assert any((run_dir / "checkpoints").iterdir())
 
     (run_dir / "REQUEUE").unlink()   # the batch script removes it when it requeues
-    resumed = rl_job(run_dir, [*ref.overrides, f"train.num_steps={ref.steps}"],
-                     log_name="resume.log")
+    resumed = rl_job(run_dir, [*ref.overrides, f"train.num_steps={2 * ref.steps}"],
+                     log_name="resume.log")   # the requeued job: the same config
     assert f"resumed from step {stopped_at}" in resumed.log.read_text()
     got = by_step(resumed.metrics)
-    assert sorted(got) == list(range(1, ref.steps + 1))
+    assert sorted(got) == list(range(1, 2 * ref.steps + 1))   # each step once
     assert_same_steps(got, ref.by_step(), range(1, ref.steps + 1))
     assert not (run_dir / "REQUEUE").exists()
