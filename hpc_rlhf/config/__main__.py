@@ -1,4 +1,5 @@
-"""`python -m hpc_rlhf.config show|check|docs CONFIG.yaml [section.field=value ...]`"""
+"""`python -m hpc_rlhf.config show|check CONFIG.yaml [section.field=value ...]`, or
+`python -m hpc_rlhf.config docs [SECTION]`."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,12 @@ import typing
 from . import ConfigError, JobConfig, load_config, sizes, to_yaml
 
 
-def _docs() -> str:
+def _docs(section: str | None = None) -> str:
+    """Every field with its default and doc; only `section` when given."""
     lines = []
     for sec in dataclasses.fields(JobConfig):
+        if section and sec.name != section:
+            continue
         cls = typing.get_type_hints(JobConfig)[sec.name]
         lines.append(f"{sec.name}:")
         for f in dataclasses.fields(cls):
@@ -31,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.config and "=" in args.config:  # no YAML given, only overrides
         args.overrides.insert(0, args.config)
         args.config = None
-    if args.command == "docs":
-        print(_docs())
+    if args.command == "docs":  # `docs` or `docs SECTION`
+        sections = [f.name for f in dataclasses.fields(JobConfig)]
+        if args.config and args.config not in sections:
+            print(f"config docs: unknown section {args.config!r}; choose one of {sections}",
+                  file=sys.stderr)
+            return 2
+        print(_docs(args.config))
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
@@ -41,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "show":
         print(to_yaml(cfg), end="")
-        print(f"# derived: {sizes(cfg)}")
+        derived = dataclasses.asdict(sizes(cfg))
+        print("# derived (not settable): " + ", ".join(f"{k}={v}" for k, v in derived.items()))
     else:
         print(f"ok: {args.config or 'defaults'}")
     return 0

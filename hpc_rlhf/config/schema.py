@@ -214,6 +214,9 @@ class LoggingConfig:
     progress_bar: bool = opt(True, "show a progress bar on rank 0")
     samples_per_step: int = opt(0, "RL: append this many of rank 0's samples per step (query, "
                                 "response, reward as scored) to samples.jsonl (0 = none)", ge=0)
+    verbose: bool = opt(False, "--local runs: show the libraries' output (vLLM, DeepSpeed, "
+                        "transformers, torch) on the console too; it always goes to "
+                        "logs/console.log")
 
 
 @dataclass(frozen=True)

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         record_failure(run_dir, topo.rank, e)
         raise
     finally:
-        if signals.received_signals():
+        if signals.received_signals() and (topo.rank != 0 or not signals.stop_was_agreed()):
+            # rank 0's closing line names its own signals when the program acted on them
             _log(topo.rank, f"signals received: {signals.received_signals()}")
     topo.destroy()
     return 0

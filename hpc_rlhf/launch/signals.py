@@ -34,9 +34,10 @@ atomically, so the previous complete one is what the next run resumes from. Choo
 below GraceTime/KillWait minus the save time; 0 means "never save on SIGTERM, exit at once".
 Only the first SIGTERM arms the watchdog (torchrun forwards SLURM's SIGTERM, so ranks get two).
 
-SIGINT (Ctrl-C; the local launcher forwards it to the ranks) takes the SIGTERM path: checkpoint
-at the next step boundary within the grace, no requeue, one line saying what was saved; no
-KeyboardInterrupt tracebacks. The parent (torchrun) dying is treated the same way: a watcher
+SIGINT (Ctrl-C; the local launcher forwards it to the ranks) takes the SIGTERM path without
+its timer: checkpoint at the next step boundary however long the step takes (someone is
+watching), no requeue, one line saying what was saved, no KeyboardInterrupt tracebacks; a
+second SIGINT exits at once (130) without saving. The parent (torchrun) dying is treated the same way: a watcher
 thread sees the rank re-parented and sets the flag, so no rank trains on as an orphan.
 
 Requeue after SIGTERM: SLURM requeues a preempted job only if the job is still running when
@@ -63,7 +64,7 @@ _lock = threading.Lock()
 # warned: USR1/USR2 or request_checkpoint() (a requeue is wanted); agreed: stop_agreed() ran;
 # timer: the armed SIGTERM watchdog, if any.
 _state: dict = {"installed": False, "signals": [], "warned": False, "agreed": False,
-                "timer": None, "armed": False}
+                "timer": None, "armed": False, "sigints": 0}
 
 
 def checkpoint_requested() -> bool:
@@ -74,6 +75,11 @@ def checkpoint_requested() -> bool:
 def received_signals() -> list:
     """Names of the signals received so far, in order (for logs)."""
     return list(_state["signals"])
+
+
+def stop_was_agreed() -> bool:
+    """True once the ranks agreed to stop on a signal (`stop_agreed`)."""
+    return bool(_state["agreed"])
 
 
 def request_checkpoint() -> None:
@@ -198,8 +204,14 @@ def _watchdog(read_fd: int, grace_s: float, rank: str) -> None:
                 _state["warned"] = True
             if signum in (*_WARNINGS, *_STOPS):
                 _flag.set()
-            if signum in _STOPS:
+            if signum == signal.SIGTERM:
                 _arm(grace_s, rank)
+            if signum == signal.SIGINT:
+                _state["sigints"] += 1
+                if _state["sigints"] > 1:  # Ctrl-C twice: the user does not want to wait
+                    sys.stderr.write(f"[rank {rank}] SIGINT again: exiting without saving\n")
+                    sys.stderr.flush()
+                    os._exit(130)
 
 
 def _hard_exit(rank: str, grace_s: float) -> None:

@@ -189,9 +189,24 @@ class TorchrunTask:
         return rc
 
 
+EXAMPLES = """examples:
+  # check a config and see the rank layout, memory plan and sbatch script; nothing is queued
+  python -m hpc_rlhf.submit --config configs/ppo_70b.yaml --dry-run
+  # submit to SLURM with overrides; --wait blocks and prints the log tail at the end
+  python -m hpc_rlhf.submit --config configs/grpo_7b.yaml train.actor_lr=1e-6 --wait
+  # run on this machine (one node); Ctrl-C checkpoints, rerunning the command resumes
+  python -m hpc_rlhf.submit --config configs/grpo_tiny.yaml --local
+  # a new run that starts from another run's newest checkpoint
+  python -m hpc_rlhf.submit --config configs/grpo_tiny.yaml --local launch.name=more \\
+      checkpoint.resume_from=runs/grpo_tiny
+fields: python -m hpc_rlhf.config docs [SECTION]; exit codes: 0 ok (or already finished),
+2 invalid config or run directory (nothing queued), 1 the job failed (--wait / --local),
+128+N stopped by signal N (--local)."""
+
+
 def _parse(argv: list | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m hpc_rlhf.submit", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     p.add_argument("--config", default=None, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.actor_lr=1e-6")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -215,11 +230,17 @@ def run_local(cfg: JobConfig, args, run_dir: Path) -> int:
     # ranks (a port found free here could be taken before torchrun binds it).
     argv = planlib.torchrun_argv(args.config, args.overrides, 1, cfg.topology.procs_per_node,
                                  "127.0.0.1:0", "local", shutdown_timeout_s(cfg))
-    env = {**os.environ, ENV_RUN_DIR: str(run_dir)}
+    env = {**os.environ, ENV_RUN_DIR: str(run_dir), "PYTHONUNBUFFERED": "1"}
     if args.program:
         env["HPC_RLHF_PROGRAM"] = args.program
-    print(f"[submit] local: {planlib.shell_join(argv)}", flush=True)
-    return LocalJob(argv, env, run_dir).wait()
+    from .console import ConsoleFilter, open_console_log
+    log = open_console_log(run_dir)
+    log.write(f"[submit] local: {planlib.shell_join(argv)}\n")
+    console = ConsoleFilter(sys.stdout, log, verbose=cfg.logging.verbose)
+    try:
+        return LocalJob(argv, env, run_dir, console).wait()
+    finally:
+        log.close()
 
 
 def _pdeathsig_term() -> None:  # in the torchrun child, before exec
@@ -247,23 +268,27 @@ class LocalJob:
 
     STOP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self, argv: list, env: dict, run_dir: Path):
-        self.run_dir, self.stops = run_dir, []
-        self.proc = subprocess.Popen(argv, env=env, start_new_session=True,
-                                     preexec_fn=_pdeathsig_term)
+    def __init__(self, argv: list, env: dict, run_dir: Path, console):
+        from .console import pump
+        self.run_dir, self.stops, self.console = run_dir, [], console
+        read, write = os.pipe()
+        self.proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=write,
+                                     stderr=write, preexec_fn=_pdeathsig_term)
+        os.close(write)
+        self.pump = pump(read, console)  # the job's output -> console.log, filtered console
 
     def _on_signal(self, signum, frame) -> None:
         self.stops.append(signum)
         name = signal.Signals(signum).name
         ranks = _children(self.proc.pid)
         if len(self.stops) == 1:
-            print(f"\n[submit] {name}: the ranks checkpoint at the end of the current step and "
-                  "exit (again to stop at once, without saving)", file=sys.stderr, flush=True)
+            self.console.say(f"[submit] {name}: the ranks checkpoint at the end of the current "
+                             "step and exit (again to stop at once, without saving)")
             for pid in ranks or [self.proc.pid]:  # before the ranks start: torchrun itself
                 self._send(pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
         else:
-            print(f"\n[submit] {name} again: stopping now; the last complete checkpoint is "
-                  "kept", file=sys.stderr, flush=True)
+            self.console.say(f"[submit] {name} again: stopping now; the last complete "
+                             "checkpoint is kept")
             for pid in [*ranks, self.proc.pid]:
                 self._send(pid, signal.SIGKILL)
 
@@ -278,17 +303,19 @@ class LocalJob:
         old = {s: signal.signal(s, self._on_signal) for s in self.STOP}
         try:
             rc = self.proc.wait()
+            self.pump.join()  # the rest of the output (the pipe closes when the job ends)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
         if self.stops:
-            print(f"[submit] stopped by {signal.Signals(self.stops[0]).name}; rerun the same "
-                  f"command to resume from the last checkpoint in {self.run_dir}", flush=True)
+            self.console.say(f"[submit] stopped by {signal.Signals(self.stops[0]).name}; rerun "
+                             "the same command to resume from the last checkpoint in "
+                             f"{self.run_dir}")
             return 128 + self.stops[0]
         if rc != 0:
             line = failure_line(self.run_dir) or (
-                f"FAILED: torchrun exited {rc}; logs: {self.run_dir / 'logs'}")
-            print(f"[submit] {line}", file=sys.stderr, flush=True)
+                f"FAILED: torchrun exited {rc}; its output: {self.run_dir / 'logs' / 'console.log'}")
+            self.console.say(f"[submit] {line}")
         return rc
 
 
@@ -399,18 +426,24 @@ def main(argv: list | None = None) -> int:
     except RerunRefused as e:
         print(e, file=sys.stderr)
         return 2
-    if finished:
+    if finished and not args.dry_run:
         print(finished, flush=True)
         return 0
     text, warnings = plan_text(cfg, layout, args.config, args.overrides, args.program,
                                args.gpu_mem_gb)
     if args.dry_run:
-        print(text)
+        print(text + (f"\n== note\n{finished}" if finished else ""))
         return 0
-    print(text.split("== torchrun command")[0].rstrip(), flush=True)
+    head = text.split("== torchrun command")[0].rstrip()
     os.environ[ENV_RUN_DIR] = str(run_dir)
-    if args.local:
+    if args.local:  # the GPU memory plan means little here: it goes to the run directory
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs" / "plan.txt").write_text(text + "\n")
+        print(f"{head.splitlines()[0]}\n== {layout.describe().splitlines()[0].strip()}; run "
+              f"directory {run_dir} (plan: logs/plan.txt, full output: logs/console.log)",
+              flush=True)
         return run_local(cfg, args, run_dir)
+    print(head, flush=True)
     import shutil
     if shutil.which("sbatch") is None:
         print("[submit] SLURM not found (no sbatch on PATH): run on this machine with --local, "

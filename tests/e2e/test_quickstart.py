@@ -2,6 +2,7 @@
 the embedded SmolLM2 converted into the session's empty cache), cut to 2 steps."""
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,13 @@ def test_quickstart_config_runs_two_steps_and_exports(tmp_path):
            "logging.progress_bar=false"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=scaled(900))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    # Quiet by default: our lines only (the libraries' ~20 go to logs/console.log), at most
+    # 10 before the closing summary.
+    lines = [x for x in re.split(r"[\r\n]", out.stdout + out.stderr) if x.strip()]
+    end = next(k for k, x in enumerate(lines) if x.startswith("[rl] 2 steps in"))
+    assert len(lines[:end]) <= 10 and all(x.startswith(("== ", "[")) for x in lines), lines
+    everything = (run_dir / "logs" / "console.log").read_text()
+    assert "WARNING" in everything and "WARNING" not in out.stdout + out.stderr
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 0, "eval/reward": rows[0]["eval/reward"]}  # the baseline
     rows = rows[1:]

@@ -22,7 +22,8 @@ def test_every_config_is_tested():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_loads_validates_and_dry_runs(name, capsys):
+def test_config_loads_validates_and_dry_runs(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HPC_RLHF_RUN_DIR", str(tmp_path / "run"))  # not the repo's runs/
     path = REPO / "configs" / name
     cfg = load_config(path)
     validate(cfg)
