@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig
@@ -69,6 +70,7 @@ class LocalJob:
     def __init__(self, argv: list, env: dict, run_dir: Path, console):
         from .console import pump
         self.run_dir, self.stops, self.console = run_dir, [], console
+        self.t0 = time.time()  # failure files older than this belong to an earlier attempt
         read, write = os.pipe()
         self.proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=write,
                                      stderr=write, preexec_fn=_pdeathsig_term)
@@ -111,7 +113,7 @@ class LocalJob:
                              f"{self.run_dir}")
             return 128 + self.stops[0]
         if rc != 0:
-            line = failure_line(self.run_dir) or (
+            line = failure_line(self.run_dir, self.t0) or (
                 f"FAILED: torchrun exited {rc}; its output: {self.run_dir / 'logs' / 'console.log'}")
             self.console.say(f"[submit] {line}")
         return rc

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     clear_failure(run_dir, topo.rank)
     try:
         program(cfg, topo, run_dir)
-    except BaseException as e:
+    except Exception as e:
         record_failure(run_dir, topo.rank, e)
         raise
     finally:

@@ -115,13 +115,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, cfg: JobConfig) -> list[str]:
-    """`field: old -> new` for every field outside RERUN_FREE that differs."""
+    """`field: old -> new` for every field outside RERUN_FREE that differs. A field the saved
+    config lacks (added to the schema since) counts as its default; one the schema no longer
+    has is ignored."""
     a, b = _flat(old), _flat(to_dict(redacted(cfg)))
+    defaults = _flat(to_dict(JobConfig()))
     out = []
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(RERUN_FREE) or a.get(key) == b.get(key):
+    for key in sorted(b):
+        before = a.get(key, defaults.get(key))
+        if key.startswith(RERUN_FREE) or before == b[key]:
             continue
-        out.append(f"  {key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
+        out.append(f"  {key}: {before!r} -> {b[key]!r}")
     return out
 
 
@@ -189,9 +193,11 @@ def record_failure(run_dir: Path, rank: int, exc: BaseException) -> None:
         pass
 
 
-def failure_line(run_dir: Path) -> str | None:
-    """`FAILED on rank R: <reason>; full log: ...` for the rank that failed first, or None."""
-    files = sorted(Path(run_dir).glob("logs/failed_rank*.txt"), key=lambda f: f.stat().st_mtime)
+def failure_line(run_dir: Path, since: float = 0.0) -> str | None:
+    """`FAILED on rank R: <reason>; full log: ...` for the rank that failed first (among the
+    failure files written after `since`, a time.time()), or None."""
+    files = sorted((f for f in Path(run_dir).glob("logs/failed_rank*.txt")
+                    if f.stat().st_mtime >= since), key=lambda f: f.stat().st_mtime)
     if not files:
         return None
     rank = files[0].stem.removeprefix("failed_rank")

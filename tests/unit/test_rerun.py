@@ -78,3 +78,28 @@ def test_failure_line_names_the_first_failed_rank(tmp_path):
         f"FAILED on rank 1: RuntimeError: boom; full log: {tmp_path / 'logs' / 'rank1.log'}")
     clear_failure(tmp_path, 1)
     assert failure_line(tmp_path) is None
+
+
+def test_a_field_added_to_the_schema_since_counts_as_its_default(tmp_path):
+    import yaml
+    cfg = _cfg()
+    saved = yaml.safe_load(to_yaml(cfg))
+    del saved["algorithm"]["kl_coef"]          # written by a version without the field
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    _checkpoint(tmp_path / "checkpoints", 3)
+    default = load_config(None, []).algorithm.kl_coef
+    if cfg.algorithm.kl_coef == default:
+        assert check_rerun(cfg, tmp_path) is None
+    with pytest.raises(RerunRefused, match=rf"algorithm.kl_coef: {default!r} -> 0.123"):
+        check_rerun(_cfg("algorithm.kl_coef=0.123"), tmp_path)
+
+
+def test_failure_files_of_an_earlier_attempt_are_ignored(tmp_path):
+    import time
+    (tmp_path / "logs").mkdir()
+    try:
+        raise ValueError("old")
+    except ValueError as e:
+        record_failure(tmp_path, 0, e)
+    assert failure_line(tmp_path, since=time.time() + 5) is None
+    assert "ValueError: old" in failure_line(tmp_path, since=0)
