@@ -31,8 +31,8 @@ ENTRY = {t: f"hpc_rlhf.train.{t}" for t in ("sft", "rm", "prm", "dpo", "kto", "k
 ENTRY.update(rl="hpc_rlhf.rl.loop", rejection_sampling="hpc_rlhf.rl.rejection_sampling",
              iterative_dpo="hpc_rlhf.rl.iterative_dpo")
 # read by every trainer's job around the recipe (not followed: main dispatches to all recipes)
-LAUNCHER = ("launch/main.py", "launch/submit.py", "launch/plan.py", "launch/sbatch.py",
-            "launch/rundir.py", "launch/signals.py")
+LAUNCHER = ("launch/main.py", "launch/submit.py", "launch/local.py", "launch/plan.py",
+            "launch/sbatch.py", "launch/rundir.py", "launch/signals.py")
 
 
 def _file_of(module: str) -> Path | None:
