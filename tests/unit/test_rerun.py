@@ -68,12 +68,17 @@ def test_resume_from_names_a_checkpoint_or_is_refused(tmp_path):
         check_rerun(_cfg(f"checkpoint.resume_from={tmp_path / 'nope'}"), tmp_path / "x")
 
 
-def test_failure_line_names_the_first_failed_rank(tmp_path):
-    (tmp_path / "logs").mkdir()
+def _failed(run_dir, rank, exc):
+    """Rank `rank` raised `exc` (with a traceback) and recorded it."""
+    (run_dir / "logs").mkdir(exist_ok=True)
     try:
-        raise RuntimeError("boom\nsecond line")
-    except RuntimeError as e:
-        record_failure(tmp_path, 1, e)
+        raise exc
+    except Exception as e:
+        record_failure(run_dir, rank, e)
+
+
+def test_failure_line_names_the_first_failed_rank(tmp_path):
+    _failed(tmp_path, 1, RuntimeError("boom\nsecond line"))
     assert failure_line(tmp_path) == (
         f"FAILED on rank 1: RuntimeError: boom; full log: {tmp_path / 'logs' / 'rank1.log'}")
     clear_failure(tmp_path, 1)
@@ -96,10 +101,6 @@ def test_a_field_added_to_the_schema_since_counts_as_its_default(tmp_path):
 
 def test_failure_files_of_an_earlier_attempt_are_ignored(tmp_path):
     import time
-    (tmp_path / "logs").mkdir()
-    try:
-        raise ValueError("old")
-    except ValueError as e:
-        record_failure(tmp_path, 0, e)
+    _failed(tmp_path, 0, ValueError("old"))
     assert failure_line(tmp_path, since=time.time() + 5) is None
     assert "ValueError: old" in failure_line(tmp_path, since=0)
