@@ -103,7 +103,9 @@ class LocalJob:
         old = {s: signal.signal(s, self._on_signal) for s in self.STOP}
         try:
             rc = self.proc.wait()
-            self.pump.join()  # the rest of the output (the pipe closes when the job ends)
+            # The rest of the output: the pipe closes when the job's last process exits (a
+            # straggler holding it must not keep the launcher waiting).
+            self.pump.join(timeout=10)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
