@@ -153,6 +153,20 @@ def _commit(tmp: Path, final: Path, meta: dict) -> None:
     _fsync_path(final.parent)
 
 
+def start_run(strategy, ckpt_dir: str | os.PathLike, engines: dict, resume_from: str = "",
+              tag: str = "train") -> tuple[int, dict] | None:
+    """Collective. Restore a run's engines from its own newest complete checkpoint, else from
+    checkpoint.resume_from (a branch); (step, extra_state), or None for a fresh start. Rank 0
+    says which, as `[tag] resumed from ...` / `[tag] branched from ...`."""
+    source = resume_source(ckpt_dir, resume_from)
+    if source is None:
+        return None
+    step, extra = strategy.load_checkpoint(source[0], engines, step=source[1])
+    if strategy.rank == 0:
+        print(f"[{tag}] {describe_start(source, step)}", flush=True)
+    return step, dict(extra or {})
+
+
 def load_checkpoint(root: str | os.PathLike, engines: dict, *, step: int | None = None,
                     load_optimizer: bool = True) -> tuple[int, dict | None] | None:
     """Restore engines, this rank's RNG and the extra state from the newest complete checkpoint

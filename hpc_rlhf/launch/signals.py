@@ -37,8 +37,9 @@ Only the first SIGTERM arms the watchdog (torchrun forwards SLURM's SIGTERM, so 
 SIGINT (Ctrl-C; the local launcher forwards it to the ranks) takes the SIGTERM path without
 its timer: checkpoint at the next step boundary however long the step takes (someone is
 watching), no requeue, one line saying what was saved, no KeyboardInterrupt tracebacks; a
-second SIGINT exits at once (130) without saving. The parent (torchrun) dying is treated the same way: a watcher
-thread sees the rank re-parented and sets the flag, so no rank trains on as an orphan.
+second SIGINT exits at once (130) without saving. The parent (torchrun) dying takes the
+SIGTERM path, timer included: a watcher thread sees the rank re-parented and sets the flag,
+so no rank trains on as an orphan.
 
 Requeue after SIGTERM: SLURM requeues a preempted job only if the job is still running when
 GraceTime ends; a job that checkpoints and exits inside the grace ends COMPLETED and is never
@@ -174,7 +175,11 @@ def _on_signal(signum, frame) -> None:
     if signum in _WARNINGS:
         _state["warned"] = True
     _flag.set()
-    name = signal.Signals(signum).name
+    _note(signal.Signals(signum).name)
+
+
+def _note(name: str) -> None:
+    """Record a stop reason for the logs (a repeat of the last one is not listed twice)."""
     if not _state["signals"] or _state["signals"][-1] != name:
         _state["signals"].append(name)
 
@@ -256,7 +261,6 @@ def _watch_parent(parent: int, grace_s: float, rank: str, poll_s: float = 1.0) -
     while os.getppid() == parent:
         time.sleep(poll_s)
     sys.stderr.write(f"[rank {rank}] the torchrun agent (pid {parent}) exited; stopping\n")
-    if not _state["signals"] or _state["signals"][-1] != "PARENT_EXIT":
-        _state["signals"].append("PARENT_EXIT")
+    _note("PARENT_EXIT")
     _flag.set()
     _arm(grace_s, rank)

@@ -181,15 +181,13 @@ def restore_rl(cfg: JobConfig, strategy, ckpt_dir: Path, engines: dict, prompts,
     """The RL step to start from: that of the newest complete checkpoint in `ckpt_dir`, else of
     checkpoint.resume_from (its engines, prompt-stream cursor and KL coefficient restored),
     else 0. Rank 0 says which."""
-    from hpc_rlhf.checkpoint.store import describe_start, resume_source
+    from hpc_rlhf.checkpoint.store import start_run
     if not cfg.checkpoint.resume:
         return 0
-    source = resume_source(ckpt_dir, cfg.checkpoint.resume_from)
-    if source is None:
+    restored = start_run(strategy, ckpt_dir, engines, cfg.checkpoint.resume_from, tag="rl")
+    if restored is None:
         return 0
-    start, extra = strategy.load_checkpoint(source[0], engines, step=source[1])
-    if strategy.rank == 0:
-        print(f"[rl] {describe_start(source, start)}", flush=True)
+    start, extra = restored
     prompts.load_state_dict(extra["prompts"])
     kl_ctl.value = extra["kl_coef"]
     return start

@@ -81,19 +81,16 @@ class StepCheckpoints:
         self.start = 0        # the step resume() returned
 
     def resume(self) -> int:
-        """The step to start from: that of the newest complete checkpoint, else 0."""
-        from hpc_rlhf.checkpoint.store import describe_start, resume_source
+        """The step to start from: that of the newest complete checkpoint (or of
+        checkpoint.resume_from), else 0."""
+        from hpc_rlhf.checkpoint.store import start_run
         if self.dir is None or not self.c.resume:
             return 0
-        source = resume_source(self.dir, self.c.resume_from)
-        if source is None:
+        restored = start_run(self.strategy, self.dir, self.engines, self.c.resume_from)
+        if restored is None:
             return 0
-        restored = self.strategy.load_checkpoint(source[0], self.engines, step=source[1])
-        self.extra = dict(restored[1] or {})
-        self.start = restored[0]
-        if self.strategy.rank == 0:
-            print(f"[train] {describe_start(source, restored[0])}", flush=True)
-        return restored[0]
+        self.start, self.extra = restored
+        return self.start
 
     def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
         """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
