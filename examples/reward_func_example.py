@@ -23,9 +23,10 @@ def reward_func(queries, responses, labels):
 
 
 if __name__ == "__main__":
-    from hpc_rlhf.rewards import FuncReward
+    from hpc_rlhf.rewards import FuncReward, RewardBatch
 
     source = FuncReward(__file__)
-    rewards = source.score(["What is 3+4?"] * 3, ["7", "It is 7.", "8"], ["7", "7", "7"])
+    batch = RewardBatch.from_texts(["What is 3+4?"] * 3, ["7", "It is 7.", "8"], ["7", "7", "7"])
+    rewards = source.score(batch)
     print("rewards", rewards.tolist(), "scores", source.last_scores.tolist(),
           "logs", source.last_logs)

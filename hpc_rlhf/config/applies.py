@@ -94,6 +94,7 @@ APPLIES: dict[str, Use] = {
     "reward.source": Use(GENERATING),
     "reward.func_path": Use(GENERATING, **_source("func")),
     "reward.remote_url": Use(GENERATING, **_source("remote")),
+    "reward.remote_protocol": Use(GENERATING, **_source("remote")),
     "reward.remote_timeout_s": Use(GENERATING, **_source("remote")),
     "reward.remote_retries": Use(GENERATING, **_source("remote")),
     "reward.agent_path": Use(("rl",), **_source("agent")),

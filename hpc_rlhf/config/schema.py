@@ -167,7 +167,12 @@ class RewardConfig:
     source: str = opt("task", "where rewards come from",
                       choices=("task", "func", "remote", "model", "agent"))
     func_path: str = opt("", "reward.source=func: a Python file defining reward_func(...)")
-    remote_url: str = opt("", "reward.source=remote: HTTP endpoint (may use ${ENV_VAR})")
+    remote_url: str = opt("", "reward.source=remote: HTTP endpoint; several comma-separated "
+                          "URLs share each batch (may use ${ENV_VAR})")
+    remote_protocol: str = opt("openrlhf", "request format: openrlhf = {query, prompts, "
+                               "labels} as OpenRLHF sends (query = prompt + response); hpc_rlhf"
+                               " = {queries, responses, labels}; see rewards/remote.py",
+                               choices=("openrlhf", "hpc_rlhf"))
     remote_timeout_s: float = opt(30.0, "remote reward request timeout", gt=0.0)
     remote_retries: int = opt(3, "remote reward retries with backoff", ge=0)
     agent_path: str = opt("", "reward.source=agent: 'file.py:ClassName' multi-turn agent")

@@ -39,11 +39,11 @@ def resolve_run_dir(cfg: JobConfig) -> Path:
 def redacted(cfg: JobConfig) -> JobConfig:
     """`cfg` with the password and query values of reward.remote_url masked ('***'); for
     everything written to the run directory or sent to trackers (wandb, tensorboard)."""
-    from hpc_rlhf.rewards.remote import mask_url
+    from hpc_rlhf.rewards.remote import mask_urls
     if not cfg.reward.remote_url:
         return cfg
     return dataclasses.replace(cfg, reward=dataclasses.replace(
-        cfg.reward, remote_url=mask_url(cfg.reward.remote_url)))
+        cfg.reward, remote_url=mask_urls(cfg.reward.remote_url)))
 
 
 def prepare_run_dir(cfg: JobConfig, layout_text: str, rank: int) -> Path:

@@ -1,16 +1,23 @@
 """A user's Python reward file: `reward.source=func reward.func_path=path/to/reward_func.py`.
 
-The file defines a batched function
+The file defines a batched function `reward_func`, called once per batch with keyword
+arguments chosen by its parameter names (never by position). Two conventions:
 
-    def reward_func(queries: list[str], responses: list[str], labels: list[str]):
-        return [float, ...]            # one reward per sample, in order
-        # or a 1-D tensor / numpy array, or (OpenRLHF's convention) a dict:
-        # {"rewards": [...], "scores": [...] (optional), "extra_logs": {name: [...]} (optional)}
+    def reward_func(queries, prompts, labels, **kwargs):     # OpenRLHF's, unchanged
+        # queries: prompt + response as the model saw them (chat template applied, special
+        #          tokens kept; queries[i] starts with prompts[i])
+        # prompts: the prompt as the model saw it; labels: reference answers
+    def reward_func(queries, responses, labels):             # ours: no text surgery needed
+        # queries: the prompt as the dataset gave it (no chat template)
+        # responses: the generated text, special tokens removed
 
-queries are the prompts as the model saw them (chat template applied), responses the generated
-texts, labels the dataset's reference answers ('' where a dataset has none). "scores" (e.g. a
-0/1 correctness used for dynamic filtering) and the batch means of "extra_logs" are kept in
-`FuncReward.last_scores` / `last_logs` for the loop to log.
+A function is called the second way when it has a parameter named `responses`, else the first.
+It may take any subset of the names (plus `messages`: the dataset's prompt text); a
+`**kwargs` parameter gets nothing extra. It returns one reward per sample, in order: a list, a
+1-D tensor or numpy array, or (as OpenRLHF documents) a dict
+{"rewards": [...], "scores": [...] (optional), "extra_logs": {name: [...] or scalar} (optional)}.
+"scores" is what `algorithm.dynamic_filtering` looks at (default: the rewards); each
+"extra_logs" entry is logged as its batch mean under reward/<name>.
 
 Only the file the user named is executed: it is loaded by path (importlib), never found on
 sys.path, and its directory is not added to sys.path. See examples/reward_func_example.py.
@@ -19,14 +26,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
 import torch
 
-from hpc_rlhf.rewards.base import RewardError, as_reward_tensor, check_batch
+from hpc_rlhf.rewards.base import RewardBatch, RewardError, parse_reward_answer
 
 FUNC_NAME = "reward_func"
+OPENRLHF_ARGS = ("queries", "prompts", "labels", "messages")   # queries = prompt + response
+OURS_ARGS = ("queries", "responses", "labels", "prompts", "messages")  # queries = the message
 
 
 def load_user_module(path: str | Path, what: str):
@@ -61,55 +71,70 @@ def load_reward_func(path: str | Path):
                          if callable(v) and not k.startswith("_"))
         raise RewardError(f"reward.func_path={str(path)!r} defines no function {FUNC_NAME!r} "
                           f"(it defines {defined}); add "
-                          f"`def {FUNC_NAME}(queries, responses, labels): return [...]`")
+                          f"`def {FUNC_NAME}(queries, prompts, labels): return [...]`")
     return fn
 
 
+def call_convention(fn, where: str) -> tuple[str, tuple[str, ...]]:
+    """("openrlhf" | "ours", the argument names to pass) for a reward function, from its
+    parameter names; RewardError when a parameter cannot be filled."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: assume OpenRLHF's three names
+        return "openrlhf", ("queries", "prompts", "labels")
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = {p.name for p in named}
+    style, known = ("ours", OURS_ARGS) if "responses" in names else ("openrlhf", OPENRLHF_ARGS)
+    unknown = [p.name for p in named if p.name not in known and p.default is p.empty]
+    positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+    if unknown or positional_only or (not names and not any(p.kind is p.VAR_POSITIONAL
+                                                            for p in params)):
+        bad = unknown or positional_only or ["(no parameters)"]
+        raise RewardError(
+            f"{where} has parameter(s) {bad} that the loop cannot fill; it passes arguments by "
+            f"name: `{FUNC_NAME}(queries, prompts, labels)` (OpenRLHF's: queries = prompt + "
+            f"response as the model saw them) or `{FUNC_NAME}(queries, responses, labels)`")
+    if not names:  # only *args: OpenRLHF's order is the one documented for positional use
+        return "openrlhf", ()
+    return style, tuple(n for n in known if n in names)
+
+
+def call_reward_func(fn, style: str, names: tuple[str, ...], batch: RewardBatch):
+    """Call `fn` with `batch` in the convention `call_convention` chose."""
+    if style == "ours":
+        values = {"queries": batch.messages, "responses": batch.responses,
+                  "labels": batch.labels, "prompts": batch.prompts, "messages": batch.messages}
+    else:
+        values = {"queries": batch.queries, "prompts": batch.prompts, "labels": batch.labels,
+                  "messages": batch.messages}
+    if not names:
+        return fn(list(batch.queries), list(batch.prompts), list(batch.labels))
+    return fn(**{n: list(values[n]) for n in names})
+
+
 class FuncReward:
-    """`RewardSource` over a user `reward_func(queries, responses, labels)`."""
+    """`RewardSource` over a user `reward_func` (conventions in the module doc)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         self.fn = load_reward_func(path)
+        self.style, self.arg_names = call_convention(self.fn, f"reward_func in {self.path}")
         self.last_scores: torch.Tensor | None = None   # [B] from the dict form's "scores"
         self.last_logs: dict[str, float] = {}          # batch means of "extra_logs"
 
-    def score(self, queries: list[str], responses: list[str], labels: list[str]) -> torch.Tensor:
-        n = check_batch(queries, responses, labels)
+    def score(self, batch: RewardBatch) -> torch.Tensor:
+        n = len(batch)
         where = f"reward_func in {self.path}"
         try:
-            out = self.fn(list(queries), list(responses), list(labels))
+            out = call_reward_func(self.fn, self.style, self.arg_names, batch)
         except Exception as e:
             raise RewardError(f"{where} raised {type(e).__name__}: {e} (batch of {n} samples); "
                               "fix the function (the traceback above shows where)") from e
         fix = (f"Fix {self.path}: reward_func must return one finite float per sample (a list, "
                'a 1-D tensor, or {"rewards": [...]}).')
         self.last_scores, self.last_logs = None, {}
-        if isinstance(out, dict):
-            if "rewards" not in out:
-                raise RewardError(f"{where} returned a dict with keys {sorted(out)} but no "
-                                  f"'rewards'. {fix}")
-            if out.get("scores") is not None:
-                self.last_scores = as_reward_tensor(out["scores"], n, source=f"{where} ('scores')",
-                                                    fix=fix)
-            self.last_logs = _extra_logs(out.get("extra_logs"), n, where, fix)
-            out = out["rewards"]
-        return as_reward_tensor(out, n, source=where, fix=fix)
+        rewards, self.last_scores, self.last_logs = parse_reward_answer(out, n, where, fix)
+        return rewards
 
     def __repr__(self) -> str:
         return f"FuncReward({self.path!r})"
-
-
-def _extra_logs(logs, n: int, where: str, fix: str) -> dict[str, float]:
-    if logs is None:
-        return {}
-    if not isinstance(logs, dict):
-        raise RewardError(f"{where} returned extra_logs of type {type(logs).__name__}; it must "
-                          f"be a dict name -> list of {n} numbers. {fix}")
-    means = {}
-    for key, value in logs.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value] * n
-        means[str(key)] = as_reward_tensor(value, n, source=f"{where} (extra_logs[{key!r}])",
-                                           fix=fix).mean().item()
-    return means

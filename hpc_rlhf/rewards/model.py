@@ -5,16 +5,16 @@ with num_labels=1) plus its tokenizer. The reward of a sample is the head's valu
 token of query + response, the position the RM trainer scores.
 
 Exactness: `score_ids(prompt_ids + response_ids)` scores the very tokens the policy produced
-(prefer it when the loop has them). `score(queries, responses, labels)` re-tokenizes
-query + response text (queries with the chat template already applied) and appends eos when
-the text does not end with it, since decoded responses lose their end-of-turn token while the RM
-was trained on sequences that end with one. Labels are unused.
+(prefer it when the loop has them). `score(batch)` re-tokenizes the prompt as the policy saw
+it (chat template applied) + the response text, and appends eos when the text does not end
+with it, since decoded responses lose their end-of-turn token while the RM was trained on
+sequences that end with one. Labels are unused.
 """
 from __future__ import annotations
 
 import torch
 
-from hpc_rlhf.rewards.base import as_reward_tensor, check_batch
+from hpc_rlhf.rewards.base import RewardBatch, as_reward_tensor
 
 
 class ModelReward:
@@ -80,11 +80,10 @@ class ModelReward:
         return as_reward_tensor(flat, len(sequences), source=self.name,
                                 fix="Check the reward model's weights (NaN/inf in its output).")
 
-    def score(self, queries: list[str], responses: list[str], labels: list[str]) -> torch.Tensor:
-        check_batch(queries, responses, labels)
+    def score(self, batch: RewardBatch) -> torch.Tensor:
         eos = self.tokenizer.eos_token_id
         seqs = []
-        for q, r in zip(queries, responses):
+        for q, r in zip(batch.prompts, batch.responses):
             ids = list(self.tokenizer(q + r, add_special_tokens=False)["input_ids"])
             if self.append_eos and eos is not None and (not ids or ids[-1] != eos):
                 ids.append(int(eos))

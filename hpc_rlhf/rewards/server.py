@@ -1,7 +1,13 @@
-"""A small reference reward server speaking the protocol of `hpc_rlhf.rewards.remote`.
+"""A small reference reward server for both request formats of `hpc_rlhf.rewards.remote`.
 
     python -m hpc_rlhf.rewards.server --task arithmetic --port 0
     python -m hpc_rlhf.rewards.server --func examples/reward_func_example.py --port 8000
+
+A request with "query" is read as OpenRLHF's ({"query", "prompts", "labels"}: the response is
+"responses" when the client sent it, as ours does, else the query after its prompt, special
+tokens included), one with "queries" as ours ({"queries", "responses", "labels"}).
+The answer is {"rewards": [...]}, plus "scores" and "extra_logs" when the reward function
+returns them. So OpenRLHF's client can use it unchanged.
 
 Binds 127.0.0.1 only (put a real proxy in front to expose it) and prints one line
 `hpc_rlhf reward server: port=<port> url=http://127.0.0.1:<port>/` once it accepts requests.
@@ -27,9 +33,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+from hpc_rlhf.rewards.base import RewardBatch
 from hpc_rlhf.rewards.remote import API_KEY_ENV
 
-ScoreFn = Callable[[list, list, list], list]
+ScoreFn = Callable[[RewardBatch], dict]  # -> {"rewards": [...], optional "scores", "extra_logs"}
 
 
 @dataclass(frozen=True)
@@ -93,20 +100,35 @@ class _Handler(BaseHTTPRequestHandler):
         if index < faults.fail_first:
             return self._error(500, f"injected failure {index + 1} of {faults.fail_first}")
         try:
-            req = json.loads(body)
-            queries, responses, labels = req["queries"], req["responses"], req["labels"]
+            batch = parse_request(json.loads(body))
         except (ValueError, KeyError, TypeError) as e:
             return self._error(400, f"bad request ({type(e).__name__}: {e}); send "
-                                    '{"queries": [...], "responses": [...], "labels": [...]}')
+                                    '{"query": [...], "prompts": [...], "labels": [...]} '
+                                    '(OpenRLHF) or {"queries": [...], "responses": [...], '
+                                    '"labels": [...]}')
         try:
-            rewards = [float(r) for r in srv.score_fn(queries, responses, labels)]
+            answer = srv.score_fn(batch)
         except Exception as e:
             return self._error(500, f"scoring raised {type(e).__name__}: {e}")
         if faults.malformed:
             return self._send(200, b'{"rewards": [1.0, 0.0,', "text/plain")
         if faults.wrong_count:
-            rewards = rewards[:-1]
-        self._send(200, json.dumps({"rewards": rewards}).encode())
+            answer["rewards"] = answer["rewards"][:-1]
+        self._send(200, json.dumps(answer).encode())
+
+
+def parse_request(req) -> RewardBatch:
+    """The batch of a request in either format (KeyError/TypeError/ValueError if neither)."""
+    if not isinstance(req, dict):
+        raise TypeError(f"the body is a JSON {type(req).__name__}, not an object")
+    if "query" in req:  # OpenRLHF: the response is what follows the prompt in the query
+        queries, labels = list(req["query"]), req.get("labels")
+        prompts = list(req.get("prompts") or [""] * len(queries))
+        labels = [""] * len(queries) if labels is None else [str(x) for x in labels]
+        responses = req.get("responses") or [q[len(p):] if q.startswith(p) else q
+                                             for q, p in zip(queries, prompts)]
+        return RewardBatch(prompts, responses, prompts, queries, labels)
+    return RewardBatch.from_texts(req["queries"], req["responses"], req["labels"])
 
 
 def make_score_fn(task: str = "", func: str = "") -> ScoreFn:
@@ -114,12 +136,23 @@ def make_score_fn(task: str = "", func: str = "") -> ScoreFn:
     if bool(task) == bool(func):
         raise ValueError("give exactly one of --task NAME or --func PATH")
     if task:
-        from hpc_rlhf.data.tasks import task_name, task_reward
-        reward = task_reward(task_name(task))
-        return lambda q, r, lab: [reward(x, y) for x, y in zip(r, lab)]
-    from hpc_rlhf.rewards.func import FuncReward
-    source = FuncReward(func)
-    return lambda q, r, lab: source.score(q, r, lab).tolist()
+        from hpc_rlhf.rewards.task import TaskReward
+        source = TaskReward(task)
+    else:
+        from hpc_rlhf.rewards.func import FuncReward
+        source = FuncReward(func)
+
+    lock = threading.Lock()  # last_scores/last_logs belong to one request at a time
+
+    def score(batch: RewardBatch) -> dict:
+        with lock:
+            answer = {"rewards": source.score(batch).tolist()}
+            if getattr(source, "last_scores", None) is not None:
+                answer["scores"] = source.last_scores.tolist()
+            if getattr(source, "last_logs", None):
+                answer["extra_logs"] = dict(source.last_logs)
+        return answer
+    return score
 
 
 def main(argv=None) -> None:

@@ -158,7 +158,8 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         for k, r in enumerate(local):  # prompt_index relative to this rank's prompts
             r.prompt_index = k // n
         with timer("reward"):
-            rewards = score_rollouts(cfg, reward_source, models.tokenizer, mine, local)
+            rewards, _, reward_logs = score_rollouts(cfg, reward_source, models.tokenizer,
+                                                     mine, local)
         if rank0 and cfg.logging.samples_per_step:
             logger.samples(step + 1, sample_records(models.tokenizer, mine, local, rewards,
                                                     cfg.logging.samples_per_step))
@@ -181,7 +182,8 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
         metrics = {**exp_metrics, **train_metrics, **timer.pop(), "kl/coef": kl_ctl.value,
                    "reward/mean": rewards.mean().item(), "rollout/response_len": lengths.mean().item(),
                    "rollout/generate_s": gen_time, "rollout/staleness": float(staleness),
-                   "time/step": time.perf_counter() - t0}
+                   "time/step": time.perf_counter() - t0,
+                   **collectives.mean_present_metrics(reward_logs)}
         if sync_stats is not None:
             metrics.update(sync_stats.as_metrics())
         keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))

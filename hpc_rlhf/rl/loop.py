@@ -21,6 +21,7 @@ from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, requeue_after_stop
 from hpc_rlhf.memory.schedule import ColocatedMemory
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
+from hpc_rlhf.rewards.base import reward_batch
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
                                     local_prompts, policy_weights, restore_rl, rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
@@ -178,7 +179,7 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
     """This rank's episodes and rewards for one step (whole groups of n, prompt-major), the
     step's metrics and, on rank 0, logging.samples_per_step sample records (as scored)."""
     n = cfg.rollout.n_samples_per_prompt
-    kept, spare, rounds, first_kept, records = [], [], 0, None, []
+    kept, spare, rounds, first_kept, records, reward_logs = [], [], 0, None, [], {}
     quota = cfg.rollout.prompts_per_step // world
     while True:
         with timer("rollout"):
@@ -193,7 +194,8 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
             for k, e in enumerate(episodes):  # index into `mine` from here on
                 e.prompt_index = k // n
         with timer("reward"):
-            rewards = score_rollouts(cfg, reward_source, tok, mine, episodes)
+            rewards, scores, logs = score_rollouts(cfg, reward_source, tok, mine, episodes)
+            reward_logs = reward_logs or logs  # the first round's batch, as the samples
         if rounds == 0 and rank == 0 and cfg.logging.samples_per_step:
             records = sample_records(tok, mine, episodes, rewards, cfg.logging.samples_per_step)
         groups = [(episodes[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
@@ -202,7 +204,7 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
         if not cfg.algorithm.dynamic_filtering:
             kept = groups
             break
-        varied = varied_groups(rewards, n)
+        varied = varied_groups(scores, n)
         first_kept = first_kept if first_kept is not None else sum(varied) / len(varied)
         kept += [g for g, v in zip(groups, varied) if v]
         spare += [g for g, v in zip(groups, varied) if not v]
@@ -212,9 +214,9 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
             break
     episodes = [e for g, _ in kept for e in g]
     rewards = torch.cat([r for _, r in kept])
-    metrics = {}
+    metrics = collectives.mean_present_metrics(reward_logs)  # names may differ between ranks
     if cfg.algorithm.dynamic_filtering:
-        metrics = {"filter/kept_frac": first_kept, "filter/rounds": float(rounds)}
+        metrics.update({"filter/kept_frac": first_kept, "filter/rounds": float(rounds)})
     return episodes, rewards, metrics, records
 
 
@@ -249,9 +251,10 @@ def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> flo
     sampling = replace(rollout_sampling(cfg, seed=cfg.train.seed), n=1,
                        temperature=cfg.eval.temperature)
     rollouts = engine.generate([p.ids for p in engine_prompts], sampling)[keep]
-    texts = tok.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    scores = reward_source.score([p.text for p in mine], texts, [p.label for p in mine])
-    return float(scores.float().mean())
+    batch = reward_batch(tok, [p.ids for p in mine],  # n=1: rollouts[i] answers mine[i]
+                         [r.response_ids for r in rollouts], [p.text for p in mine],
+                         [p.label for p in mine])
+    return float(reward_source.score(batch).float().mean())
 
 
 

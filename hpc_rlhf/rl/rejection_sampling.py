@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.data import SFTSample
+from hpc_rlhf.rewards.base import reward_batch
 from hpc_rlhf.rl.components import build_engine, close_engine, rollout_sampling, sync_weights
 from hpc_rlhf.rl.prompts import Prompt, PromptStream, prompt_stream, shard
 from hpc_rlhf.rollout.protocol import Rollout, SamplingConfig
@@ -99,10 +100,10 @@ def generate_scored(engine, reward_source, tokenizer, step_prompts: list[Prompt]
         lo, hi = (rank % tp) * size, (rank % tp + 1) * size
         engine_share, rollouts = engine_share[lo:hi], rollouts[lo * n:hi * n]
         rollouts = [replace(r, prompt_index=r.prompt_index - lo) for r in rollouts]
-    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    queries = [engine_share[r.prompt_index].text for r in rollouts]
-    labels = [engine_share[r.prompt_index].label for r in rollouts]
-    rewards = reward_source.score(queries, texts, labels).float().reshape(-1)   # [P_r * n]
+    owners = [engine_share[r.prompt_index] for r in rollouts]
+    batch = reward_batch(tokenizer, [p.ids for p in owners], [r.response_ids for r in rollouts],
+                         [p.text for p in owners], [p.label for p in owners])
+    rewards = reward_source.score(batch).float().reshape(-1)                     # [P_r * n]
     return Scored(engine_share, rollouts, rewards, n)
 
 

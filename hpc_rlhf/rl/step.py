@@ -27,31 +27,45 @@ from hpc_rlhf.train.ring_rl import (gather_ring_batch, ring_response_logprobs,
 WHITENED = ("gae", "reinforce", "reinforce_baseline")  # as OpenRLHF: not grpo/dr_grpo/rloo
 
 
-def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes) -> torch.Tensor:
-    """[B] rewards of `episodes` (collect.Episode or rollout.Rollout, prompt-major, n per
-    prompt; prompt_index into `prompts`). Agent episodes bring their own reward."""
+def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(rewards [B], filter scores [B], reward metrics) of `episodes` (collect.Episode or
+    rollout.Rollout, prompt-major, n per prompt; prompt_index into `prompts`).
+
+    Filter scores are what dynamic filtering compares within a group: the reward function's or
+    server's "scores" when it returns them (OpenRLHF's convention), else the rewards. Reward
+    metrics are the batch means of its "extra_logs" as reward/<name>. Agent episodes bring their
+    own reward."""
+    from hpc_rlhf.rewards.base import reward_batch
     rewards_given = [getattr(e, "reward", None) for e in episodes]
+    scores, logs = None, {}
     if all(r is not None for r in rewards_given) and episodes:
         rewards = torch.tensor(rewards_given, dtype=torch.float32)
     else:
-        texts = tok.batch_decode([e.response_ids for e in episodes], skip_special_tokens=True)
-        queries = [prompts[e.prompt_index].text for e in episodes]
-        labels = [prompts[e.prompt_index].label for e in episodes]
-        rewards = reward_source.score(queries, texts, labels).float().reshape(-1)
+        owners = [prompts[e.prompt_index] for e in episodes]
+        batch = reward_batch(tok, [p.ids for p in owners], [e.response_ids for e in episodes],
+                             [p.text for p in owners], [p.label for p in owners])
+        rewards = reward_source.score(batch).float().reshape(-1)
+        scores = getattr(reward_source, "last_scores", None)
+        logs = {f"reward/{k}": v for k, v in (getattr(reward_source, "last_logs", None)
+                                               or {}).items()}
     a = cfg.algorithm
     if a.overlong_buffer:
         lengths = torch.tensor([len(e.response_ids) for e in episodes])
         rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens,
                                              a.overlong_buffer, a.overlong_penalty)
-    return rewards
+    return rewards, rewards if scores is None else scores.float().reshape(-1), logs
 
 
 def sample_records(tok, prompts, episodes, rewards: torch.Tensor, k: int) -> list[dict]:
-    """The first `k` samples as scored: the query text (prompt as the model saw it), the
-    decoded response and its reward (logging.samples_per_step -> samples.jsonl)."""
+    """The first `k` samples as scored (logging.samples_per_step -> samples.jsonl): "prompt",
+    the prompt as the model saw it (chat template applied, special tokens kept), "message" the
+    dataset's prompt text, the label, the decoded response and its reward."""
     out = []
     for e, r in list(zip(episodes, rewards.tolist()))[:k]:
-        out.append({"query": prompts[e.prompt_index].text, "label": prompts[e.prompt_index].label,
+        p = prompts[e.prompt_index]
+        out.append({"prompt": tok.decode(p.ids, skip_special_tokens=False), "message": p.text,
+                    "label": p.label,
                     "response": tok.decode(e.response_ids, skip_special_tokens=True),
                     "reward": float(r)})
     return out

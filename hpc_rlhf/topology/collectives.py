@@ -96,6 +96,20 @@ def mean_metrics(metrics: dict, group=None) -> dict:
     return {k: v / n for k, v in zip(keys, sums)}
 
 
+def mean_present_metrics(metrics: dict, group=None) -> dict:
+    """Per name, the mean over the ranks of `group` that have it: for metrics whose names a
+    rank cannot know in advance (a user reward function's extra_logs). Same dict on every
+    rank. Two collectives (names, then sums and counts)."""
+    if _no_world(group):
+        return dict(metrics)
+    keys = sorted({k for part in gather_objects(sorted(metrics), group) for k in part})
+    if not keys:
+        return {}
+    sums = reduce_values([float(metrics.get(k, 0.0)) for k in keys]
+                         + [1.0 if k in metrics else 0.0 for k in keys], "sum", group)
+    return {k: v / c for k, v, c in zip(keys, sums[:len(keys)], sums[len(keys):])}
+
+
 def max_int(value: int, group=None) -> int:
     return int(reduce_values([int(value)], "max", group, torch.long)[0])
 

@@ -17,7 +17,7 @@ import torch
 from testlib import scaled
 
 from hpc_rlhf.data.tasks import make_task, task_reward
-from hpc_rlhf.rewards import RemoteReward, RewardError
+from hpc_rlhf.rewards import RemoteReward, RewardBatch, RewardError
 from hpc_rlhf.rewards.remote import API_KEY_ENV, mask_url
 from hpc_rlhf.rewards.server import Faults, RewardServer, make_score_fn
 
@@ -28,6 +28,8 @@ QUERIES = [s.prompt for s in SAMPLES]
 LABELS = [s.label for s in SAMPLES]
 RESPONSES = [s.answer if i % 3 else f"{s.answer}1 no" for i, s in enumerate(SAMPLES)]
 SECRET = "sk-TOPSECRET-123456"
+BATCH = RewardBatch.from_texts(QUERIES, RESPONSES, LABELS)
+ONE = RewardBatch.from_texts(["q"], ["1"], ["1"])
 
 
 def naive_rewards(responses, labels):
@@ -74,7 +76,7 @@ def client(url, **kw):
 def test_scores_equal_local_task_reward_in_chunks():
     with Served() as s:
         rc = client(s.url, chunk_size=64)
-        got = rc.score(QUERIES, RESPONSES, LABELS)
+        got = rc.score(BATCH)
         assert s.server.requests_seen == 3                   # 64 + 64 + 22
     assert got.dtype == torch.float32 and got.shape == (len(SAMPLES),)
     assert torch.equal(got, naive_rewards(RESPONSES, LABELS))
@@ -89,8 +91,8 @@ def test_serves_a_reward_func_file():
     srv = Served()
     srv.server.score_fn = make_score_fn(func=str(example))
     with srv as s:
-        got = client(s.url, chunk_size=16).score(QUERIES, RESPONSES, LABELS)
-    assert torch.equal(got, FuncReward(example).score(QUERIES, RESPONSES, LABELS))
+        got = client(s.url, chunk_size=16).score(BATCH)
+    assert torch.equal(got, FuncReward(example).score(BATCH))
 
 
 def test_one_timeout_then_success_is_retried_within_bound():
@@ -98,7 +100,7 @@ def test_one_timeout_then_success_is_retried_within_bound():
     # The hang outlasts the bound by far: a client that waited for the answer cannot pass.
     with Served(Faults(hang_first=1, hang_s=3 * bound)) as s:
         rc = client(s.url, timeout_s=timeout, retries=2)
-        got = rc.score(QUERIES[:8], RESPONSES[:8], LABELS[:8])
+        got = rc.score(BATCH.rows(0, 8))
         arrivals = list(s.server.arrivals)
     assert torch.equal(got, naive_rewards(RESPONSES[:8], LABELS[:8]))
     assert rc.last_attempts == 2 and len(arrivals) == 2, arrivals
@@ -109,7 +111,7 @@ def test_persistent_500_fails_clearly_after_retries():
     with Served(Faults(fail_first=10**6)) as s:
         rc = client(s.url, retries=3, backoff_s=0.05)
         with pytest.raises(RewardError) as e:
-            rc.score(QUERIES[:4], RESPONSES[:4], LABELS[:4])
+            rc.score(BATCH.rows(0, 4))
         assert s.server.requests_seen == 4                   # 1 try + 3 retries
         arrivals = s.server.arrivals
     msg = str(e.value)
@@ -129,13 +131,13 @@ def test_connection_refused_is_retried_then_clear_error():
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/score"
         with pytest.raises(RewardError, match="failed 3 times.*cannot connect"):
-            client(url, retries=2).score(["q"], ["1"], ["1"])
+            client(url, retries=2).score(ONE)
 
 
 def test_malformed_json_fails_without_retry():
     with Served(Faults(malformed=True)) as s:
         with pytest.raises(RewardError, match="malformed JSON") as e:
-            client(s.url, retries=5).score(QUERIES[:3], RESPONSES[:3], LABELS[:3])
+            client(s.url, retries=5).score(BATCH.rows(0, 3))
         assert s.server.requests_seen == 1
     assert '{"rewards": [one finite float per sample' in str(e.value)
 
@@ -143,7 +145,7 @@ def test_malformed_json_fails_without_retry():
 def test_wrong_count_fails_without_retry():
     with Served(Faults(wrong_count=True)) as s:
         with pytest.raises(RewardError, match="returned 4 rewards for a batch of 5"):
-            client(s.url, retries=5).score(QUERIES[:5], RESPONSES[:5], LABELS[:5])
+            client(s.url, retries=5).score(BATCH.rows(0, 5))
         assert s.server.requests_seen == 1
 
 
@@ -154,7 +156,7 @@ def test_api_key_is_sent_and_never_appears_in_errors(monkeypatch):
         port = ok.server.server_address[1]
         monkeypatch.setenv("RW_HOST_PORT", f"127.0.0.1:{port}")
         got = client("http://${RW_HOST_PORT}/score?token=${RW_TOKEN}").score(
-            QUERIES[:4], RESPONSES[:4], LABELS[:4])
+            BATCH.rows(0, 4))
         assert torch.equal(got, naive_rewards(RESPONSES[:4], LABELS[:4]))
     # A leaky server echoes the Authorization header in its 500s; a URL holds credentials.
     with Served(Faults(fail_first=10**6, echo_auth=True), api_key=SECRET) as bad:
@@ -162,21 +164,21 @@ def test_api_key_is_sent_and_never_appears_in_errors(monkeypatch):
         url = f"http://user:{SECRET}@127.0.0.1:{port}/score?token=${{RW_TOKEN}}"
         rc = client(url, retries=1)
         with pytest.raises(RewardError) as e:
-            rc.score(QUERIES[:2], RESPONSES[:2], LABELS[:2])
+            rc.score(BATCH.rows(0, 2))
     text = str(e.value) + repr(rc) + str(e.value.__cause__) + str(e.value.__context__)
     assert "HTTP 500" in str(e.value) and "auth=Bearer ***" in str(e.value)
     assert SECRET not in text
     monkeypatch.delenv(API_KEY_ENV)
     with Served(api_key=SECRET) as s:                         # no key -> 401, clear, no retry
         with pytest.raises(RewardError, match=f"HTTP 401.*check {API_KEY_ENV}"):
-            client(s.url).score(["q"], ["1"], ["1"])
+            client(s.url).score(ONE)
         assert s.server.requests_seen == 1
 
 
 def test_missing_env_reference_names_the_variable(monkeypatch):
     monkeypatch.delenv("RW_UNSET_VAR", raising=False)
     with pytest.raises(RewardError, match=r"\$\{RW_UNSET_VAR\}.*not set"):
-        client("http://${RW_UNSET_VAR}/x").score(["q"], ["1"], ["1"])
+        client("http://${RW_UNSET_VAR}/x").score(ONE)
 
 
 def test_mask_url():
@@ -204,7 +206,7 @@ def test_cli_server_survives_one_injected_timeout():
     try:
         port = _read_port(proc)
         rc = client(f"http://127.0.0.1:{port}/score", timeout_s=scaled(1.0), retries=2)
-        got = rc.score(QUERIES, RESPONSES, LABELS)
+        got = rc.score(BATCH)
         assert torch.equal(got, naive_rewards(RESPONSES, LABELS))
         assert rc.last_attempts == 4                          # 3 chunks, the first one twice
     finally:

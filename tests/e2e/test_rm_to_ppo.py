@@ -16,9 +16,10 @@ RM_STEPS, PPO_STEPS = 4, 2
 SAMPLES = 8 * 8  # grpo_tiny: prompts_per_step x n_samples_per_prompt, all on rank 0
 
 
-def _hf_score(model, tok, query: str, response: str) -> float:
-    """The value head at the last token of query + response (+ eos), as the RM was trained."""
-    ids = tok(query + response, add_special_tokens=False)["input_ids"]
+def _hf_score(model, tok, prompt: str, response: str) -> float:
+    """The value head at the last token of prompt + response (+ eos), as the RM was trained:
+    the prompt as the policy saw it, chat template applied."""
+    ids = tok(prompt + response, add_special_tokens=False)["input_ids"]
     if not ids or ids[-1] != tok.eos_token_id:
         ids = ids + [tok.eos_token_id]
     with torch.no_grad():
@@ -54,7 +55,9 @@ def test_rm_export_is_the_ppo_reward(rl_job, tmp_path):
                (ppo.run_dir / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [k for k in range(1, PPO_STEPS + 1)
                                             for _ in range(SAMPLES)]
-    want = torch.tensor([_hf_score(model, tok, s["query"], s["response"]) for s in samples])
+    assert all(s["prompt"].startswith("<|user|>") and s["prompt"].endswith("<|assistant|>")
+               and s["message"] in s["prompt"] for s in samples)
+    want = torch.tensor([_hf_score(model, tok, s["prompt"], s["response"]) for s in samples])
     got = torch.tensor([s["reward"] for s in samples])
     assert want.std() > 0, "the RM gives every sample the same score: nothing is compared"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

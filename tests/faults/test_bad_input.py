@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hpc_rlhf.rewards.base import RewardBatch
 from hpc_rlhf.config import ConfigError
 from hpc_rlhf.config.loader import config_from_dict
 from hpc_rlhf.config.schema import JobConfig
@@ -264,7 +265,8 @@ def test_bad_reward_func_is_a_clear_error_naming_the_file(tmp_path, body, patter
     path = tmp_path / "my_reward.py"
     path.write_text(f"def reward_func(queries, responses, labels):\n    {body}\n")
     with pytest.raises(RewardError, match=pattern) as e:
-        FuncReward(path).score(["q1", "q2", "q3"], ["a", "b", "c"], ["", "", ""])
+        FuncReward(path).score(RewardBatch.from_texts(["q1", "q2", "q3"], ["a", "b", "c"],
+                                                      ["", "", ""]))
     assert str(path) in str(e.value)
 
 

@@ -7,6 +7,7 @@ import numpy as np  # a hard dependency (setup.cfg): a missing one must fail, no
 import pytest
 import torch
 
+from hpc_rlhf.rewards.base import RewardBatch
 from hpc_rlhf.config import config_from_dict
 from hpc_rlhf.data.tasks import make_task, task_reward
 from hpc_rlhf.rewards import (FuncReward, RemoteReward, RewardError, RewardSource, TaskReward,
@@ -28,7 +29,8 @@ def test_task_reward_matches_per_sample_reference(task):
     samples = make_task(f"task:{task}", 20, seed=1)
     responses = [s.answer if i % 2 else s.answer[::-1] + "x" for i, s in enumerate(samples)]
     labels = [s.label for s in samples]
-    got = TaskReward(f"task:{task}").score([s.prompt for s in samples], responses, labels)
+    batch = RewardBatch.from_texts([s.prompt for s in samples], responses, labels)
+    got = TaskReward(f"task:{task}").score(batch)
     ref = [task_reward(task)(r, lab) for r, lab in zip(responses, labels)]
     assert isinstance(TaskReward(task), RewardSource)
     assert got.dtype == torch.float32 and got.shape == (20,)
@@ -38,8 +40,8 @@ def test_task_reward_matches_per_sample_reference(task):
 def test_task_reward_unknown_task_and_ragged_batch():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         TaskReward("task:nope")
-    with pytest.raises(ValueError, match="2 queries, 1 responses and 2 labels"):
-        TaskReward("arithmetic").score(["a", "b"], ["1"], ["1", "2"])
+    with pytest.raises(ValueError, match=r"RewardBatch lists differ in length .*'responses': 1"):
+        RewardBatch(["a", "b"], ["1"], ["a", "b"], ["a1", "b"], ["1", "2"])
 
 
 @pytest.mark.parametrize("ret", [
@@ -55,13 +57,14 @@ def test_func_reward_return_forms(tmp_path, ret):
         def reward_func(queries, responses, labels):
             return {ret}
     """)
-    got = FuncReward(path).score(["q"] * 3, ["a", "bbb", ""], ["", "", ""])
+    got = FuncReward(path).score(RewardBatch.from_texts(["q"] * 3, ["a", "bbb", ""], ["", "", ""]))
     assert got.dtype == torch.float32 and got.tolist() == [1.0, 3.0, 0.0]
 
 
 def test_example_file_dict_with_scores_and_logs():
     src = FuncReward(EXAMPLE)
-    got = src.score(["What is 3+4?"] * 3, ["7", "It is 7.", "8"], ["7", "7", "7"])
+    got = src.score(RewardBatch.from_texts(["What is 3+4?"] * 3, ["7", "It is 7.", "8"],
+                                           ["7", "7", "7"]))
     assert torch.allclose(got, torch.tensor([1.1, 1.0, 0.0]))
     assert src.last_scores.tolist() == [1.0, 1.0, 0.0]
     assert src.last_logs == {"concise": pytest.approx(1 / 3)}
@@ -85,7 +88,7 @@ def test_func_reward_bad_returns_name_file_value_and_fix(tmp_path, ret, pattern)
             return {ret}
     """)
     with pytest.raises(RewardError, match=pattern) as e:
-        FuncReward(path).score(["q", "q"], ["a", "b"], ["", ""])
+        FuncReward(path).score(RewardBatch.from_texts(["q", "q"], ["a", "b"], ["", ""]))
     assert str(path) in str(e.value) and "Fix " in str(e.value)
 
 
@@ -96,7 +99,7 @@ def test_func_reward_that_raises_names_file_and_exception(tmp_path):
     """)
     with pytest.raises(RewardError, match=r"reward_func in .*reward_func.py raised "
                                           r"ZeroDivisionError: float division by zero") as e:
-        FuncReward(path).score(["q"], ["a"], [""])
+        FuncReward(path).score(RewardBatch.from_texts(["q"], ["a"], [""]))
     assert isinstance(e.value.__cause__, ZeroDivisionError)
 
 
@@ -116,12 +119,14 @@ def test_func_file_is_loaded_by_path_only(tmp_path, monkeypatch):
     # A module named like the user's file elsewhere on sys.path must not be picked up instead.
     decoy = tmp_path / "decoy"
     decoy.mkdir()
-    write(decoy, "def reward_func(q, r, l):\n    return [-1.0] * len(r)\n", "reward_func.py")
+    write(decoy, "def reward_func(queries, responses, labels):\n    return [-1.0] * len(queries)\n",
+          "reward_func.py")
     monkeypatch.syspath_prepend(str(decoy))
     real = tmp_path / "real"
     real.mkdir()
-    path = write(real, "def reward_func(q, r, l):\n    return [2.0] * len(r)\n", "reward_func.py")
-    assert FuncReward(path).score(["q"], ["a"], [""]).tolist() == [2.0]
+    path = write(real, "def reward_func(queries, prompts, labels):\n    return [2.0] * len(queries)\n",
+                 "reward_func.py")
+    assert FuncReward(path).score(RewardBatch.from_texts(["q"], ["a"], [""])).tolist() == [2.0]
 
 
 def test_as_reward_tensor_accepts_numpy_and_rejects_2d():

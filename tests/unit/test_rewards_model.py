@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from hpc_rlhf.rewards.base import RewardBatch
 from hpc_rlhf.config import config_from_dict
 from hpc_rlhf.rewards import RewardSource, build_reward_source
 from hpc_rlhf.rewards.model import ModelReward
@@ -31,7 +32,7 @@ def test_scores_equal_hf_sequence_classification_per_sample(rm_dir):
     responses = ["4</s>", "hello there, how are you", "x"]
     source = ModelReward.from_path(str(rm_dir), batch_size=2)      # two batches, padded
     assert isinstance(source, RewardSource)
-    got = source.score(queries, responses, ["", "", ""])
+    got = source.score(RewardBatch.from_texts(queries, responses, ["", "", ""]))
     want = []
     for q, r in zip(queries, responses):
         ids = tok(q + r, add_special_tokens=False)["input_ids"]
