@@ -48,7 +48,12 @@ def _all_keys(cls: type = JobConfig, prefix: str = "") -> list[str]:
 
 
 def _suggest(key: str, section_keys: list[str]) -> str:
-    """' (did you mean X?)': the closest field name, in this section first, else anywhere."""
+    """' (did you mean X?)': the closest field name, in this section first, else anywhere; for
+    an OpenRLHF flag or TRL config name, the field that does its job (config/peers.py)."""
+    from .peers import peer_hint
+    hint = peer_hint(key)
+    if hint:
+        return hint
     leaf = key.rsplit(".", 1)[-1]
 
     def score(candidate: str) -> float:
