@@ -85,6 +85,7 @@ APPLIES: dict[str, Use] = {
     "train.preference_loss": Use(("dpo", "iterative_dpo")),
     "train.label_smoothing": Use(("dpo", "iterative_dpo")),
     "train.teacher_path": Use(("kd",)),
+    "train.kd_coef": Use(("kd",)),
     "train.kto_desirable_weight": Use(("kto",)), "train.kto_undesirable_weight": Use(("kto",)),
     "train.rs_candidates": Use(("rejection_sampling", "iterative_dpo")),
     # algorithm: the RL trainer; group filtering lives in the colocated loop

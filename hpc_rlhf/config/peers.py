@@ -65,7 +65,7 @@ PEER_NAMES: dict[str, tuple[str, str]] = {
     "adam_offload": ("train.offload_optimizer", ""),
     "ring_attn_size": ("train.ring_attn_size", ""),
     "ipo": ("train.preference_loss", "train.preference_loss=ipo"),
-    "kd_coef": ("", "not supported yet: knowledge distillation has no NLL mix"),
+    "kd_coef": ("train.kd_coef", "same mix; OpenRLHF's default is 0.4, ours 1.0"),
     # algorithm
     "advantage_estimator": ("algorithm.name", ""),
     "init_kl_coef": ("algorithm.kl_coef", ""),
@@ -84,7 +84,8 @@ PEER_NAMES: dict[str, tuple[str, str]] = {
     "overlong_penalty_factor": ("algorithm.overlong_penalty", ""),
     "reward_clip_range": ("algorithm.reward_clip", ""),
     "loss_type": ("algorithm.loss_agg", "RL; for DPO-style trainers train.preference_loss"),
-    "vllm_is_truncated_threshold": ("algorithm.tis_cap", ""),
+    "vllm_is_truncated_threshold": ("algorithm.tis_cap", "[low, high] is algorithm.tis_floor "
+                                    "and algorithm.tis_cap"),
     "enable_vllm_is_correction": ("algorithm.off_policy", "algorithm.off_policy=tis"),
     # rewards
     "remote_rm_url": ("reward.remote_url",

@@ -126,6 +126,9 @@ class TrainConfig:
     preference_loss: str = opt("dpo", "preference loss", choices=("dpo", "ipo", "cdpo"))
     label_smoothing: float = opt(0.0, "cDPO label smoothing", ge=0.0, lt=0.5)
     teacher_path: str = opt("", "knowledge-distillation teacher model")
+    kd_coef: float = opt(1.0, "kd: loss = kd_coef * KL(teacher||student) + (1 - kd_coef) * "
+                         "NLL of the response; 1 = pure distillation (OpenRLHF's default: 0.4)",
+                         ge=0.0, le=1.0)
     kto_desirable_weight: float = opt(1.0, "KTO weight of desirable samples", gt=0.0)
     kto_undesirable_weight: float = opt(1.0, "KTO weight of undesirable samples", gt=0.0)
     rs_candidates: int = opt(4, "rejection sampling / iterative DPO: candidates per "
@@ -154,6 +157,9 @@ class AlgorithmConfig:
     off_policy: str = opt("none", "correction for rollout/trainer mismatch",
                           choices=("none", "tis", "icepop"))
     tis_cap: float = opt(2.0, "TIS: importance weights truncated at this value", gt=0.0)
+    tis_floor: float = opt(0.0, "TIS: importance weights raised to at least this value (0 = no "
+                           "lower clamp; OpenRLHF clamps to [0.5, 5]: tis_floor=0.5 "
+                           "tis_cap=5)", ge=0.0, le=1.0)
     icepop_low: float = opt(0.5, "ICEPOP: tokens with ratio below this are masked", gt=0.0)
     icepop_high: float = opt(5.0, "ICEPOP: tokens with ratio above this are masked", gt=0.0)
     dynamic_filtering: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")

@@ -17,6 +17,10 @@ from torch.utils.checkpoint import checkpoint
 from hpc_rlhf.rl.masked import masked_mean, masked_sum
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# |log pi_theta - log pi_old| is clamped here before exp: exp(20) ~ 5e8 is far outside any clip
+# range, so the clipped objective and its gradient are unchanged wherever the ratio is sane,
+# while a ratio of e^100 (a stale or broken old_logp) no longer overflows to inf and NaN.
+LOG_RATIO_CLAMP = 20.0
 IMPORTANCE_LEVELS = ("token", "sequence")
 
 __all__ = [
@@ -77,6 +81,7 @@ def policy_loss(
     tis_cap: float | None = None,
     icepop: tuple[float, float] | None = None,
     max_len: int | None = None,
+    tis_floor: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss -min(ratio * A, clip(ratio, 1 - low, 1 + high) * A).
 
@@ -86,8 +91,9 @@ def policy_loss(
     advantage and loss_agg="seq_mean_token_mean" its gradient is exactly GSPO's.
     dual_clip (> 1): for A < 0 the loss is capped at -dual_clip * A (Ye et al. 2019).
     Rollout correction, rho = exp(old_logp - rollout_logp) (no gradient), multiplies the
-    per-token loss: tis_cap gives weight min(rho, tis_cap) (TIS); icepop=(low, high) gives
-    weight rho inside [low, high] and 0 outside (ICEPOP), both combine as min(rho, cap) * in-band.
+    per-token loss: tis_cap gives weight clamp(rho, tis_floor, tis_cap) (TIS); icepop=(low,
+    high) gives weight rho inside [low, high] and 0 outside (ICEPOP); both combine as the
+    clamped weight * in-band. |logp - old_logp| is clamped at LOG_RATIO_CLAMP before exp.
     Zeroed tokens stay in the denominators of loss_agg.
 
     Returns (loss, metrics); metrics are detached scalars: clip_frac (tokens whose clipped
@@ -110,7 +116,7 @@ def policy_loss(
     mask = action_mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # where(), not multiplication: padding may hold -inf log-probs and exp(inf) * 0 is NaN.
-    log_ratio = torch.where(mask, logp - old_logp, zero)  # [batch, resp_len]
+    log_ratio = torch.where(mask, logp - old_logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     adv = torch.where(mask, advantages.to(logp.dtype), zero)
     if importance == "token":
         ratio = log_ratio.exp()
@@ -132,7 +138,7 @@ def policy_loss(
         obj = clipped_obj
     loss_tok = -obj  # [batch, resp_len]
 
-    weight = _rollout_weight(old_logp, rollout_logp, mask, tis_cap, icepop, metrics)
+    weight = _rollout_weight(old_logp, rollout_logp, mask, tis_cap, icepop, metrics, tis_floor)
     if weight is not None:
         loss_tok = loss_tok * weight.to(loss_tok.dtype)
 
@@ -217,6 +223,7 @@ def _rollout_weight(
     tis_cap: float | None,
     icepop: tuple[float, float] | None,
     metrics: dict[str, torch.Tensor],
+    tis_floor: float = 0.0,
 ) -> torch.Tensor | None:
     if tis_cap is None and icepop is None:
         return None
@@ -233,10 +240,12 @@ def _rollout_weight(
         fdt = old_logp.dtype
         metrics["rollout_is_mean"] = masked_mean(rho, mask)
         if tis_cap is not None:
-            if not tis_cap > 0.0:
-                raise ValueError(f"tis_cap={tis_cap} must be > 0 (or None to disable TIS)")
-            metrics["tis_clip_frac"] = masked_mean((rho > tis_cap).to(fdt), mask)
-            weight = weight.clamp(max=tis_cap)
+            if not 0.0 <= tis_floor <= tis_cap:
+                raise ValueError(f"tis_cap={tis_cap} must be > 0 and tis_floor={tis_floor} in "
+                                 "[0, tis_cap]")
+            clipped = (rho > tis_cap) | (rho < tis_floor)
+            metrics["tis_clip_frac"] = masked_mean(clipped.to(fdt), mask)
+            weight = weight.clamp(min=tis_floor, max=tis_cap)
         if icepop is not None:
             low, high = icepop
             if not 0.0 <= low <= high:

@@ -222,7 +222,7 @@ class _TrainContext:
             clip_eps_high=a.clip_eps_high, dual_clip=a.dual_clip or None,
             loss_agg=a.loss_agg, importance=a.importance_level,
             rollout_logp=mb.rollout_logp if a.off_policy != "none" else None,
-            tis_cap=a.tis_cap if a.off_policy == "tis" else None,
+            tis_cap=a.tis_cap if a.off_policy == "tis" else None, tis_floor=a.tis_floor,
             icepop=(a.icepop_low, a.icepop_high) if a.off_policy == "icepop" else None,
             max_len=max_len)
         m = {f"policy/{key}": float(v) for key, v in pm.items()}

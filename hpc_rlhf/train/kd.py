@@ -4,8 +4,12 @@
     samples = load_samples(data.prompts, sft_sample)
     student = strategy.prepare_model(model.path); teacher = prepare_eval_model(train.teacher_path)
     for step, micro-batch:
-        loss = kd_forward_kl(student logits, teacher logits, response mask); backward; step
-The teacher must share the student's tokenizer (same vocabulary).
+        loss = kd_coef * kd_forward_kl(student, teacher, response mask)
+               + (1 - kd_coef) * NLL of the response tokens;  backward; step
+train.kd_coef = 1 (the default) is pure distillation; OpenRLHF's --kd_coef mixes the same way
+(its default is 0.4; its distillation term is the cross-entropy, which differs from the KL by
+the teacher's entropy: same gradient, a larger logged value). The teacher must share the
+student's tokenizer (same vocabulary).
 """
 from __future__ import annotations
 
@@ -16,12 +20,15 @@ import torch
 
 from hpc_rlhf.data import sft_batch, sft_sample
 from hpc_rlhf.train.losses_pref import kd_forward_kl
+from hpc_rlhf.train.losses_sft import sft_loss
+from hpc_rlhf.train.logprobs import logprobs_from_logits
 from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import forward_logits, load_causal_lm, setup_dataset_recipe
 
 
-def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.Tensor:
+def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device, kd_coef: float = 1.0
+                  ) -> torch.Tensor:
     batch = sft_batch(chunk, pad_id=pad_id, packing=packing).to(device)
     with torch.no_grad():
         t_logits = forward_logits(teacher, batch)                 # [b, T, v]
@@ -31,13 +38,19 @@ def kd_batch_loss(student, teacher, chunk, *, pad_id, packing, device) -> torch.
                          f"{tuple(t_logits.shape)} differ: train.teacher_path must use the "
                          "student's vocabulary")
     # logits at t - 1 predict token t, the target the loss mask marks
-    return kd_forward_kl(s_logits[:, :-1], t_logits[:, :-1], batch.loss_mask[:, 1:])
+    mask = batch.loss_mask[:, 1:]
+    kl = kd_forward_kl(s_logits[:, :-1], t_logits[:, :-1], mask)
+    if kd_coef == 1.0:
+        return kl
+    nll = sft_loss(logprobs_from_logits(s_logits[:, :-1], batch.input_ids[:, 1:]), mask)
+    return kd_coef * kl + (1.0 - kd_coef) * nll
 
 
 def train_kd(student, teacher, strategy, samples, *, train_cfg, packing, pad_id, log,
              eval_samples=None, ckpt=None) -> list[dict]:
     t = train_cfg
-    loss_of = partial(kd_batch_loss, pad_id=pad_id, packing=packing, device=strategy.device)
+    loss_of = partial(kd_batch_loss, pad_id=pad_id, packing=packing, device=strategy.device,
+                      kd_coef=t.kd_coef)
 
     @torch.no_grad()
     def evaluate():

@@ -76,10 +76,14 @@ def kd_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
     student_logits, teacher_logits: [b, T, v] predicting the same tokens; mask: [b, T].
     KL = sum_v p_t (log p_t - log p_s); its gradient equals that of the cross-entropy
-    -sum_v p_t log p_s (the teacher's entropy is a constant).
+    -sum_v p_t log p_s (the teacher's entropy is a constant). Vocabulary entries the teacher
+    gives probability 0 (a -inf logit: masked or banned tokens) add 0, as 0 log 0 = 0; padding
+    outside `mask` never reaches the mean, whatever its logits.
     """
     log_ps = F.log_softmax(student_logits.float() / temperature, dim=-1)   # [b, T, v]
     log_pt = F.log_softmax(teacher_logits.float() / temperature, dim=-1)   # [b, T, v]
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)                        # [b, T]
-    mask = mask.to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
+    p_t = log_pt.exp()
+    kl = torch.where(p_t > 0, p_t * (log_pt - log_ps), torch.zeros_like(p_t)).sum(-1)  # [b, T]
+    keep = mask.bool()
+    kl = torch.where(keep, kl, torch.zeros_like(kl))
+    return kl.sum() / keep.sum().clamp(min=1).to(kl.dtype)
