@@ -66,8 +66,8 @@ def validate(cfg: JobConfig) -> list[str]:
         errors.extend(field_errors(getattr(cfg, f.name), f.name))
     if errors:  # cross-field rules assume each field is sane on its own
         return errors
-    for rule in (_model_rules, _topology_rules, _batch_rules, _algorithm_rules, _reward_rules,
-                 _launch_rules):
+    for rule in (_model_rules, _data_rules, _topology_rules, _batch_rules, _algorithm_rules,
+                 _reward_rules, _launch_rules):
         errors.extend(rule(cfg))
     # fields without effect for this trainer / setting, unless a rule above already named them
     from .applies import unused_fields
@@ -239,6 +239,26 @@ def _algorithm_rules(cfg: JobConfig) -> list[str]:
     return errs
 
 
+def input_template_problem(template: str, apply_chat_template: bool) -> str | None:
+    """Why data.input_template cannot be used (None when it can): it needs exactly one '{}'
+    and the chat template off. Also checked by data.chat.ChatFormat."""
+    if not template:
+        return None
+    if template.count("{}") != 1:
+        return (f"data.input_template={template!r} must contain exactly one '{{}}' where the "
+                "prompt goes, e.g. 'User: {}\\nAssistant: '")
+    if apply_chat_template:
+        return (f"data.input_template={template!r} wraps plain-text prompts, but "
+                "data.apply_chat_template=true renders them with the chat template; set "
+                "data.apply_chat_template=false (or drop data.input_template)")
+    return None
+
+
+def _data_rules(cfg: JobConfig) -> list[str]:
+    problem = input_template_problem(cfg.data.input_template, cfg.data.apply_chat_template)
+    return [problem] if problem else []
+
+
 def _reward_rules(cfg: JobConfig) -> list[str]:
     rw, errs = cfg.reward, []
     if cfg.train.trainer not in GENERATING_TRAINERS:
@@ -248,7 +268,7 @@ def _reward_rules(cfg: JobConfig) -> list[str]:
             errs.append("reward.source='func' needs reward.func_path=path/to/reward_func.py")
         elif not Path(rw.func_path).is_file():
             errs.append(f"reward.func_path={rw.func_path!r} does not exist; give the path of a "
-                        "Python file defining reward_func(queries, responses, labels)")
+                        "Python file defining reward_func(queries, prompts, labels)")
     if rw.source == "remote" and not rw.remote_url:
         errs.append("reward.source='remote' needs reward.remote_url=http://host:port/path")
     if rw.source == "model" and not cfg.model.reward_model_path:

@@ -54,6 +54,9 @@ class DataConfig:
     apply_chat_template: bool = opt(True, "wrap prompts with the tokenizer's chat template")
     chat_template: str = opt("", "a jinja chat template to use instead of the tokenizer's own: "
                                   "the template text, or the path of a file holding it")
+    input_template: str = opt("", "plain-text prompt wrapper with one {} for the prompt "
+                              "(OpenRLHF's --input_template), e.g. 'User: {}\\nAssistant: '; "
+                              "needs data.apply_chat_template=false")
     margin_key: str = opt("margin", "dataset field of a pair's reward margin (RM, optional)")
     prm_step_tag: str = opt("\n", "PRM: placeholder text after each step, where labels are "
                             "predicted")

@@ -48,19 +48,31 @@ def resolve_chat_template(value: str | None) -> str | None:
     return text
 
 
+def check_input_template(template: str | None, apply_chat_template: bool) -> None:
+    """data.input_template must hold exactly one '{}' and needs the chat template off."""
+    from hpc_rlhf.config.rules import input_template_problem
+    problem = input_template_problem(template or "", apply_chat_template)
+    if problem:
+        raise TemplateError(problem)
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     """How text becomes tokens for one tokenizer.
 
     apply_chat_template: wrap with `chat_template` (None = the tokenizer's own template);
     False: prompt and response are plain text and every response ends with the eos token.
+    input_template: without a chat template, a prompt string becomes
+    `input_template.format(prompt)` (OpenRLHF's --input_template, e.g. "User: {}\nAssistant: ").
     """
     tokenizer: object
     apply_chat_template: bool = True
     chat_template: str | None = None
+    input_template: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "chat_template", resolve_chat_template(self.chat_template))
+        check_input_template(self.input_template, self.apply_chat_template)
         if self.apply_chat_template and not (self.chat_template
                                              or getattr(self.tokenizer, "chat_template", None)):
             raise TemplateError("data.apply_chat_template=true but the tokenizer has no chat "
@@ -100,6 +112,8 @@ class ChatFormat:
             if not isinstance(prompt, str):
                 raise TemplateError("the prompt is a message list but data.apply_chat_template="
                                     "false; enable the chat template or store plain text")
+            if self.input_template:
+                prompt = self.input_template.replace("{}", prompt, 1)
             return self.encode(prompt)
         return self.encode(self.render(as_messages(prompt), add_generation_prompt=True))
 

@@ -100,6 +100,14 @@ def data_files(path: str | Path) -> list[Path]:
             raise ValueError(f"data source {str(p)!r} has suffix {p.suffix!r}; supported: "
                              f"{list(SUFFIXES)}")
         return [p]
+    splits = p / "dataset_dict.json"
+    if splits.exists():  # datasets.DatasetDict.save_to_disk: one directory per split
+        names = json.loads(splits.read_text()).get("splits", [])
+        if "train" not in names:
+            raise ValueError(f"data directory {str(p)!r} is a DatasetDict with splits {names} "
+                             "and no 'train'; give the split's directory, e.g. "
+                             f"{str(p / names[0]) if names else str(p)!r}")
+        return data_files(p / "train")
     state = p / "state.json"
     if state.exists():  # datasets.save_to_disk: the listed arrow shards, in order
         files = [p / f["filename"] for f in json.loads(state.read_text())["_data_files"]]

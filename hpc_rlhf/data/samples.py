@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .chat import ChatFormat, TemplateError, as_messages
 from .readers import Row, read_rows
-from .rows import (DataError, DataStats, get_bool, get_field, get_float, get_text,
+from .rows import (DataError, DataStats, get_bool, get_field, get_float, get_messages, get_text,
                    get_text_or_messages)
 
 # Optional per-pair reward margin for the Bradley-Terry RM loss (no config key yet).
@@ -76,22 +76,47 @@ def _need_response(row: Row, key: str, ids: list[int]) -> list[int]:
 
 
 # ---- one row -> one sample ----------------------------------------------------------------
+def split_reply(row: Row, key: str, value, prompt):
+    """(prompt, reply text) of a response field holding a message list: a whole conversation
+    ending with the assistant's reply (its earlier messages are the prompt unless the row has
+    a prompt field), or, as TRL's and OpenRLHF's conversational datasets store it, only the
+    assistant's message(s) answering the row's prompt."""
+    messages = get_messages(row, key, value)
+    if messages[-1]["role"] != "assistant":
+        raise DataError(row.file, row.index, key, "is a message list whose last message is not "
+                        f"the assistant's (role {messages[-1]['role']!r}); nothing to train on")
+    if prompt is None:
+        if len(messages) < 2:
+            raise DataError(row.file, row.index, key, "holds only the assistant's reply but the "
+                            "row has no prompt field (data.input_key)")
+        prompt = messages[:-1]
+    elif len(messages) > 1 and messages[0]["role"] == "assistant":  # continues the prompt
+        prompt = as_messages(prompt) + messages[:-1]
+    return prompt, messages[-1]["content"]
+
+
 def sft_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str) -> SFTSample:
     """Prompt + response (loss on the response), or a whole conversation in `input_key` when
-    the row has no `output_key` (loss on every assistant turn)."""
+    the row has no `output_key` (loss on every assistant turn). The response may be a string
+    or a message list (see `split_reply`)."""
     prompt = get_text_or_messages(row, input_key)
     response = get_field(row, output_key, required=isinstance(prompt, str))
+    if isinstance(response, list):
+        prompt, response = split_reply(row, output_key, response, prompt)
     if response is None:
         if not any(m["role"] == "assistant" for m in prompt):
             raise DataError(row.file, row.index, output_key, "is missing and the conversation "
                             f"in {input_key!r} has no assistant turn to train on")
         ids, mask = fmt.conversation(prompt)
-    elif fmt.apply_chat_template:
-        ids, mask = fmt.conversation(as_messages(prompt) + [
-            {"role": "assistant", "content": get_text(row, output_key)}])
     else:
-        p, r = fmt.prompt_response(prompt, get_text(row, output_key))
-        ids, mask = p + r, [0] * len(p) + [1] * len(r)
+        if not isinstance(response, str) or not response.strip():
+            response = get_text(row, output_key)  # raises the field's type/empty error
+        if fmt.apply_chat_template:
+            ids, mask = fmt.conversation(as_messages(prompt) + [
+                {"role": "assistant", "content": response}])
+        else:
+            p, r = fmt.prompt_response(prompt, response)
+            ids, mask = p + r, [0] * len(p) + [1] * len(r)
     if mask[0]:
         raise DataError(row.file, row.index, input_key, "leaves no prompt token before the "
                         "first trained token")
@@ -100,13 +125,10 @@ def sft_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str) -> SF
 
 
 def _response_of(row: Row, fmt: ChatFormat, key: str, prompt) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) from a response string or a full conversation."""
+    """(prompt_ids, response_ids) from a response string or a message list."""
     value = get_text_or_messages(row, key)
-    if isinstance(value, list):   # full conversation: the last message is the response
-        if value[-1]["role"] != "assistant" or len(value) < 2:
-            raise DataError(row.file, row.index, key, "is a conversation that does not end with "
-                            "an assistant message after at least one prompt message")
-        prompt, value = value[:-1] if prompt is None else prompt, value[-1]["content"]
+    if isinstance(value, list):
+        prompt, value = split_reply(row, key, value, prompt)
     if prompt is None:
         raise DataError(row.file, row.index, key, "is a plain response but the row has no "
                         "prompt field")
@@ -132,7 +154,14 @@ def pair_sample(row: Row, fmt: ChatFormat, input_key: str, chosen_key: str,
 
 def kto_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str,
                label_key: str) -> KTOSample:
-    p, r = fmt.prompt_response(get_text_or_messages(row, input_key), get_text(row, output_key))
+    """A (prompt, completion, desirable) row; the completion may be a message list."""
+    prompt = get_text_or_messages(row, input_key)
+    completion = get_field(row, output_key)
+    if isinstance(completion, list):
+        prompt, completion = split_reply(row, output_key, completion, prompt)
+    else:
+        completion = get_text(row, output_key)
+    p, r = fmt.prompt_response(prompt, completion)
     return KTOSample(p, _need_response(row, output_key, r), get_bool(row, label_key))
 
 

@@ -24,10 +24,10 @@ class Prompt:
 def load_prompts(source: str, tokenizer, *, apply_chat_template: bool, max_prompt_len: int,
                  num_task_prompts: int, seed: int, input_key: str = "prompt",
                  label_key: str = "label", skip_bad_rows: bool = False,
-                 chat_template: str = "") -> list[Prompt]:
+                 chat_template: str = "", input_template: str = "") -> list[Prompt]:
     """Every prompt of `source` ('task:<name>' or a data file), too-long ones dropped."""
     fmt = ChatFormat(tokenizer, apply_chat_template=apply_chat_template,
-                     chat_template=chat_template or None)
+                     chat_template=chat_template or None, input_template=input_template or None)
     if source.startswith("task:"):
         rows = [(s.prompt, s.label) for s in make_task(source, num_task_prompts, seed)]
         prompts = [Prompt(fmt.prompt_ids(q), q, lab) for q, lab in rows]
@@ -55,7 +55,7 @@ def config_prompts(data_cfg, tokenizer, *, source: str | None = None, num: int |
                         num_task_prompts=num or d.num_task_prompts,
                         seed=d.seed if seed is None else seed, input_key=d.input_key,
                         label_key=d.label_key, skip_bad_rows=d.skip_bad_rows,
-                        chat_template=d.chat_template)
+                        chat_template=d.chat_template, input_template=d.input_template)
 
 
 def prompt_stream(cfg, tokenizer) -> "PromptStream":

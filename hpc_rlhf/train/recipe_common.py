@@ -65,7 +65,8 @@ def load_value_model_for(cfg, path: str):
 def chat_format(tokenizer, data_cfg, chat_template: str | None = None) -> ChatFormat:
     """The config's chat format: `data.chat_template` overrides the tokenizer's template."""
     return ChatFormat(tokenizer, data_cfg.apply_chat_template,
-                      chat_template or data_cfg.chat_template or None)
+                      chat_template or data_cfg.chat_template or None,
+                      data_cfg.input_template or None)
 
 
 # ---- strategy -----------------------------------------------------------------------------

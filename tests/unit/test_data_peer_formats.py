@@ -1,0 +1,135 @@
+"""Dataset layouts OpenRLHF and TRL users have: conversational pairs with a separate prompt,
+SFT/KTO completions as message lists, --input_template, and `datasets.save_to_disk` directories
+(a Dataset, and a DatasetDict whose train split is read). Each is checked against the sample
+the plain string form of the same row gives."""
+import json
+
+import pyarrow as pa
+import pytest
+
+from hpc_rlhf.config import ConfigError, config_from_dict
+from hpc_rlhf.data.chat import ChatFormat, TemplateError
+from hpc_rlhf.data.readers import Row, read_rows
+from hpc_rlhf.data.rows import DataError
+from hpc_rlhf.data.samples import kto_sample, pair_sample, sft_sample
+from hpc_rlhf.models.tiny import build_tokenizer
+
+pytestmark = pytest.mark.unit
+
+USER = [{"role": "user", "content": "What is 2+2?"}]
+
+
+def reply(text):
+    return [{"role": "assistant", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def fmt():
+    return ChatFormat(build_tokenizer())
+
+
+def row(data):
+    return Row(data, "rows.jsonl", 0)
+
+
+@pytest.mark.parametrize("prompt, chosen, rejected", [
+    (USER, reply("4"), reply("5")),                           # TRL / OpenRLHF conversational
+    ("What is 2+2?", reply("4"), reply("5")),                 # string prompt, message replies
+    (None, USER + reply("4"), USER + reply("5")),             # whole conversations, no prompt
+])
+def test_conversational_pairs_equal_the_string_form(fmt, prompt, chosen, rejected):
+    want = pair_sample(row({"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}), fmt,
+                       "prompt", "chosen", "rejected")
+    data = {"chosen": chosen, "rejected": rejected}
+    if prompt is not None:
+        data["prompt"] = prompt
+    assert pair_sample(row(data), fmt, "prompt", "chosen", "rejected") == want
+
+
+def test_assistant_reply_continuing_a_multi_turn_prompt(fmt):
+    history = USER + reply("4") + [{"role": "user", "content": "And 3+3?"}]
+    got = pair_sample(row({"prompt": history, "chosen": reply("6"), "rejected": reply("7")}),
+                      fmt, "prompt", "chosen", "rejected")
+    want = fmt.prompt_response(history, "6")
+    assert (got.prompt_ids, got.chosen_ids) == want
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ([{"role": "user", "content": "x"}], r"last message is not the assistant's \(role 'user'\)"),
+    ("", r"field 'chosen': is empty"),
+])
+def test_bad_message_replies_name_the_field(fmt, bad, pattern):
+    with pytest.raises(DataError, match=pattern) as e:
+        pair_sample(row({"prompt": USER, "chosen": bad, "rejected": reply("5")}), fmt,
+                    "prompt", "chosen", "rejected")
+    assert "rows.jsonl" in str(e.value)
+
+
+def test_reply_only_without_prompt_field_is_refused(fmt):
+    with pytest.raises(DataError, match=r"holds only the assistant's reply but the row has no "
+                                        r"prompt field"):
+        pair_sample(row({"chosen": reply("4"), "rejected": reply("5")}), fmt,
+                    "prompt", "chosen", "rejected")
+
+
+@pytest.mark.parametrize("response", [reply("4"), [{"role": "assistant", "content": "4"}]])
+def test_sft_completion_as_messages_equals_string(fmt, response):
+    want = sft_sample(row({"prompt": "What is 2+2?", "response": "4"}), fmt, "prompt", "response")
+    assert sft_sample(row({"prompt": USER, "response": response}), fmt, "prompt",
+                      "response") == want
+
+
+def test_kto_completion_as_messages_equals_string(fmt):
+    want = kto_sample(row({"prompt": "What is 2+2?", "completion": "4", "label": True}), fmt,
+                      "prompt", "completion", "label")
+    got = kto_sample(row({"prompt": USER, "completion": reply("4"), "label": True}), fmt,
+                     "prompt", "completion", "label")
+    assert got == want
+
+
+def test_input_template_wraps_plain_prompts():
+    tok = build_tokenizer()
+    plain = ChatFormat(tok, apply_chat_template=False, input_template="User: {}\nAssistant: ")
+    assert plain.prompt_ids("2+2?") == plain.encode("User: 2+2?\nAssistant: ")
+    p, r = plain.prompt_response("2+2?", "4")
+    assert r == plain.encode("4") + [tok.eos_token_id]
+    with pytest.raises(TemplateError, match=r"exactly one '\{\}'"):
+        ChatFormat(tok, apply_chat_template=False, input_template="User: ")
+    with pytest.raises(TemplateError, match=r"set data.apply_chat_template=false"):
+        ChatFormat(tok, input_template="User: {}")
+
+
+def test_input_template_is_checked_by_config_check():
+    with pytest.raises(ConfigError, match=r"data.input_template='Q: \{\}' wraps plain-text "
+                                          r"prompts, but data.apply_chat_template=true"):
+        config_from_dict({"data": {"input_template": "Q: {}"}})
+    cfg = config_from_dict({"data": {"input_template": "Q: {}", "apply_chat_template": False}})
+    assert cfg.data.input_template == "Q: {}"
+
+
+def _arrow_dataset(directory, rows):
+    """A directory laid out as `datasets.Dataset.save_to_disk` writes it (IPC stream shards
+    listed in state.json)."""
+    directory.mkdir(parents=True)
+    table = pa.Table.from_pylist(rows)
+    for k, part in enumerate([table.slice(0, 2), table.slice(2)]):
+        with pa.OSFile(str(directory / f"data-0000{k}-of-00002.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, part.schema) as writer:
+                writer.write_table(part)
+    (directory / "state.json").write_text(json.dumps({"_data_files": [
+        {"filename": f"data-0000{k}-of-00002.arrow"} for k in range(2)]}))
+    (directory / "dataset_info.json").write_text("{}")
+
+
+def test_save_to_disk_dataset_and_datasetdict(tmp_path):
+    train = [{"prompt": f"q{i}", "label": str(i)} for i in range(5)]
+    _arrow_dataset(tmp_path / "ds", train)
+    assert [r.data for r in read_rows(tmp_path / "ds")] == train
+    _arrow_dataset(tmp_path / "dd" / "train", train)
+    _arrow_dataset(tmp_path / "dd" / "test", [{"prompt": "t", "label": "0"}] * 3)
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["train",
+                                                                              "test"]}))
+    assert [r.data for r in read_rows(tmp_path / "dd")] == train     # the test split stays out
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['test'\] and no 'train'"):
+        list(read_rows(tmp_path / "dd"))
