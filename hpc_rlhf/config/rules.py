@@ -273,9 +273,13 @@ def _reward_rules(cfg: JobConfig) -> list[str]:
         errs.append("reward.source='remote' needs reward.remote_url=http://host:port/path")
     if rw.source == "model" and not cfg.model.reward_model_path:
         errs.append("reward.source='model' needs model.reward_model_path (a trained RM)")
-    if rw.source == "agent" and ":" not in rw.agent_path:
-        errs.append(f"reward.agent_path={rw.agent_path!r} must look like file.py:ClassName "
-                    "for reward.source='agent'")
+    agent_file = rw.agent_path.rpartition(":")[0] if ":" in rw.agent_path else rw.agent_path
+    if rw.source == "agent" and not agent_file.endswith(".py"):
+        errs.append(f"reward.agent_path={rw.agent_path!r} must look like file.py:ClassName (or "
+                    "file.py, for OpenRLHF's AgentInstance class) for reward.source='agent'")
+    elif rw.source == "agent" and not Path(agent_file).is_file():
+        errs.append(f"reward.agent_path={rw.agent_path!r}: {agent_file!r} does not exist; give "
+                    "the path of the Python file defining the agent class")
     if rw.source == "task" and not cfg.data.prompts.startswith("task:"):
         errs.append(f"reward.source='task' scores built-in tasks only, but data.prompts="
                     f"{cfg.data.prompts!r}; use reward.source=func/remote/model for a dataset")

@@ -146,6 +146,7 @@ def test_build_reward_source_from_config(tmp_path):
         "remote_retries": 1}})
     rr = build_reward_source(cfg)
     assert isinstance(rr, RemoteReward) and (rr.timeout_s, rr.retries) == (3.0, 1)
-    cfg = config_from_dict({"reward": {"source": "agent", "agent_path": "a.py:Agent"}})
+    agent = write(tmp_path, "class Agent:\n    pass\n", "agent.py")
+    cfg = config_from_dict({"reward": {"source": "agent", "agent_path": f"{agent}:Agent"}})
     with pytest.raises(ValueError, match="run_agent_episodes"):
         build_reward_source(cfg)

@@ -194,8 +194,9 @@ def test_bad_agents_fail_clearly(tiny, engine, tmp_path, body, pattern):
 def test_load_agent_class_errors(tmp_path):
     path = tmp_path / "a.py"
     path.write_text("class A:\n    def reset(self, p, l):\n        return None\n")
-    with pytest.raises(ValueError, match="file.py:ClassName"):
-        load_agent_class(str(path))
+    with pytest.raises(RewardError, match=r"no class 'AgentInstance' \(classes there: \['A'\]\);"
+                                          r" name it as file.py:ClassName"):
+        load_agent_class(str(path))          # no class named: OpenRLHF's AgentInstance
     with pytest.raises(RewardError, match=r"no class 'B' \(classes there: \['A'\]\)"):
         load_agent_class(f"{path}:B")
     with pytest.raises(RewardError, match=r"lacks \['step'\]"):
@@ -215,3 +216,68 @@ def test_example_guess_number_agent(tiny, engine):
     trajs = run_agent_episodes(engine, tiny[1], cls, ["Guess a number 1-20."] * 2, ["7", "12"],
                                SamplingConfig(n=1, max_new_tokens=3, seed=1), max_turns=2)
     assert all(t.num_turns in (1, 2) and 0.0 <= t.reward <= 1.0 for t in trajs)
+
+
+# Written from OpenRLHF's documented agent interface (agent_func.py): the stand-in module must
+# serve the import, `async __init__` and async reset/step take and return state dicts, feedback
+# is raw text, and the episode's reward is the sum of the turns' rewards.
+OPENRLHF_AGENT = '''
+import torch
+from openrlhf.utils.agent import AgentExecutorBase, AgentInstanceBase
+
+SEEN = []
+
+class AgentInstance(AgentInstanceBase):
+    async def __init__(self, *args, **kwargs):
+        self.step_idx = 0
+
+    async def reset(self, states: dict, **kwargs):
+        SEEN.append(("reset", dict(states)))
+        return {"observation": states["observation"]}
+
+    async def step(self, states: dict, **kwargs):
+        SEEN.append(("step", dict(states)))
+        self.step_idx += 1
+        done = self.step_idx >= 2
+        return {"rewards": torch.tensor(0.25 * self.step_idx), "scores": torch.tensor(1.0),
+                "environment_feedback": "" if done else "\\nTry again.\\n", "done": done,
+                "sampling_params": states.get("sampling_params"), "extra_logs": {}}
+
+
+class AgentExecutor(AgentExecutorBase):
+    def __init__(self, max_steps, max_length, llm_engine, hf_tokenizer, result_queue):
+        super().__init__(AgentInstance, max_steps, max_length, llm_engine, hf_tokenizer,
+                         result_queue)
+'''
+
+
+def test_openrlhf_agent_file_runs_unchanged(tmp_path, tiny, engine):
+    from hpc_rlhf.data.chat import ChatFormat
+    _, tok = tiny
+    path = tmp_path / "agent_func.py"
+    path.write_text(OPENRLHF_AGENT)
+    cls = load_agent_class(str(path))                     # no ':Class': AgentInstance
+    seen = cls.__init__.__globals__["SEEN"]
+    trajs = run_agent_episodes(engine, tok, cls, ["Say hi.", "Count."], ["a", "b"],
+                               SamplingConfig(n=1, max_new_tokens=5, temperature=1.0, seed=3),
+                               max_turns=4)
+    fmt = ChatFormat(tok)
+    for k, t in enumerate(trajs):
+        assert t.reward == pytest.approx(0.25 + 0.5)          # summed over the two turns
+        assert t.num_turns == 2 and t.finish_reason == "done"
+        prompt_text = tok.decode(fmt.prompt_ids(["Say hi.", "Count."][k]),
+                                 skip_special_tokens=False)
+        assert t.prompt_ids == fmt.encode(prompt_text)        # reset's observation, raw tokens
+        (s1, e1), (s2, e2) = t.turn_spans
+        feedback = t.response_ids[e1:s2]
+        assert feedback == fmt.encode("\nTry again.\n")       # raw text, no chat template
+        assert t.action_mask[e1:s2] == [0] * len(feedback)
+    resets = [s for kind, s in seen if kind == "reset"]
+    steps = [s for kind, s in seen if kind == "step" and s["label"] == "a"]   # episode 0
+    assert resets[0] == {"observation": tok.decode(trajs[0].prompt_ids), "label": "a"}
+    first_action = tok.decode(trajs[0].response_ids[:trajs[0].turn_spans[0][1]],
+                              skip_special_tokens=True)
+    assert steps[0]["action_text"] == first_action and steps[0]["label"] == "a"
+    # The second step sees the whole text so far: observation + action + feedback.
+    assert steps[1]["observation_text"] == (resets[0]["observation"] + first_action
+                                            + "\nTry again.\n")
