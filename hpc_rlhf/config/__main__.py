@@ -1,5 +1,6 @@
-"""`python -m hpc_rlhf.config show|check CONFIG.yaml [section.field=value ...]`, or
-`python -m hpc_rlhf.config docs [SECTION]`."""
+"""`python -m hpc_rlhf.config show|check CONFIG.yaml [section.field=value ...]`,
+`python -m hpc_rlhf.config docs [SECTION]`, or
+`python -m hpc_rlhf.config from-openrlhf [-o OUT.yaml] -- <an OpenRLHF train command line>`."""
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,53 @@ def _docs(section: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def _from_openrlhf(argv: list[str]) -> int:
+    """Write the config of an OpenRLHF command line; list what did not map; check it."""
+    import yaml
+
+    from .openrlhf import convert, to_nested
+    out_path = None
+    if argv[:1] == ["-o"] and len(argv) > 1:
+        out_path, argv = argv[1], argv[2:]
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    try:
+        conv = convert(argv)
+    except ValueError as e:
+        print(f"from-openrlhf: {e}", file=sys.stderr)
+        return 2
+    text = yaml.safe_dump(to_nested(conv.values), sort_keys=False)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(text)
+        print(f"wrote {out_path} (train.trainer={conv.trainer})")
+    else:
+        print(text, end="")
+    for flag, value, why in conv.unmapped:
+        print(f"not mapped: --{flag}{' ' + value if value else ''}: {why}", file=sys.stderr)
+    for note in conv.notes:
+        print(f"note: {note}", file=sys.stderr)
+    try:
+        load_config(None, [f"{k}={_as_override(v)}" for k, v in conv.values.items()])
+    except ConfigError as e:
+        print(f"the config does not pass `config check` yet:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _as_override(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["from-openrlhf"]:
+        return _from_openrlhf(argv[1:])
     p = argparse.ArgumentParser(prog="python -m hpc_rlhf.config",
                                 description="Show, check or document a job config.")
-    p.add_argument("command", choices=("show", "check", "docs"))
+    p.add_argument("command", choices=("show", "check", "docs", "from-openrlhf"))
     p.add_argument("config", nargs="?", help="YAML file (omit for the defaults)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)

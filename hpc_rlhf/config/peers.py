@@ -111,6 +111,9 @@ PEER_NAMES: dict[str, tuple[str, str]] = {
     "report_to": ("logging.tensorboard", "or logging.wandb_project"),
     "eval_steps": ("eval.every", ""),
     "seed": ("train.seed", "and data.seed"),
+    "temperature": ("rollout.temperature", ""),
+    "top_p": ("rollout.top_p", ""),
+    "wandb_project": ("logging.wandb_project", ""),
 }
 
 

@@ -1,0 +1,37 @@
+"""The GRPO command line of OpenRLHF's README (tests/openrlhf_commands.py), converted by
+`python -m hpc_rlhf.config from-openrlhf`, runs one RL step through the real entry point with
+an OpenRLHF-style reward function. Overridden only what this machine forces: the tiny model
+instead of a 7B hub id, float32/eager on CPU, one rank with one HF engine, small batches."""
+import json
+import math
+
+import pytest
+
+from hpc_rlhf.config.__main__ import main
+from openrlhf_commands import GRPO
+
+pytestmark = [pytest.mark.e2e, pytest.mark.deepspeed]
+
+REWARD = """
+def reward_func(queries, prompts, labels, **kwargs):
+    return [float(q[len(p):].strip().startswith(l)) for q, p, l in zip(queries, prompts, labels)]
+"""
+
+
+def test_converted_grpo_command_runs_a_step(tmp_path, rl_job, monkeypatch):
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                            for a in range(4) for b in range(4)))
+    (tmp_path / "reward_func.py").write_text(REWARD)
+    monkeypatch.chdir(tmp_path)         # the command names ./reward_func.py and ./math.jsonl
+    assert main(["from-openrlhf", "-o", str(tmp_path / "grpo.yaml"), "--", *GRPO]) == 0
+    job = rl_job(tmp_path / "run", [
+        "model.path=tiny:llama", "model.dtype=float32", "rollout.engine=hf",
+        f"data.prompts={data}", f"reward.func_path={tmp_path / 'reward_func.py'}",
+        "topology.procs_per_node=1", "rollout.num_engines=1", "rollout.tensor_parallel_size=1",
+        "rollout.prompts_per_step=2", "train.batch_size=16", "train.micro_batch_size=4",
+        "rollout.max_new_tokens=4", "train.num_steps=1"], config=tmp_path / "grpo.yaml",
+        timeout_s=300)
+    rows = job.metrics
+    assert [r["step"] for r in rows] == [1]
+    assert 0.0 <= rows[0]["reward/mean"] <= 1.0 and math.isfinite(rows[0]["loss/policy"])
