@@ -149,6 +149,11 @@ class AlgorithmConfig:
     value_clip: float = opt(0.5, "PPO value-loss clip", gt=0.0)
     loss_agg: str = opt("token_mean", "how token losses become one number",
                         choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
+    token_mean_scope: str = opt("micro_batch", "token_mean over each micro-batch, averaged "
+                                "(micro_batch), or over all tokens of the optimizer step (step: "
+                                "OpenRLHF's and TRL dapo's convention); token budgets "
+                                "(train.max_tokens_per_micro_batch) always use step",
+                                choices=("micro_batch", "step"))
     importance_level: str = opt("token", "PPO ratio per token or per sequence (GSPO)",
                                 choices=("token", "sequence"))
     kl_coef: float = opt(0.0, "KL(policy || reference) coefficient (initial, if adaptive)", ge=0.0)

@@ -164,17 +164,22 @@ def _group_split(prompt: list[int], resp: list[int], group: int, max_tokens: int
 
 def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tokens: int,
                 loss_agg: str, generator: torch.Generator | None = None,
-                group: int = 1) -> list[list[Micro]]:
+                group: int = 1, step_shares: bool = False) -> list[list[Micro]]:
     """The optimizer steps of one epoch over `batch`, each a list of Micro (see module doc).
     group > 1 (shared-prompt forwards): a prompt's `group` consecutive samples stay together
     in one micro-batch, and under a token budget a group costs its shared row. Collective when
-    max_tokens > 0."""
+    max_tokens > 0. step_shares (algorithm.token_mean_scope=step): fixed micro-batches are
+    weighted by their share of the step too, so token_mean averages over the step's tokens (as
+    OpenRLHF does) instead of averaging the micro-batches' means."""
     order = _grouped_order(batch.size, group, generator)
     if max_tokens <= 0:
-        micros = [Micro(batch.rows(ix), ix, None, None)
-                  for ix in (order[s:s + micro_batch_size]
-                             for s in range(0, batch.size, micro_batch_size))]
-        return [micros[k:k + grad_accum] for k in range(0, len(micros), grad_accum)]
+        rows = [order[s:s + micro_batch_size] for s in range(0, batch.size, micro_batch_size)]
+        steps = [rows[k:k + grad_accum] for k in range(0, len(rows), grad_accum)]
+        if not step_shares:
+            return [[Micro(batch.rows(ix), ix, None, None) for ix in step] for step in steps]
+        return [[Micro(batch.rows(ix), ix, w, k == len(step) - 1)
+                 for k, (ix, w) in enumerate(zip(step, _shares(batch, step, loss_agg)))]
+                for step in steps]
     chunk = grad_accum * micro_batch_size
     prompt, resp = real_lengths(batch)
     chunks = [order[s:s + chunk] for s in range(0, batch.size, chunk)]

@@ -180,7 +180,8 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
                                            max_tokens=t.max_tokens_per_micro_batch,
                                            loss_agg=cfg.algorithm.loss_agg, generator=gen,
                                            group=(cfg.rollout.n_samples_per_prompt
-                                                  if t.shared_prompt else 1))]
+                                                  if t.shared_prompt else 1),
+                                           step_shares=cfg.algorithm.token_mean_scope == "step")]
     ctx = _TrainContext(cfg, strategy, models, kl_coef)
     sums: dict[str, float] = {}
     count = 0

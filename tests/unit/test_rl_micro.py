@@ -114,3 +114,30 @@ def test_aggregate_loss_shares_match_definition():
     parts = (ta * aggregate_loss(x[a], mask[a], "token_mean")
              + tb * aggregate_loss(x[b], mask[b], "token_mean")) / (ta + tb)
     torch.testing.assert_close(parts, whole)
+
+
+def test_token_mean_scope_step_averages_over_the_step_tokens():
+    """algorithm.token_mean_scope=step with fixed micro-batches: sum_i w_i * token_mean(micro_i)
+    is OpenRLHF's step-level token mean (all the step's token losses / its token count); the
+    default averages the micro-batches' own means, which differs when their token counts do."""
+    torch.manual_seed(2)
+    batch = _batch(12, 4)
+    per_token = torch.randn(batch.action_mask.shape, dtype=torch.float64)
+    mask = batch.action_mask.bool()
+
+    def micro_mean(index):
+        m = mask[index]
+        return per_token[index][m].sum() / m.sum()
+
+    gen = torch.Generator().manual_seed(7)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(7))
+    steps = train_steps(batch, micro_batch_size=2, grad_accum=3, max_tokens=0,
+                        loss_agg="token_mean", generator=gen, step_shares=True)
+    for k, micros in enumerate(steps):
+        chunk = order[6 * k:6 * (k + 1)]
+        assert micros[-1].boundary and not any(m.boundary for m in micros[:-1])
+        weighted = sum(m.weight * micro_mean(m.index) for m in micros)
+        openrlhf = per_token[chunk][mask[chunk]].sum() / mask[chunk].sum()   # naive peer form
+        assert float(weighted) == pytest.approx(float(openrlhf), rel=1e-12)
+        averaged = sum(micro_mean(m.index) for m in micros) / len(micros)   # our default
+        assert float(averaged) != pytest.approx(float(openrlhf), rel=1e-6)
