@@ -27,7 +27,6 @@ ESTIMATORS = {"gae": "ppo", "reinforce": "reinforce", "reinforce_baseline": "rei
 # Flags with no counterpart here, and why (the converter lists them; the job runs without).
 UNMAPPED = {
     "micro_rollout_batch_size": "generation batches are sized by the engine here",
-    "max_samples": "not supported yet: trim the data file",
     "normalize_reward": "not supported yet (running reward normalisation)",
     "dynamic_filtering_reward_range": "not supported yet: algorithm.dynamic_filtering keeps "
                                       "groups whose rewards differ",

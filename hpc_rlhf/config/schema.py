@@ -62,6 +62,8 @@ class DataConfig:
                             "predicted")
     prm_good_token: str = opt("+", "PRM: the token that means 'good step'")
     prm_bad_token: str = opt("-", "PRM: the token that means 'bad step'")
+    max_samples: int = opt(0, "train on the first N usable samples (prompts for RL) of "
+                           "data.prompts; 0 = all (OpenRLHF's --max_samples)", ge=0)
     max_prompt_len: int = opt(256, "prompts longer than this (tokens) are dropped and counted", gt=0)
     max_len: int = opt(1024, "max total tokens of a training sample (SFT/DPO)", gt=0)
     packing: bool = opt(False, "pack several samples per sequence (no cross-sample attention)")

@@ -87,7 +87,7 @@ def run(cfg, topo, run_dir: Path) -> None:
     d = cfg.data
     make = partial(sft_sample, fmt=fmt, input_key=d.input_key, output_key=d.output_key)
     samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows)
+                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None)
     eval_samples = None
     if d.eval_prompts:
         eval_samples, _ = load_samples(d.eval_prompts, make, max_len=d.max_len,

@@ -133,3 +133,15 @@ def test_save_to_disk_dataset_and_datasetdict(tmp_path):
     (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
     with pytest.raises(ValueError, match=r"DatasetDict with splits \['test'\] and no 'train'"):
         list(read_rows(tmp_path / "dd"))
+
+
+def test_max_samples_keeps_the_first_usable_prompts(tmp_path):
+    from hpc_rlhf.rl.prompts import config_prompts
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "label": str(i)}) + "\n"
+                            for i in range(10)))
+    cfg = config_from_dict({"data": {"prompts": str(path), "max_samples": 3},
+                            "reward": {"source": "func", "func_path": __file__}})
+    got = config_prompts(cfg.data, build_tokenizer())
+    assert [p.label for p in got] == ["0", "1", "2"]
+    assert len(config_prompts(cfg.data, build_tokenizer(), source=str(path))) == 10  # eval: all

@@ -44,7 +44,8 @@ def test_ppo_mapping():
         "colocated", 4, 8)
     assert v["checkpoint.export_hf"] is True and v["launch.run_dir"] == "./final/llama3-8b-rlhf"
     unmapped = {flag: why for flag, _, why in conv.unmapped}
-    assert {"normalize_reward", "max_samples", "micro_rollout_batch_size", "ckpt_path",
+    assert v["data.max_samples"] == 100000
+    assert {"normalize_reward", "micro_rollout_batch_size", "ckpt_path",
             "packing_samples", "deepspeed_enable_sleep"} <= set(unmapped)
     assert "not supported yet" in unmapped["normalize_reward"]
     assert any("data.prompts='OpenRLHF/prompt-collection-v0.1' looks like a hub id" in n
