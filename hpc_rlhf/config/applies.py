@@ -92,6 +92,7 @@ APPLIES: dict[str, Use] = {
     # algorithm: the RL trainer; group filtering lives in the colocated loop
     **{f"algorithm.{f.name}": Use(("rl",)) for f in dataclasses.fields(JobConfig().algorithm)},
     "algorithm.dynamic_filtering": Use(("rl",), **_mode("colocated")),
+    "algorithm.dynamic_filtering_range": Use(("rl",), **_mode("colocated")),
     # reward
     "reward.source": Use(GENERATING),
     "reward.func_path": Use(GENERATING, **_source("func")),

@@ -28,8 +28,6 @@ ESTIMATORS = {"gae": "ppo", "reinforce": "reinforce", "reinforce_baseline": "rei
 UNMAPPED = {
     "micro_rollout_batch_size": "generation batches are sized by the engine here",
     "normalize_reward": "not supported yet (running reward normalisation)",
-    "dynamic_filtering_reward_range": "not supported yet: algorithm.dynamic_filtering keeps "
-                                      "groups whose rewards differ",
     "num_episodes": "we count optimizer steps: set train.num_steps (episodes x prompts / "
                     "rollout_batch_size)",
     "use_wandb": "the key comes from WANDB_API_KEY; set logging.wandb_project",
@@ -150,6 +148,8 @@ def _special(name: str, v: list[str], out: dict) -> bool:
         out["algorithm.reward_clip"] = high
     elif name in ("save_steps", "eval_steps", "logging_steps") and v and int(v[0]) < 0:
         out[PEER_NAMES[name][0]] = 0  # OpenRLHF's -1 = never; ours is 0
+    elif name == "dynamic_filtering_reward_range":
+        out["algorithm.dynamic_filtering_range"] = [float(v[0]), float(v[1])]
     elif name == "apply_chat_template":
         out["data.apply_chat_template"] = True
     elif name == "save_hf_ckpt":

@@ -208,6 +208,14 @@ def _algorithm_rules(cfg: JobConfig) -> list[str]:
         errs.append(f"algorithm.name={a.name!r} uses a per-prompt group baseline and needs "
                     f"rollout.n_samples_per_prompt >= 2 (got {n}); set it to 4-16 or use "
                     "algorithm.name=reinforce")
+    rng = a.dynamic_filtering_range if cfg.topology.mode == "colocated" else ()  # else: unused
+    if rng and (len(rng) != 2 or not all(isinstance(x, (int, float)) for x in rng)
+                or not rng[0] < rng[1]):
+        errs.append(f"algorithm.dynamic_filtering_range={list(rng)} must be [low, high] with "
+                    "low < high, e.g. [0, 1] (or [] for off)")
+    elif rng and not a.dynamic_filtering:
+        errs.append(f"algorithm.dynamic_filtering_range={list(rng)} needs "
+                    "algorithm.dynamic_filtering=true")
     if a.dynamic_filtering and n < 2:
         errs.append(f"algorithm.dynamic_filtering=True compares rewards within a group and needs "
                     f"rollout.n_samples_per_prompt >= 2 (got {n})")

@@ -173,6 +173,9 @@ class AlgorithmConfig:
     icepop_low: float = opt(0.5, "ICEPOP: tokens with ratio below this are masked", gt=0.0)
     icepop_high: float = opt(5.0, "ICEPOP: tokens with ratio above this are masked", gt=0.0)
     dynamic_filtering: bool = opt(False, "drop groups whose rewards are all equal (DAPO)")
+    dynamic_filtering_range: tuple = opt((), "[low, high]: also drop groups whose mean score is "
+                                         "not strictly inside (OpenRLHF's "
+                                         "--dynamic_filtering_reward_range); [] = off")
     overlong_buffer: int = opt(0, "DAPO soft overlong penalty window in tokens (0 = off)", ge=0)
     overlong_penalty: float = opt(1.0, "DAPO overlong penalty at the max length", ge=0.0)
     reward_clip: float = opt(10.0, "rewards are clipped to [-x, x]", gt=0.0)

@@ -45,7 +45,8 @@ def collect(cfg: JobConfig, engine, tok, prompts, sampling, agent_cls=None,
                     t.finish_reason, float(t.reward), version) for t in trajs]
 
 
-def varied_groups(rewards: torch.Tensor, n: int) -> list[bool]:
-    """Per group of n: True when its rewards are not all equal (it carries a learning signal)."""
+def varied_groups(rewards: torch.Tensor, n: int, mean_range=()) -> list[bool]:
+    """Per group of n: True when its rewards are not all equal (it carries a learning signal)
+    and, with mean_range=(low, high), their mean lies strictly inside it."""
     from hpc_rlhf.rl.filtering import dynamic_filter_groups
-    return dynamic_filter_groups(rewards, n).view(-1, n)[:, 0].tolist()
+    return dynamic_filter_groups(rewards, n, tuple(mean_range) or None).view(-1, n)[:, 0].tolist()

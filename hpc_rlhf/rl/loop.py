@@ -204,7 +204,7 @@ def _collect_step(cfg, engine, tok, prompts, reward_source, agent, rank, world, 
         if not cfg.algorithm.dynamic_filtering:
             kept = groups
             break
-        varied = varied_groups(scores, n)
+        varied = varied_groups(scores, n, cfg.algorithm.dynamic_filtering_range)
         first_kept = first_kept if first_kept is not None else sum(varied) / len(varied)
         kept += [g for g, v in zip(groups, varied) if v]
         spare += [g for g, v in zip(groups, varied) if not v]

@@ -122,3 +122,19 @@ def test_kd_coef_mixes_nll_as_openrlhf(kd_coef):
                 n += 1
     want = (1 - kd_coef) * nll / n + kd_coef * kl / n
     assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_dynamic_filtering_range_keeps_groups_whose_mean_is_inside():
+    """OpenRLHF's --dynamic_filtering_reward_range: keep a group when low < mean score < high
+    (here also: not all equal), checked against that naive rule."""
+    from hpc_rlhf.config import config_from_dict
+    from hpc_rlhf.rl.collect import varied_groups
+    scores = torch.tensor([0., 1., 1., 1.,  0., 0., 0., 1.,  0., 1., 0., 1.,  1., 1., 1., 1.])
+    low, high = 0.3, 0.7
+    naive = [low < float(g.mean()) < high and float(g.max()) != float(g.min())
+             for g in scores.view(-1, 4)]
+    assert varied_groups(scores, 4, (low, high)) == naive == [False, False, True, False]
+    assert varied_groups(scores, 4) == [True, True, True, False]       # no range: varied only
+    cfg = config_from_dict({"algorithm": {"dynamic_filtering": True,
+                                          "dynamic_filtering_range": [0, 1]}})
+    assert cfg.algorithm.dynamic_filtering_range == (0, 1)
