@@ -55,6 +55,7 @@ APPLIES: dict[str, Use] = {
     "data.prompts": Use(ALL), "data.input_key": Use(ALL), "data.skip_bad_rows": Use(ALL),
     "data.apply_chat_template": Use(ALL), "data.chat_template": Use(ALL),
     "data.input_template": Use(ALL), "data.max_samples": Use(ALL),
+    "data.pretrain_mode": Use(("sft",)),
     "data.eval_prompts": Use(("rl", *SUPERVISED)),
     "data.label_key": Use((*GENERATING, "kto", "prm", "csft")),
     "data.output_key": Use(("sft", "kto", "prm", "kd", "csft")),

@@ -42,7 +42,6 @@ UNMAPPED = {
     "critic_num_gpus_per_node": "set topology.critic_ranks",
     "reward_num_nodes": "set topology.reward_ranks",
     "reward_num_gpus_per_node": "set topology.reward_ranks",
-    "pretrain_mode": "not supported yet (SFT loss on every token of raw text)",
     "ring_head_stride": "ring attention splits whole heads here",
     "disable_ds_ckpt": "DeepSpeed checkpoints are how runs resume here",
     "use_tensorboard": "tensorboard is logging.tensorboard (on by default), under the run dir",

@@ -32,6 +32,7 @@ PEER_NAMES: dict[str, tuple[str, str]] = {
     "max_length": ("data.max_len", ""),
     "packing_samples": ("data.packing", ""),
     "max_samples": ("data.max_samples", ""),
+    "pretrain_mode": ("data.pretrain_mode", ""),
     # rollout
     "generate_max_len": ("rollout.max_new_tokens", ""),
     "max_completion_length": ("rollout.max_new_tokens", ""),

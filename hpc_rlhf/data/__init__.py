@@ -12,12 +12,13 @@ from .packing import (TokenBatch, collate, pack_rows, segment_last_index, segmen
 from .readers import Row, data_files, read_rows
 from .rows import DataError, DataStats
 from .samples import (KTOSample, PairSample, PRMSample, PromptSample, SFTSample, kto_sample,
-                      load_samples, pair_sample, prm_sample, prompt_sample, sft_sample)
+                      load_samples, pair_sample, pretrain_sample, prm_sample, prompt_sample,
+                      sft_sample)
 
 __all__ = ["ChatFormat", "DataError", "DataStats", "KTOSample", "PRMSample", "PairSample",
            "PromptSample", "Row", "SFTSample", "TemplateError", "TokenBatch", "as_messages",
            "collate", "data_files", "kto_batch", "kto_sample", "load_samples", "pack_rows",
            "pair_batch", "pair_sample", "prm_batch", "prm_sample", "prompt_response_batch",
            "prompt_sample", "rank_micro_batches", "read_rows", "segment_last_index",
-           "segment_sum", "sft_batch", "sft_sample", "step_indices", "token_budget_batches",
+           "segment_sum", "sft_batch", "sft_sample", "pretrain_sample", "step_indices", "token_budget_batches",
            "token_logprobs"]

@@ -124,6 +124,13 @@ def sft_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str) -> SF
     return SFTSample(ids, mask)
 
 
+def pretrain_sample(row: Row, fmt: ChatFormat, input_key: str) -> SFTSample:
+    """Raw text (data.pretrain_mode, OpenRLHF's --pretrain_mode): the loss is on every token
+    after the first, the text ends with eos; no chat template."""
+    ids = fmt.encode(get_text(row, input_key)) + [fmt.eos_id]
+    return SFTSample(ids, [0] + [1] * (len(ids) - 1))
+
+
 def _response_of(row: Row, fmt: ChatFormat, key: str, prompt) -> tuple[list[int], list[int]]:
     """(prompt_ids, response_ids) from a response string or a message list."""
     value = get_text_or_messages(row, key)

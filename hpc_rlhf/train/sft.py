@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.data import load_samples, sft_batch, sft_sample
+from hpc_rlhf.data import load_samples, pretrain_sample, sft_batch, sft_sample
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.train.losses_sft import sft_loss
 from hpc_rlhf.train.moe import attach_router_aux_loss
@@ -85,7 +85,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     tokenizer = load_tokenizer(cfg.model.path)
     fmt = chat_format(tokenizer, cfg.data)
     d = cfg.data
-    make = partial(sft_sample, fmt=fmt, input_key=d.input_key, output_key=d.output_key)
+    make = (partial(pretrain_sample, fmt=fmt, input_key=d.input_key) if d.pretrain_mode else
+            partial(sft_sample, fmt=fmt, input_key=d.input_key, output_key=d.output_key))
     samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
                                   skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None)
     eval_samples = None

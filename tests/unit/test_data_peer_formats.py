@@ -145,3 +145,12 @@ def test_max_samples_keeps_the_first_usable_prompts(tmp_path):
     got = config_prompts(cfg.data, build_tokenizer())
     assert [p.label for p in got] == ["0", "1", "2"]
     assert len(config_prompts(cfg.data, build_tokenizer(), source=str(path))) == 10  # eval: all
+
+
+def test_pretrain_mode_trains_every_token_of_raw_text(fmt):
+    from hpc_rlhf.data.samples import pretrain_sample
+    got = pretrain_sample(row({"text": "The cat sat."}), fmt, "text")
+    assert got.input_ids == fmt.encode("The cat sat.") + [fmt.eos_id]     # no chat template
+    assert got.loss_mask == [0] + [1] * (len(got.input_ids) - 1)
+    with pytest.raises(DataError, match="field 'text': is empty"):
+        pretrain_sample(row({"text": " "}), fmt, "text")
