@@ -168,3 +168,22 @@ def slurm_rdzv_ports(slurm_conf: Path) -> range:
     import re
     ctld = int(re.search(r"^SlurmctldPort=(\d+)$", Path(slurm_conf).read_text(), re.M).group(1))
     return range(ctld + 3, ctld + 10)
+
+
+class ServedInThread:
+    """An HTTP server already bound to a port (bind port 0 and read it back: no race for the
+    port), served from a daemon thread while the `with` block runs; `url` ends in `path`."""
+
+    def __init__(self, server, path: str = "/"):
+        self.server = server
+        self.url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+        self.thread = _threading.Thread(target=server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

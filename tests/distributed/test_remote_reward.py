@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from testlib import scaled
+from testlib import ServedInThread, scaled
 
 from hpc_rlhf.data.tasks import make_task, task_reward
 from hpc_rlhf.rewards import RemoteReward, RewardBatch, RewardError
@@ -50,22 +50,12 @@ class TimedServer(RewardServer):
         return super().next_request_index()
 
 
-class Served:
-    """A RewardServer on a free loopback port, served from a daemon thread."""
+class Served(ServedInThread):
+    """The reference RewardServer on a free loopback port, served from a daemon thread."""
 
     def __init__(self, faults=Faults(), api_key=""):
-        self.server = TimedServer(0, make_score_fn(task="arithmetic"), faults, api_key=api_key)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/score"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(TimedServer(0, make_score_fn(task="arithmetic"), faults,
+                                     api_key=api_key), "/score")
 
 
 def client(url, **kw):

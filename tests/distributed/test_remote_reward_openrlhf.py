@@ -7,13 +7,14 @@ is a client that sends exactly what OpenRLHF's sends.
 """
 import json
 import re
-import threading
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+
+from testlib import ServedInThread
 
 from hpc_rlhf.rewards import RemoteReward, RewardBatch, RewardError
 from hpc_rlhf.rewards.server import RewardServer, make_score_fn
@@ -58,28 +59,10 @@ class _OpenRLHFHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-class Serving:
-    """A server on a free loopback port (bound once, port read back), served from a thread."""
-
-    def __init__(self, server):
-        self.server = server
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/get_reward"
-        self.thread = threading.Thread(target=server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def openrlhf_style_server() -> Serving:
+def openrlhf_style_server() -> ServedInThread:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _OpenRLHFHandler)
     server.bodies = []
-    return Serving(server)
+    return ServedInThread(server, "/get_reward")
 
 
 def openrlhf_style_post(url: str, queries, prompts, labels) -> dict:
@@ -94,7 +77,8 @@ def test_default_client_speaks_openrlhf_to_their_server():
     with openrlhf_style_server() as s:
         rc = RemoteReward(s.url, chunk_size=8, retries=0)
         got = rc.score(BATCH)
-        bodies = list(s.server.bodies)
+        # chunks are in flight together: order the bodies the server got by their first query
+        bodies = sorted(s.server.bodies, key=lambda b: BATCH.queries.index(b["query"][0]))
     assert torch.equal(got, WANT)
     assert torch.equal(rc.last_scores, WANT)
     assert rc.last_logs == {"n_boxed": pytest.approx(2.0)}     # the prompt's and the answer's
@@ -115,7 +99,7 @@ def test_our_format_against_their_server_names_the_option_and_is_not_retried():
 
 def test_their_client_against_our_server():
     server = RewardServer(0, make_score_fn(task="arithmetic"))
-    with Serving(server) as s:
+    with ServedInThread(server) as s:
         answer = openrlhf_style_post(s.url, ["<|user|>1+2<|assistant|>3</s>",
                                              "<|user|>1+2<|assistant|>4</s>"],
                                      ["<|user|>1+2<|assistant|>"] * 2, ["3", "3"])
@@ -124,7 +108,7 @@ def test_their_client_against_our_server():
 
 def test_our_server_reads_our_format_too_and_refuses_neither():
     server = RewardServer(0, make_score_fn(task="arithmetic"))
-    with Serving(server) as s:
+    with ServedInThread(server) as s:
         got = RemoteReward(s.url, protocol="hpc_rlhf", retries=0).score(
             RewardBatch.from_texts(["1+2", "1+2"], ["3", "5"], ["3", "3"]))
         assert got.tolist() == [1.0, 0.0]
@@ -157,7 +141,7 @@ def test_a_plain_500_says_to_check_the_protocol_after_retries():
             self.end_headers()
             self.wfile.write(b"Internal Server Error")
 
-    with Serving(ThreadingHTTPServer(("127.0.0.1", 0), Always500)) as s:
+    with ServedInThread(ThreadingHTTPServer(("127.0.0.1", 0), Always500)) as s:
         with pytest.raises(RewardError, match=r"failed 2 times.*if the server expects the other "
                                               r"request format, set reward.remote_protocol="
                                               r"hpc_rlhf"):
