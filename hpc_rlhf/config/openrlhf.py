@@ -144,7 +144,7 @@ def _special(name: str, v: list[str], out: dict) -> bool:
         low, high = float(v[0]), float(v[-1])
         if low != -high:
             raise ValueError("only a symmetric range [-x, x] maps (algorithm.reward_clip=x)")
-        out["algorithm.reward_clip"] = high
+        out.update({"algorithm.reward_clip": high, "algorithm.reward_clip_stage": "shaped"})
     elif name in ("save_steps", "eval_steps", "logging_steps") and v and int(v[0]) < 0:
         out[PEER_NAMES[name][0]] = 0  # OpenRLHF's -1 = never; ours is 0
     elif name == "dynamic_filtering_reward_range":

@@ -182,6 +182,9 @@ class AlgorithmConfig:
     overlong_buffer: int = opt(0, "DAPO soft overlong penalty window in tokens (0 = off)", ge=0)
     overlong_penalty: float = opt(1.0, "DAPO overlong penalty at the max length", ge=0.0)
     reward_clip: float = opt(10.0, "rewards are clipped to [-x, x]", gt=0.0)
+    reward_clip_stage: str = opt("reward", "clip the reward as scored (reward) or after the "
+                                 "group baseline (shaped: OpenRLHF's order)",
+                                 choices=("reward", "shaped"))
 
 
 @dataclass(frozen=True)

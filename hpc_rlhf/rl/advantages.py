@@ -180,10 +180,12 @@ def compute_advantages(
     std_normalize: bool = True,
     reward_clip: tuple[float, float] | None = None,
     grpo_eps: float = 1e-6,
+    clip_after_baseline: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level (advantages, returns), both [batch, resp_len] and 0 at masked positions.
 
-    Steps: clip sequence rewards to `reward_clip`; subtract the group baseline of the
+    Steps: clip sequence rewards to `reward_clip` (after the baseline instead with
+    clip_after_baseline, as OpenRLHF's compute_reward does); subtract the group baseline of the
     estimator ("grpo": mean/std, "dr_grpo" and "reinforce_baseline": mean, "rloo":
     leave-one-out mean; "gae" and "reinforce": none); place the result on the last response
     token and subtract kl_coef * kl per token (`token_rewards`); then "gae" runs GAE with the
@@ -214,11 +216,10 @@ def compute_advantages(
     if kl_coef != 0.0 and kl is None:
         raise ValueError(f"kl_coef={kl_coef} needs the token KL tensor kl=[batch, resp_len]")
     _check_rewards(rewards, action_mask)
-    if reward_clip is not None:
-        low, high = reward_clip
-        if low > high:
-            raise ValueError(f"reward_clip={reward_clip} must be (low, high) with low <= high")
-        rewards = rewards.clamp(min=low, max=high)
+    if reward_clip is not None and reward_clip[0] > reward_clip[1]:
+        raise ValueError(f"reward_clip={reward_clip} must be (low, high) with low <= high")
+    if reward_clip is not None and not clip_after_baseline:
+        rewards = rewards.clamp(min=reward_clip[0], max=reward_clip[1])
 
     n = n_samples_per_prompt
     if estimator == "grpo":
@@ -231,6 +232,8 @@ def compute_advantages(
         shaped = rloo_advantages(rewards, n)
     else:
         shaped = rewards
+    if reward_clip is not None and clip_after_baseline:
+        shaped = shaped.clamp(min=reward_clip[0], max=reward_clip[1])
 
     r_tok = token_rewards(shaped, action_mask, kl, kl_coef)  # [batch, resp_len]
     if estimator == "gae":

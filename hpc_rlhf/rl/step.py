@@ -159,7 +159,8 @@ def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: flo
         estimator, batch.rewards, batch.action_mask,
         n_samples_per_prompt=cfg.rollout.n_samples_per_prompt, values=values,
         kl=kl if a.kl_in_reward else None, kl_coef=kl_coef if a.kl_in_reward else 0.0,
-        gamma=a.gamma, lam=a.lam, normalize=False, reward_clip=(-a.reward_clip, a.reward_clip))
+        gamma=a.gamma, lam=a.lam, normalize=False, reward_clip=(-a.reward_clip, a.reward_clip),
+        clip_after_baseline=a.reward_clip_stage == "shaped")
     if estimator in WHITENED:
         adv = distributed_whiten(adv, batch.action_mask)
     metrics["advantage/abs_mean"] = masked_mean(adv.abs(), batch.action_mask).item()

@@ -138,3 +138,27 @@ def test_dynamic_filtering_range_keeps_groups_whose_mean_is_inside():
     cfg = config_from_dict({"algorithm": {"dynamic_filtering": True,
                                           "dynamic_filtering_range": [0, 1]}})
     assert cfg.algorithm.dynamic_filtering_range == (0, 1)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_baseline"])
+def test_reward_clip_after_baseline_as_openrlhf(estimator):
+    """algorithm.reward_clip_stage=shaped: OpenRLHF clips the group-shaped reward (its
+    compute_reward runs after the baseline); ours by default clips the raw reward."""
+    from hpc_rlhf.rl.advantages import compute_advantages
+    rewards = torch.tensor([5.0, -3.0, 0.5, 9.0, 1.0, 1.5], dtype=torch.float64)
+    mask = torch.ones(6, 3)
+    clip = (-1.0, 1.0)
+    adv, _ = compute_advantages(estimator, rewards, mask, n_samples_per_prompt=3,
+                                reward_clip=clip, clip_after_baseline=True, normalize=False)
+    groups = rewards.view(2, 3)
+    if estimator == "grpo":
+        shaped = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-6)
+    elif estimator == "rloo":
+        shaped = groups - (groups.sum(1, keepdim=True) - groups) / 2  # leave-one-out mean
+    else:
+        shaped = groups - groups.mean(1, keepdim=True)
+    naive = shaped.reshape(-1).clamp(*clip)                        # the peer's order
+    assert torch.allclose(adv[:, -1], naive, atol=1e-6)             # on the last token
+    ours, _ = compute_advantages(estimator, rewards, mask, n_samples_per_prompt=3,
+                                 reward_clip=clip, normalize=False)
+    assert not torch.allclose(ours[:, -1], naive, atol=1e-3)        # the default differs
