@@ -56,6 +56,7 @@ APPLIES: dict[str, Use] = {
     "data.apply_chat_template": Use(ALL), "data.chat_template": Use(ALL),
     "data.input_template": Use(ALL), "data.max_samples": Use(ALL),
     "data.pretrain_mode": Use(("sft",)),
+    "data.prompts_probs": Use(("rl", *SUPERVISED)),
     "data.eval_prompts": Use(("rl", *SUPERVISED)),
     "data.label_key": Use((*GENERATING, "kto", "prm", "csft")),
     "data.output_key": Use(("sft", "kto", "prm", "kd", "csft")),

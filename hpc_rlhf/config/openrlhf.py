@@ -147,6 +147,8 @@ def _special(name: str, v: list[str], out: dict) -> bool:
         out.update({"algorithm.reward_clip": high, "algorithm.reward_clip_stage": "shaped"})
     elif name in ("save_steps", "eval_steps", "logging_steps") and v and int(v[0]) < 0:
         out[PEER_NAMES[name][0]] = 0  # OpenRLHF's -1 = never; ours is 0
+    elif name in ("prompt_data_probs", "dataset_probs"):
+        out["data.prompts_probs"] = [float(x) for x in ",".join(v).split(",") if x]
     elif name == "dynamic_filtering_reward_range":
         out["algorithm.dynamic_filtering_range"] = [float(v[0]), float(v[1])]
     elif name == "apply_chat_template":

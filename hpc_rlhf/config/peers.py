@@ -32,6 +32,8 @@ PEER_NAMES: dict[str, tuple[str, str]] = {
     "max_length": ("data.max_len", ""),
     "packing_samples": ("data.packing", ""),
     "max_samples": ("data.max_samples", ""),
+    "prompt_data_probs": ("data.prompts_probs", ""),
+    "dataset_probs": ("data.prompts_probs", ""),
     "pretrain_mode": ("data.pretrain_mode", ""),
     # rollout
     "generate_max_len": ("rollout.max_new_tokens", ""),

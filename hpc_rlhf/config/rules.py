@@ -263,8 +263,15 @@ def input_template_problem(template: str, apply_chat_template: bool) -> str | No
 
 
 def _data_rules(cfg: JobConfig) -> list[str]:
-    problem = input_template_problem(cfg.data.input_template, cfg.data.apply_chat_template)
-    return [problem] if problem else []
+    d = cfg.data
+    problem = input_template_problem(d.input_template, d.apply_chat_template)
+    errs = [problem] if problem else []
+    sources = [p for p in d.prompts.split(",") if p.strip()]
+    if d.prompts_probs and (len(d.prompts_probs) != len(sources) or not all(
+            isinstance(x, (int, float)) and x > 0 for x in d.prompts_probs)):
+        errs.append(f"data.prompts_probs={list(d.prompts_probs)} must hold one positive weight "
+                    f"per source of data.prompts ({len(sources)}: {sources})")
+    return errs
 
 
 def _reward_rules(cfg: JobConfig) -> list[str]:

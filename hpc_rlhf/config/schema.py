@@ -65,6 +65,9 @@ class DataConfig:
     pretrain_mode: bool = opt(False, "sft: train on every token of the raw text in "
                               "data.input_key (no response, no chat template; OpenRLHF's "
                               "--pretrain_mode)")
+    prompts_probs: tuple = opt((), "mixture weights when data.prompts names several sources "
+                               "(comma-separated); [] = equal (OpenRLHF's --prompt_data_probs "
+                               "/ --dataset_probs)")
     max_samples: int = opt(0, "train on the first N usable samples (prompts for RL) of "
                            "data.prompts; 0 = all (OpenRLHF's --max_samples)", ge=0)
     max_prompt_len: int = opt(256, "prompts longer than this (tokens) are dropped and counted", gt=0)

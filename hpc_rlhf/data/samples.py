@@ -199,15 +199,47 @@ def prompt_sample(row: Row, fmt: ChatFormat, input_key: str, label_key: str) -> 
 
 
 # ---- a whole source -----------------------------------------------------------------------
+def split_sources(path) -> list[str]:
+    """The data sources of a (possibly comma-separated) data.prompts value."""
+    return [p.strip() for p in str(path).split(",") if p.strip()]
+
+
+def mix_sources(parts: list[list], probs, seed: int) -> list:
+    """One list of sum(len(part)) samples: each position draws its source with `probs`
+    (seeded), taking that source's next sample; a source that runs out starts over, so the
+    mixture keeps the proportions (OpenRLHF's --prompt_data_probs / --dataset_probs)."""
+    import random
+    rng = random.Random(seed)
+    weights = list(probs) if probs else [1.0] * len(parts)
+    cursors, out = [0] * len(parts), []
+    for _ in range(sum(len(p) for p in parts)):
+        i = rng.choices(range(len(parts)), weights=weights)[0]
+        out.append(parts[i][cursors[i] % len(parts[i])])
+        cursors[i] += 1
+    return out
+
+
 def load_samples(path: str, make: Callable[[Row], object], *, max_len: int,
                  skip_bad_rows: bool = False, limit: int | None = None,
-                 stats: DataStats | None = None) -> tuple[list, DataStats]:
+                 stats: DataStats | None = None, probs=(), seed: int = 0
+                 ) -> tuple[list, DataStats]:
     """Apply `make` to every row of `path`; drop (and count) samples longer than `max_len`.
 
-    A bad row raises its DataError unless `skip_bad_rows`, where it is counted by field.
-    Raises if nothing is left, naming why rows were dropped.
+    `path` may name several sources, comma-separated: they are mixed with `probs` (equal
+    weights when empty) by `mix_sources`, then `limit` applies. A bad row raises its DataError
+    unless `skip_bad_rows`, where it is counted by field. Raises if nothing is left, naming
+    why rows were dropped.
     """
     stats = stats or DataStats()
+    sources = split_sources(path)
+    if len(sources) > 1:
+        if probs and len(probs) != len(sources):
+            raise ValueError(f"data.prompts names {len(sources)} sources but "
+                             f"data.prompts_probs has {len(probs)} weights; give one per source")
+        parts = [load_samples(src, make, max_len=max_len, skip_bad_rows=skip_bad_rows,
+                              stats=stats)[0] for src in sources]
+        mixed = mix_sources(parts, probs, seed)
+        return (mixed[:limit] if limit else mixed), stats
     out = []
     for row in read_rows(path):
         stats.read += 1

@@ -25,7 +25,7 @@ def load_prompts(source: str, tokenizer, *, apply_chat_template: bool, max_promp
                  num_task_prompts: int, seed: int, input_key: str = "prompt",
                  label_key: str = "label", skip_bad_rows: bool = False,
                  chat_template: str = "", input_template: str = "",
-                 max_samples: int = 0) -> list[Prompt]:
+                 max_samples: int = 0, probs=()) -> list[Prompt]:
     """Every prompt of `source` ('task:<name>' or a data file), too-long ones dropped."""
     fmt = ChatFormat(tokenizer, apply_chat_template=apply_chat_template,
                      chat_template=chat_template or None, input_template=input_template or None)
@@ -36,7 +36,8 @@ def load_prompts(source: str, tokenizer, *, apply_chat_template: bool, max_promp
         from hpc_rlhf.data.samples import load_samples, prompt_sample
         samples, _ = load_samples(
             source, lambda row: prompt_sample(row, fmt, input_key, label_key),
-            max_len=max_prompt_len, skip_bad_rows=skip_bad_rows, limit=max_samples or None)
+            max_len=max_prompt_len, skip_bad_rows=skip_bad_rows, limit=max_samples or None,
+            probs=probs, seed=seed)
         prompts = [Prompt(s.prompt_ids, s.prompt if isinstance(s.prompt, str)
                           else s.prompt[-1]["content"], "" if s.label is None else str(s.label))
                    for s in samples]
@@ -57,7 +58,8 @@ def config_prompts(data_cfg, tokenizer, *, source: str | None = None, num: int |
                         seed=d.seed if seed is None else seed, input_key=d.input_key,
                         label_key=d.label_key, skip_bad_rows=d.skip_bad_rows,
                         chat_template=d.chat_template, input_template=d.input_template,
-                        max_samples=d.max_samples if source is None else 0)
+                        max_samples=d.max_samples if source is None else 0,
+                        probs=d.prompts_probs if source is None else ())
 
 
 def prompt_stream(cfg, tokenizer) -> "PromptStream":

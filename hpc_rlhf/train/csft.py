@@ -95,7 +95,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     make = partial(csft_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    output_key=d.output_key, label_key=d.label_key, lo=lo, hi=hi)
     samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None)
+                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None,
+                                  probs=d.prompts_probs, seed=d.seed)
     eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
                                  skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
     if strategy.rank == 0:

@@ -163,7 +163,8 @@ def load_train_eval(data_cfg, make, *, name: str, rank: int):
     from hpc_rlhf.data import load_samples
     d = data_cfg
     samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None)
+                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None,
+                                  probs=d.prompts_probs, seed=d.seed)
     eval_samples = (load_samples(d.eval_prompts, make, max_len=d.max_len,
                                  skip_bad_rows=d.skip_bad_rows)[0] if d.eval_prompts else None)
     if rank == 0:

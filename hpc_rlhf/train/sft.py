@@ -88,7 +88,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     make = (partial(pretrain_sample, fmt=fmt, input_key=d.input_key) if d.pretrain_mode else
             partial(sft_sample, fmt=fmt, input_key=d.input_key, output_key=d.output_key))
     samples, stats = load_samples(d.prompts, make, max_len=d.max_len,
-                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None)
+                                  skip_bad_rows=d.skip_bad_rows, limit=d.max_samples or None,
+                                  probs=d.prompts_probs, seed=d.seed)
     eval_samples = None
     if d.eval_prompts:
         eval_samples, _ = load_samples(d.eval_prompts, make, max_len=d.max_len,

@@ -154,3 +154,32 @@ def test_pretrain_mode_trains_every_token_of_raw_text(fmt):
     assert got.loss_mask == [0] + [1] * (len(got.input_ids) - 1)
     with pytest.raises(DataError, match="field 'text': is empty"):
         pretrain_sample(row({"text": " "}), fmt, "text")
+
+
+def test_sources_mix_with_probabilities(tmp_path):
+    from hpc_rlhf.data.samples import load_samples, prompt_sample
+    fmt = ChatFormat(build_tokenizer())
+    for name, n in (("a", 300), ("b", 100)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"prompt": f"{name}{i}"}) + "\n" for i in range(n)))
+    sources = f"{tmp_path / 'a.jsonl'},{tmp_path / 'b.jsonl'}"
+
+    def make(r):
+        return prompt_sample(r, fmt, "prompt", "label")
+
+    got, _ = load_samples(sources, make, max_len=64, probs=(0.2, 0.8), seed=1)
+    names = [s.prompt for s in got]
+    assert len(names) == 400                                    # the sources' total
+    share_b = sum(n.startswith("b") for n in names) / 400
+    assert 0.72 < share_b < 0.88, share_b                       # 0.8, ~4 sigma either side
+    # b is oversampled by cycling: its rows come back in order, b0 b1 ... b99 b0 ...
+    bs = [n for n in names if n.startswith("b")]
+    assert bs[:100] == [f"b{i}" for i in range(100)] and bs[100] == "b0"
+    again, _ = load_samples(sources, make, max_len=64, probs=(0.2, 0.8), seed=1)
+    assert [s.prompt for s in again] == names                   # seeded: same mixture
+    equal, _ = load_samples(sources, make, max_len=64, seed=1, limit=50)
+    assert len(equal) == 50
+    with pytest.raises(ConfigError, match=r"data.prompts_probs=\[1\] must hold one positive "
+                                          r"weight per source of data.prompts \(2"):
+        config_from_dict({"data": {"prompts": sources, "prompts_probs": [1]},
+                          "reward": {"source": "func", "func_path": __file__}})
