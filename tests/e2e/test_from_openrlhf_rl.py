@@ -1,4 +1,4 @@
-"""The GRPO command line of OpenRLHF's README (tests/openrlhf_commands.py), converted by
+"""The GRPO and PPO command lines of OpenRLHF's README (tests/openrlhf_commands.py), converted by
 `python -m hpc_rlhf.config from-openrlhf`, runs one RL step through the real entry point with
 an OpenRLHF-style reward function. Overridden only what this machine forces: the tiny model
 instead of a 7B hub id, float32/eager on CPU, one rank with one HF engine, small batches."""
@@ -35,3 +35,23 @@ def test_converted_grpo_command_runs_a_step(tmp_path, rl_job, monkeypatch):
     rows = job.metrics
     assert [r["step"] for r in rows] == [1]
     assert 0.0 <= rows[0]["reward/mean"] <= 1.0 and math.isfinite(rows[0]["loss/policy"])
+
+
+def test_converted_ppo_command_runs_a_step(tmp_path, rl_job):
+    """The PPO command line (actor + critic + reward model, colocated): the 8B hub models become
+    tiny:llama (the reward model a tiny value model), prompts a local chat dataset."""
+    from openrlhf_commands import PPO
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"context_messages": [
+        {"role": "user", "content": f"Say {w}."}]}) + "\n" for w in ("hi", "yes", "no", "ok")))
+    assert main(["from-openrlhf", "-o", str(tmp_path / "ppo.yaml"), "--", *PPO]) == 0
+    job = rl_job(tmp_path / "run", [
+        "model.path=tiny:llama", "model.reward_model_path=tiny:llama", "model.dtype=float32",
+        "rollout.engine=hf", f"data.prompts={data}", "topology.procs_per_node=1",
+        "rollout.num_engines=1", "rollout.tensor_parallel_size=1", "rollout.enable_sleep=false",
+        "rollout.prompts_per_step=4", "train.batch_size=4", "train.micro_batch_size=2",
+        "rollout.max_new_tokens=4", "train.num_steps=1", "data.max_samples=0",
+        "checkpoint.export_hf=false"], config=tmp_path / "ppo.yaml", timeout_s=300)
+    rows = job.metrics
+    assert [r["step"] for r in rows] == [1]
+    assert math.isfinite(rows[0]["loss/policy"]) and math.isfinite(rows[0]["loss/value"])
