@@ -147,6 +147,10 @@ def _special(name: str, v: list[str], out: dict) -> bool:
         out.update({"algorithm.reward_clip": high, "algorithm.reward_clip_stage": "shaped"})
     elif name in ("save_steps", "eval_steps", "logging_steps") and v and int(v[0]) < 0:
         out[PEER_NAMES[name][0]] = 0  # OpenRLHF's -1 = never; ours is 0
+    elif name == "placeholder_token":
+        out["data.prm_step_tag"] = one
+    elif name == "reward_tokens":
+        out.update({"data.prm_good_token": v[0], "data.prm_bad_token": v[1]})
     elif name in ("prompt_data_probs", "dataset_probs"):
         out["data.prompts_probs"] = [float(x) for x in ",".join(v).split(",") if x]
     elif name == "dynamic_filtering_reward_range":

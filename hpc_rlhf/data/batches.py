@@ -44,7 +44,8 @@ def kto_batch(samples: Sequence[KTOSample], **kw) -> tuple[TokenBatch, torch.Ten
 
 def prm_batch(samples: Sequence[PRMSample], *, pad_id: int, packing: bool = False,
               row_capacity: int = 0) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
-    """(batch, flat index of every step placeholder [k], step labels [k] int64)."""
+    """(batch, flat index of every step placeholder [k], step labels [k]: int64 class ids, or
+    float32 P(good) when any sample has soft labels)."""
     batch = collate([s.input_ids for s in samples], [[0] * len(s) for s in samples],
                     pad_id=pad_id, packing=packing, row_capacity=row_capacity)
     flat_seg = batch.segment_ids.reshape(-1)
@@ -53,7 +54,9 @@ def prm_batch(samples: Sequence[PRMSample], *, pad_id: int, packing: bool = Fals
     first = first.scatter_reduce(0, flat_seg[keep], torch.arange(flat_seg.numel())[keep], "amin")
     pos = torch.tensor([int(first[i]) + p for i, s in enumerate(samples)
                         for p in s.step_positions], dtype=torch.long)
-    labels = torch.tensor([lab for s in samples for lab in s.step_labels], dtype=torch.long)
+    flat = [lab for s in samples for lab in s.step_labels]
+    soft = any(isinstance(x, float) for x in flat)     # P(good) per step, else class ids
+    labels = torch.tensor(flat, dtype=torch.float32 if soft else torch.long)
     return batch, pos, labels
 
 

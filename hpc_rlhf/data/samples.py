@@ -53,7 +53,7 @@ class KTOSample:
 class PRMSample:
     input_ids: list[int]
     step_positions: list[int]   # index of each step's placeholder token in input_ids
-    step_labels: list[int]      # 1 = good step, 0 = bad
+    step_labels: list           # 1 = good step, 0 = bad (ints); or P(good) (floats, soft)
 
     def __len__(self):
         return len(self.input_ids)
@@ -173,24 +173,54 @@ def kto_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str,
 
 
 def prm_sample(row: Row, fmt: ChatFormat, input_key: str, output_key: str, label_key: str,
-               step_tag_id: int) -> PRMSample:
+               step_tag_id: int, step_tag: str | None = None) -> PRMSample:
     """Steps (a list of strings in output_key) each followed by the placeholder token; labels
-    (a list in label_key, one per step) are predicted at the placeholders."""
-    steps, labels = get_field(row, output_key), get_field(row, label_key)
-    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
-        raise DataError(row.file, row.index, output_key, f"is {steps!r}, expected a non-empty "
-                        "list of step strings")
+    (a list in label_key, one per step) are predicted at the placeholders.
+
+    OpenRLHF's form is read too: no output_key, and input_key one text in which `step_tag`
+    (the data option prm_step_tag, e.g. 'ки') follows each step; no chat template. Labels
+    are booleans/0/1/'+'/'-' (hard) or, when any is a float strictly between 0 and 1, the
+    probability that the step is good (soft labels, all kept as floats)."""
+    prompt = get_text_or_messages(row, input_key)
+    if output_key not in row.data and isinstance(prompt, str) and step_tag \
+            and step_tag in prompt:
+        *steps, rest = prompt.split(step_tag)
+        if rest.strip():
+            raise DataError(row.file, row.index, input_key, f"has text after its last step tag "
+                            f"{step_tag!r}; every step must end with the tag")
+        ids = []
+    else:
+        steps = get_field(row, output_key)
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+            raise DataError(row.file, row.index, output_key, f"is {steps!r}, expected a non-empty "
+                            "list of step strings")
+        ids = fmt.prompt_ids(prompt)
+    labels = get_field(row, label_key)
     if not isinstance(labels, list) or len(labels) != len(steps):
         raise DataError(row.file, row.index, label_key, f"is {labels!r}, expected a list of "
                         f"{len(steps)} labels (one per step)")
-    ids = fmt.prompt_ids(get_text_or_messages(row, input_key))
-    positions, out_labels = [], []
-    for i, (step, label) in enumerate(zip(steps, labels)):
+    positions = []
+    for step in steps:
         ids += fmt.encode(step) + [step_tag_id]
         positions.append(len(ids) - 1)
-        fake = Row({f"{label_key}[{i}]": label}, row.file, row.index)
-        out_labels.append(int(get_bool(fake, f"{label_key}[{i}]")))
-    return PRMSample(ids, positions, out_labels)
+    return PRMSample(ids, positions, _step_labels(row, label_key, labels))
+
+
+def _step_labels(row: Row, label_key: str, labels: list) -> list:
+    """Hard labels as ints, or soft labels (any float strictly in (0, 1)) as floats."""
+    soft = any(isinstance(x, float) and 0.0 < x < 1.0 for x in labels)
+    out = []
+    for i, label in enumerate(labels):
+        if soft:
+            if isinstance(label, bool) or not isinstance(label, (int, float)) \
+                    or not 0.0 <= label <= 1.0:
+                raise DataError(row.file, row.index, f"{label_key}[{i}]", f"is {label!r}; soft "
+                                "labels must all be numbers in [0, 1]")
+            out.append(float(label))
+        else:
+            fake = Row({f"{label_key}[{i}]": label}, row.file, row.index)
+            out.append(int(get_bool(fake, f"{label_key}[{i}]")))
+    return out
 
 
 def prompt_sample(row: Row, fmt: ChatFormat, input_key: str, label_key: str) -> PromptSample:

@@ -65,8 +65,12 @@ def prm_loss(step_logits: torch.Tensor, step_labels: torch.Tensor) -> torch.Tens
     """Process-reward loss: cross-entropy of each step's label.
 
     step_logits: [k, 2] logits of (bad, good) read at the k step placeholders;
-    step_labels: [k] int64 in {0, 1}.
+    step_labels: [k] int64 in {0, 1}, or [k] float P(good) (soft labels: the cross-entropy
+    against (1 - p, p)).
     """
+    if step_labels.is_floating_point():
+        target = torch.stack([1.0 - step_labels.float(), step_labels.float()], dim=-1)
+        return F.cross_entropy(step_logits.float(), target)
     return F.cross_entropy(step_logits.float(), step_labels)
 
 

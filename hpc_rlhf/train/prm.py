@@ -2,7 +2,9 @@
 
 Each row: prompt (data.input_key), steps (list of strings, data.output_key), labels (one per
 step, data.label_key). The sample is prompt + step_1 + TAG + step_2 + TAG ...; at every TAG
-the LM's logits restricted to the two reward tokens (BAD, GOOD) classify the step.
+the LM's logits restricted to the two reward tokens (BAD, GOOD) classify the step. OpenRLHF's
+rows (one text in data.input_key with TAG after each step, e.g. data.prm_step_tag='ки'; hard
+'+'/'-' or soft float labels) are read too (data.samples.prm_sample).
 
     for step, micro-batch:
         logits = model(batch)[placeholder positions][:, [BAD, GOOD]]      # [k, 2]
@@ -52,7 +54,8 @@ def train_prm(engine, strategy, samples, *, train_cfg, packing, pad_id, reward_i
         right = total = 0
         for i in range(0, len(eval_samples), t.micro_batch_size):
             logits, labels = scores(engine, eval_samples[i:i + t.micro_batch_size])
-            right += int((logits.argmax(-1) == labels).sum())
+            hard = (labels > 0.5).long() if labels.is_floating_point() else labels
+            right += int((logits.argmax(-1) == hard).sum())
             total += labels.numel()
         return right / total
 
@@ -77,7 +80,8 @@ def run(cfg, topo, run_dir: Path) -> None:
     reward_ids = (single_token_id(tokenizer, d.prm_bad_token, "data.prm_bad_token"),
                   single_token_id(tokenizer, d.prm_good_token, "data.prm_good_token"))
     make = partial(prm_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
-                   output_key=d.output_key, label_key=d.label_key, step_tag_id=tag)
+                   output_key=d.output_key, label_key=d.label_key, step_tag_id=tag,
+                   step_tag=d.prm_step_tag)
     samples, eval_samples, _ = load_train_eval(d, make, name="prm",
                                                rank=strategy.rank)
     engine = strategy.prepare_model(load_causal_lm(cfg.model.path, cfg.model, trained=True))

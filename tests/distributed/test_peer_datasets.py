@@ -79,3 +79,35 @@ def test_peer_layouts_train_as_the_plain_form(tmp_path):
         assert [r["step"] for r in peer] == [1, 2], (name, peer)
         for a, b in zip(plain, peer):
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-6), (name, a, b)
+
+
+def _prm_worker(rank: int, world: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(1)
+    from hpc_rlhf.config import load_config
+    from hpc_rlhf.train import prm
+    cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", [
+        "train.trainer=prm", f"data.prompts={Path(tmp) / 'prm.jsonl'}", "data.eval_prompts=",
+        "data.input_key=input", "data.label_key=value", "data.prm_step_tag=#",
+        "train.num_steps=2", "train.batch_size=4", "train.micro_batch_size=4",
+        "topology.procs_per_node=1", "logging.log_every=100", "data.packing=false"])
+    prm.run(cfg, None, Path(tmp) / "prm")
+
+
+def test_openrlhf_prm_rows_with_soft_labels_train(tmp_path):
+    """OpenRLHF's PRM rows: one text with the placeholder after each step and soft labels."""
+    import random
+    from hpc_rlhf.models.resolve import cache_dir
+    from hpc_rlhf.models.tiny import ensure_tiny_model
+    rng = random.Random(0)
+    rows = [{"input": f"{a}+{b}=? step {a + b}# check {a + b}#",
+             "value": [round(rng.random(), 2), rng.choice([0.0, 1.0])]}
+            for a in range(4) for b in range(2)]
+    (tmp_path / "prm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ensure_tiny_model(cache_dir() / "models", arch="llama")
+    spawn(_prm_worker, 1, (str(tmp_path),), 300)
+    got = [r for r in read_metrics(tmp_path / "prm") if r["step"] > 0]
+    assert [r["step"] for r in got] == [1, 2]
+    assert all(0 < r["loss"] < 10 for r in got), got

@@ -183,3 +183,34 @@ def test_sources_mix_with_probabilities(tmp_path):
                                           r"weight per source of data.prompts \(2"):
         config_from_dict({"data": {"prompts": sources, "prompts_probs": [1]},
                           "reward": {"source": "func", "func_path": __file__}})
+
+
+def test_prm_openrlhf_one_text_form_equals_the_steps_form(fmt):
+    from hpc_rlhf.data.samples import prm_sample
+    tag_id = fmt.encode("#")[0]
+    steps_row = row({"prompt": "2+2*3?", "response": ["2*3=6", "2+6=8"], "label": ["+", "-"]})
+    want = prm_sample(steps_row, fmt, "prompt", "response", "label", tag_id, "#")
+    text_row = row({"input": "2*3=6#2+6=8#", "value": ["+", "-"]})
+    got = prm_sample(text_row, fmt, "input", "response", "value", tag_id, "#")
+    assert got.step_labels == [1, 0] and want.step_labels == [1, 0]
+    # the one-text form has no separate prompt and no chat template: the steps are the text
+    assert got.input_ids == fmt.encode("2*3=6#2+6=8#")
+    assert [got.input_ids[p] for p in got.step_positions] == [tag_id, tag_id]
+    soft = prm_sample(row({"input": "a#b#", "value": [0.25, 1]}), fmt, "input", "response",
+                      "value", tag_id, "#")
+    assert soft.step_labels == [0.25, 1.0]
+    with pytest.raises(DataError, match=r"text after its last step tag"):
+        prm_sample(row({"input": "a#b", "value": ["+"]}), fmt, "input", "response", "value",
+                   tag_id, "#")
+
+
+def test_prm_soft_label_loss_is_cross_entropy_against_p():
+    import torch
+    from hpc_rlhf.train.losses_pref import prm_loss
+    logits = torch.tensor([[0.3, 1.2], [2.0, -1.0]])
+    p = torch.tensor([0.25, 1.0])
+    logq = torch.log_softmax(logits.double(), -1)
+    naive = -((1 - p.double()) * logq[:, 0] + p.double() * logq[:, 1]).mean()
+    assert prm_loss(logits, p).item() == pytest.approx(naive.item(), rel=1e-6)
+    assert prm_loss(logits, torch.tensor([1, 0])).item() == pytest.approx(
+        prm_loss(logits, torch.tensor([1.0, 0.0])).item(), rel=1e-6)   # hard = one-hot soft
