@@ -207,8 +207,9 @@ def convert(argv: list[str]) -> Conversion:
         if value.count("/") == 1 and not value.startswith((".", "/", "~", "task:")) \
                 and not Path(value).exists():
             notes.append(f"{key}={value!r} looks like a hub id: " + (
-                "datasets are read from local files or save_to_disk directories; download it "
-                "and point the field there" if key.startswith("data.") else
+                "datasets are read from local files, save_to_disk directories or the local hub "
+                "cache: download it there first (huggingface-cli download --repo-type dataset)"
+                if key.startswith("data.") else
                 "the compute nodes must reach the hub or its local cache"))
     return Conversion(trainer, out, unmapped, notes)
 

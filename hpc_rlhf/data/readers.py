@@ -93,8 +93,12 @@ def data_files(path: str | Path) -> list[Path]:
     """The files a data source names: the file itself, or a directory's data files in order."""
     p = Path(path)
     if not p.exists():
+        cached = hub_cache_snapshot(str(path))
+        if cached is not None:
+            return _hub_files(cached, str(path))
         raise FileNotFoundError(f"data source {str(p)!r} does not exist; give a .jsonl/.json/"
-                                ".parquet/.arrow file or a directory (datasets.save_to_disk)")
+                                ".parquet/.arrow file, a directory (datasets.save_to_disk), or "
+                                "a hub dataset name already in the local hub cache")
     if p.is_file():
         if p.suffix not in _READERS:
             raise ValueError(f"data source {str(p)!r} has suffix {p.suffix!r}; supported: "
@@ -117,6 +121,37 @@ def data_files(path: str | Path) -> list[Path]:
     if not files:
         raise ValueError(f"data directory {str(p)!r} holds no {list(SUFFIXES)} files")
     return files
+
+
+def hub_cache_snapshot(name: str) -> Path | None:
+    """The local hub cache's snapshot directory of dataset `name` ('org/dataset', what
+    `huggingface_hub` downloads to HF_HUB_CACHE, default HF_HOME/hub or ~/.cache/huggingface/
+    hub), or None. The revision `refs/main` names is used, else the newest snapshot."""
+    import os
+    parts = name.strip("/").split("/")
+    if len(parts) != 2 or not all(parts) or Path(name).suffix in _READERS:
+        return None
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    root = Path(os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub")))
+    repo = root / f"datasets--{parts[0]}--{parts[1]}"
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return repo / "snapshots" / ref.read_text().strip()
+    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda d: d.stat().st_mtime) \
+        if (repo / "snapshots").is_dir() else []
+    return snapshots[-1] if snapshots else None
+
+
+def _hub_files(snapshot: Path, name: str) -> list[Path]:
+    """The train split's data files of a hub-cache snapshot (files or directories whose name
+    holds 'train'), or every data file when no split is named."""
+    files = sorted(f for f in snapshot.rglob("*") if f.suffix in _READERS
+                   and f.name not in ("dataset_info.json", "state.json") and f.exists())
+    train = [f for f in files if "train" in str(f.relative_to(snapshot)).lower()]
+    if not (train or files):
+        raise ValueError(f"hub dataset {name!r} is in the local hub cache ({snapshot}) but holds "
+                         f"no {list(SUFFIXES)} files")
+    return train or files
 
 
 def read_rows(path: str | Path) -> Iterator[Row]:

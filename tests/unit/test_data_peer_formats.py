@@ -214,3 +214,23 @@ def test_prm_soft_label_loss_is_cross_entropy_against_p():
     assert prm_loss(logits, p).item() == pytest.approx(naive.item(), rel=1e-6)
     assert prm_loss(logits, torch.tensor([1, 0])).item() == pytest.approx(
         prm_loss(logits, torch.tensor([1.0, 0.0])).item(), rel=1e-6)   # hard = one-hot soft
+
+
+def test_hub_dataset_name_read_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """A dataset id such as 'org/math' resolves to the local hub cache's snapshot (the layout
+    huggingface_hub writes: datasets--org--math/refs/main + snapshots/<rev>/...), train split."""
+    import pyarrow.parquet as pq
+    repo = tmp_path / "hub" / "datasets--org--math"
+    snap = repo / "snapshots" / "abc123"
+    (snap / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "1+1", "label": "2"}]),
+                   str(snap / "data" / "train-00000-of-00001.parquet"))
+    pq.write_table(pa.Table.from_pylist([{"prompt": "9+9", "label": "18"}]),
+                   str(snap / "data" / "test-00000-of-00001.parquet"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert [r.data for r in read_rows("org/math")] == [{"prompt": "1+1", "label": "2"}]
+    with pytest.raises(FileNotFoundError, match=r"'org/other' does not exist; .* a hub dataset "
+                                                r"name already in the local hub cache"):
+        list(read_rows("org/other"))
