@@ -27,7 +27,6 @@ ESTIMATORS = {"gae": "ppo", "reinforce": "reinforce", "reinforce_baseline": "rei
 # Flags with no counterpart here, and why (the converter lists them; the job runs without).
 UNMAPPED = {
     "micro_rollout_batch_size": "generation batches are sized by the engine here",
-    "normalize_reward": "not supported yet (running reward normalisation)",
     "num_episodes": "we count optimizer steps: set train.num_steps (episodes x prompts / "
                     "rollout_batch_size)",
     "use_wandb": "the key comes from WANDB_API_KEY; set logging.wandb_project",

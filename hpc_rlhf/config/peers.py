@@ -32,6 +32,7 @@ PEER_NAMES: dict[str, tuple[str, str]] = {
     "max_length": ("data.max_len", ""),
     "packing_samples": ("data.packing", ""),
     "max_samples": ("data.max_samples", ""),
+    "normalize_reward": ("reward.normalize", ""),
     "prompt_data_probs": ("data.prompts_probs", ""),
     "dataset_probs": ("data.prompts_probs", ""),
     "pretrain_mode": ("data.pretrain_mode", ""),

@@ -201,6 +201,10 @@ class RewardConfig:
                                "labels} as OpenRLHF sends (query = prompt + response); hpc_rlhf"
                                " = {queries, responses, labels}; see rewards/remote.py",
                                choices=("openrlhf", "hpc_rlhf"))
+    normalize: bool = opt(False, "reward model scores as (r - mean) / std: train.trainer=rm "
+                          "records mean/std of its held-out scores in the export's config.json;"
+                          " reward.source=model applies them (OpenRLHF's --normalize_reward, "
+                          "same config keys)")
     remote_timeout_s: float = opt(30.0, "remote reward request timeout", gt=0.0)
     remote_retries: int = opt(3, "remote reward retries with backoff", ge=0)
     agent_path: str = opt("", "reward.source=agent: 'file.py:ClassName' multi-turn agent")

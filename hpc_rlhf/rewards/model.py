@@ -21,11 +21,12 @@ class ModelReward:
     """`RewardSource` over a value model (per-token values [b, T]) and its tokenizer."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 8, append_eos: bool = True,
-                 name: str = "reward model"):
+                 name: str = "reward model", normalize: tuple[float, float] | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.append_eos, self.name = batch_size, append_eos, name
+        self.normalize = normalize  # (mean, std): scores become (r - mean) / std
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
             else tokenizer.eos_token_id
         if pad is None:
@@ -52,8 +53,9 @@ class ModelReward:
                              "written by the RM trainer)")
         cuda = torch.cuda.is_available()
         dtype = getattr(torch, cfg.model.dtype) if cuda else torch.float32
+        norm = normalization_of(path) if cfg.reward.normalize else None
         return cls.from_path(path, dtype=dtype, device="cuda" if cuda else "cpu",
-                             batch_size=cfg.train.micro_batch_size)
+                             batch_size=cfg.train.micro_batch_size, normalize=norm)
 
     def __repr__(self) -> str:
         return f"ModelReward({self.name!r})"
@@ -77,6 +79,8 @@ class ModelReward:
             values = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))  # [b,T]
             out.append(sequence_rewards(values, mask.to(device)).float().cpu())             # [b]
         flat = torch.cat(out) if out else torch.zeros(0)
+        if self.normalize is not None:
+            flat = (flat - self.normalize[0]) / self.normalize[1]
         return as_reward_tensor(flat, len(sequences), source=self.name,
                                 fix="Check the reward model's weights (NaN/inf in its output).")
 
@@ -89,3 +93,21 @@ class ModelReward:
                 ids.append(int(eos))
             seqs.append(ids)
         return self.score_ids(seqs)
+
+
+def normalization_of(path: str) -> tuple[float, float]:
+    """(mean, std) recorded in a reward model's config.json ("mean" and "std", as our RM
+    trainer with reward.normalize=true and OpenRLHF's --normalize_reward write them)."""
+    import json
+    from pathlib import Path
+
+    from hpc_rlhf.models.resolve import resolve_model_path
+    config = Path(resolve_model_path(path)) / "config.json"
+    values = json.loads(config.read_text()) if config.is_file() else {}
+    mean, std = values.get("mean"), values.get("std")
+    if not isinstance(mean, (int, float)) or not isinstance(std, (int, float)) or std <= 0:
+        raise ValueError(f"reward.normalize=true but {config} has no usable \"mean\"/\"std\" "
+                         f"(mean={mean!r}, std={std!r}); train the reward model with "
+                         "reward.normalize=true (or OpenRLHF's --normalize_reward), or set "
+                         "reward.normalize=false")
+    return float(mean), float(std)

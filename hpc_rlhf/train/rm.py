@@ -24,6 +24,7 @@ from hpc_rlhf.data import (pair_batch, pair_sample,
                            segment_last_index)
 from hpc_rlhf.train.losses_pref import bradley_terry_loss
 from hpc_rlhf.runtime import RunContext, StepLog
+from hpc_rlhf.runtime.context import EXPORT_DIR
 from hpc_rlhf.runtime.loop import step_loop
 from hpc_rlhf.train.recipe_common import load_value_model_for, setup_dataset_recipe
 from hpc_rlhf.train.ring_common import (Ring, batch_kwargs, data_coords, enable_ring,
@@ -95,4 +96,41 @@ def run(cfg, topo, run_dir: Path) -> None:
     train_rm(engine, strategy, samples, train_cfg=cfg.train, packing=d.packing,
              pad_id=tokenizer.pad_token_id, log=ctx.log, eval_samples=eval_samples, ring=ring,
              ckpt=ckpt)
+    stats = None
+    if cfg.reward.normalize and not ckpt.stopped:  # every rank scores (ZeRO-3 is collective)
+        stats = score_stats(engine, eval_samples or samples, pad_id=tokenizer.pad_token_id,
+                            packing=d.packing, device=strategy.device,
+                            micro_batch_size=cfg.train.micro_batch_size, ring=ring)
     ctx.finish(engine, tokenizer)  # an HF *ForSequenceClassification: reward.source=model
+    export = run_dir / EXPORT_DIR
+    if stats is not None and strategy.rank == 0 and (export / "config.json").is_file():
+        record_normalization(export, *stats)
+        print(f"[rm] reward.normalize: scores have mean {stats[0]:.4g} and std {stats[1]:.4g} "
+              f"over {len(eval_samples or samples)} pairs; recorded in {export / 'config.json'}",
+              flush=True)
+
+
+@torch.no_grad()
+def score_stats(model, samples, *, pad_id: int, packing: bool, device, micro_batch_size: int,
+                ring: Ring | None = None) -> tuple[float, float]:
+    """(mean, std) of the scores of every response (chosen and rejected) of `samples`."""
+    scores = []
+    for i in range(0, len(samples), micro_batch_size):
+        c, r = pair_scores(model, samples[i:i + micro_batch_size], pad_id=pad_id,
+                           packing=packing, device=device, ring=ring)
+        scores += [c.float().cpu(), r.float().cpu()]
+    flat = torch.cat(scores)
+    return flat.mean().item(), max(flat.std().item(), 1e-6)
+
+
+def record_normalization(export_dir, mean: float, std: float) -> None:
+    """Write mean/std (and normalize_reward) into an exported reward model's config.json,
+    atomically."""
+    import json
+    import os
+    config = Path(export_dir) / "config.json"
+    values = json.loads(config.read_text())
+    values.update({"normalize_reward": True, "mean": float(mean), "std": float(std)})
+    tmp = config.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config)

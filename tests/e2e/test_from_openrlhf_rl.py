@@ -51,7 +51,9 @@ def test_converted_ppo_command_runs_a_step(tmp_path, rl_job):
         "rollout.num_engines=1", "rollout.tensor_parallel_size=1", "rollout.enable_sleep=false",
         "rollout.prompts_per_step=4", "train.batch_size=4", "train.micro_batch_size=2",
         "rollout.max_new_tokens=4", "train.num_steps=1", "data.max_samples=0",
-        "checkpoint.export_hf=false"], config=tmp_path / "ppo.yaml", timeout_s=300)
+        "checkpoint.export_hf=false",
+        "reward.normalize=false"],  # the tiny stand-in RM has no recorded score mean/std
+        config=tmp_path / "ppo.yaml", timeout_s=300)
     rows = job.metrics
     assert [r["step"] for r in rows] == [1]
     assert math.isfinite(rows[0]["loss/policy"]) and math.isfinite(rows[0]["loss/value"])

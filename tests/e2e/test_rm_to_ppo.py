@@ -35,7 +35,8 @@ def test_rm_export_is_the_ppo_reward(rl_job, tmp_path):
     data = write_toy_datasets(tmp_path / "data", n_train=64, n_eval=16)
     rm = rl_job(tmp_path / "rm", [f"data.prompts={data / 'pairs_train.jsonl'}",
                                   f"data.eval_prompts={data / 'pairs_eval.jsonl'}",
-                                  f"train.num_steps={RM_STEPS}", "checkpoint.export_hf=true"],
+                                  f"train.num_steps={RM_STEPS}", "checkpoint.export_hf=true",
+                                  "reward.normalize=true"],
                 nproc=2, config=ROOT / "configs" / "rm_tiny.yaml", timeout_s=300)
     rows = read_metrics(rm.run_dir)
     assert [r["step"] for r in rows] == list(range(0, RM_STEPS + 1)), rows  # 0: baseline eval
@@ -47,7 +48,12 @@ def test_rm_export_is_the_ppo_reward(rl_job, tmp_path):
     assert not (rm.run_dir / "export" / "reward_model.pt").exists()
     assert f"model: {export}" in rm.log.read_text()       # the summary names the export
 
+    # reward.normalize: the RM trainer recorded its held-out score mean/std (OpenRLHF's keys)
+    config = json.loads((export / "config.json").read_text())
+    assert config["normalize_reward"] is True and config["std"] > 0, config
+    mean, std = config["mean"], config["std"]
     ppo = rl_job(tmp_path / "ppo", ["algorithm.name=ppo", "reward.source=model",
+                                    "reward.normalize=true",
                                     f"model.reward_model_path={export}",
                                     f"logging.samples_per_step={SAMPLES}",
                                     f"train.num_steps={PPO_STEPS}"], timeout_s=300)
@@ -57,7 +63,8 @@ def test_rm_export_is_the_ppo_reward(rl_job, tmp_path):
                                             for _ in range(SAMPLES)]
     assert all(s["prompt"].startswith("<|user|>") and s["prompt"].endswith("<|assistant|>")
                and s["message"] in s["prompt"] for s in samples)
-    want = torch.tensor([_hf_score(model, tok, s["prompt"], s["response"]) for s in samples])
+    want = torch.tensor([(_hf_score(model, tok, s["prompt"], s["response"]) - mean) / std
+                         for s in samples])
     got = torch.tensor([s["reward"] for s in samples])
     assert want.std() > 0, "the RM gives every sample the same score: nothing is compared"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

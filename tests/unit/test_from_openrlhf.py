@@ -45,9 +45,10 @@ def test_ppo_mapping():
     assert v["checkpoint.export_hf"] is True and v["launch.run_dir"] == "./final/llama3-8b-rlhf"
     unmapped = {flag: why for flag, _, why in conv.unmapped}
     assert v["data.max_samples"] == 100000
-    assert {"normalize_reward", "micro_rollout_batch_size", "ckpt_path",
+    assert v["reward.normalize"] is True
+    assert {"micro_rollout_batch_size", "ckpt_path",
             "packing_samples", "deepspeed_enable_sleep"} <= set(unmapped)
-    assert "not supported yet" in unmapped["normalize_reward"]
+    assert "generation batches" in unmapped["micro_rollout_batch_size"]
     assert any("data.prompts='OpenRLHF/prompt-collection-v0.1' looks like a hub id" in n
                for n in conv.notes)
 

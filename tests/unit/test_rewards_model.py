@@ -51,3 +51,23 @@ def test_build_from_config(rm_dir):
     source = build_reward_source(cfg)
     assert isinstance(source, ModelReward) and source.batch_size == 2
     assert source.score_ids([[5, 6, 7], [8]]).shape == (2,)
+
+
+def test_normalize_reads_openrlhf_keys_and_refuses_without_them(rm_dir, tmp_path):
+    import json
+    import shutil
+
+    from hpc_rlhf.rewards.model import normalization_of
+    with pytest.raises(ValueError, match=r"reward.normalize=true but .*config.json has no usable "
+                                         r"\"mean\"/\"std\" \(mean=None, std=None\); train the "
+                                         r"reward model with reward.normalize=true"):
+        normalization_of(str(rm_dir))
+    marked = tmp_path / "rm_norm"
+    shutil.copytree(rm_dir, marked)
+    config = json.loads((marked / "config.json").read_text())
+    (marked / "config.json").write_text(json.dumps({**config, "normalize_reward": True,
+                                                    "mean": 0.5, "std": 2.0}))
+    assert normalization_of(str(marked)) == (0.5, 2.0)
+    plain = ModelReward.from_path(str(marked)).score_ids([[5, 6, 7], [8, 9]])
+    norm = ModelReward.from_path(str(marked), normalize=(0.5, 2.0)).score_ids([[5, 6, 7], [8, 9]])
+    torch.testing.assert_close(norm, (plain - 0.5) / 2.0)
