@@ -20,5 +20,5 @@ __all__ = ["ChatFormat", "DataError", "DataStats", "KTOSample", "PRMSample", "Pa
            "collate", "data_files", "kto_batch", "kto_sample", "load_samples", "pack_rows",
            "pair_batch", "pair_sample", "prm_batch", "prm_sample", "prompt_response_batch",
            "prompt_sample", "rank_micro_batches", "read_rows", "segment_last_index",
-           "segment_sum", "sft_batch", "sft_sample", "pretrain_sample", "step_indices", "token_budget_batches",
-           "token_logprobs"]
+           "segment_sum", "sft_batch", "sft_sample", "pretrain_sample", "step_indices",
+           "token_budget_batches", "token_logprobs"]
