@@ -19,15 +19,22 @@ def reward_func(queries, prompts, labels, **kwargs):
 
 
 def test_converted_grpo_command_runs_a_step(tmp_path, rl_job, monkeypatch):
-    data = tmp_path / "math.jsonl"
-    data.write_text("".join(json.dumps({"question": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                            for a in range(4) for b in range(4)))
+    # The prompts come as a hub dataset name from the local hub cache (the layout
+    # huggingface_hub writes), as a cluster user who downloaded them on the login node has.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    snapshot = tmp_path / "hub" / "datasets--org--math" / "snapshots" / "r1"
+    (snapshot / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"question": f"{a}+{b}=", "answer": str(a + b)}
+                                         for a in range(4) for b in range(4)]),
+                   str(snapshot / "data" / "train-00000-of-00001.parquet"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))   # the job inherits it
     (tmp_path / "reward_func.py").write_text(REWARD)
-    monkeypatch.chdir(tmp_path)         # the command names ./reward_func.py and ./math.jsonl
+    monkeypatch.chdir(tmp_path)         # the command names ./reward_func.py
     assert main(["from-openrlhf", "-o", str(tmp_path / "grpo.yaml"), "--", *GRPO]) == 0
     job = rl_job(tmp_path / "run", [
         "model.path=tiny:llama", "model.dtype=float32", "rollout.engine=hf",
-        f"data.prompts={data}", f"reward.func_path={tmp_path / 'reward_func.py'}",
+        "data.prompts=org/math", f"reward.func_path={tmp_path / 'reward_func.py'}",
         "topology.procs_per_node=1", "rollout.num_engines=1", "rollout.tensor_parallel_size=1",
         "rollout.prompts_per_step=2", "train.batch_size=16", "train.micro_batch_size=4",
         "rollout.max_new_tokens=4", "train.num_steps=1"], config=tmp_path / "grpo.yaml",
