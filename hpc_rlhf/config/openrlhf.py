@@ -174,8 +174,10 @@ def convert(argv: list[str]) -> Conversion:
     # OpenRLHF's defaults where ours differ in a way that changes the run:
     out: dict = {"train.trainer": trainer, "data.apply_chat_template": False,
                  "model.dtype": "float32"}
-    if trainer == "rl":  # --advantage_estimator gae and --n_samples_per_prompt 1 by default
-        out.update({"algorithm.name": "ppo", "rollout.n_samples_per_prompt": 1})
+    if trainer == "rl":  # --advantage_estimator gae, --n_samples_per_prompt 1, and rewards
+        # clipped to --reward_clip_range (-10, 10) after the group baseline, by default
+        out.update({"algorithm.name": "ppo", "rollout.n_samples_per_prompt": 1,
+                    "algorithm.reward_clip_stage": "shaped"})
     unmapped, notes = [], []
     for name, v in flags:
         try:
@@ -198,6 +200,9 @@ def convert(argv: list[str]) -> Conversion:
             out[dotted] = _typed(dotted, v)
         except (ValueError, IndexError) as e:
             unmapped.append((name, " ".join(v), f"value not understood: {e}"))
+    if out.get("reward.source") == "agent":
+        notes.append("an episode ends when the agent says done or after reward.max_turns model "
+                     "turns (default 4): raise reward.max_turns if your agent runs longer")
     if out.get("rollout.num_engines") and out.get("topology.mode") != "colocated":
         out["topology.mode"] = "disaggregated"
     for key in ("data.prompts", "data.eval_prompts", "model.path", "model.reward_model_path",

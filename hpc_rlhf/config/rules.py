@@ -276,6 +276,10 @@ def _data_rules(cfg: JobConfig) -> list[str]:
 
 def _reward_rules(cfg: JobConfig) -> list[str]:
     rw, errs = cfg.reward, []
+    if cfg.train.trainer == "rm" and rw.normalize and not cfg.checkpoint.export_hf:
+        errs.append("reward.normalize=true records the score mean/std in the exported model's "
+                    "config.json, but checkpoint.export_hf=false writes no export; set "
+                    "checkpoint.export_hf=true")
     if cfg.train.trainer not in GENERATING_TRAINERS:
         return errs
     if rw.source == "func":

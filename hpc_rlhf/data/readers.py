@@ -8,6 +8,7 @@ with a clear message when missing). A directory is read as a `save_to_disk` data
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,11 +125,12 @@ def data_files(path: str | Path) -> list[Path]:
 
 
 def hub_cache_snapshot(name: str) -> Path | None:
-    """The local hub cache's snapshot directory of dataset `name` ('org/dataset', what
-    `huggingface_hub` downloads to HF_HUB_CACHE, default HF_HOME/hub or ~/.cache/huggingface/
-    hub), or None. The revision `refs/main` names is used, else the newest snapshot."""
+    """The local hub cache's snapshot directory of dataset `name` ('org/dataset', optionally
+    ':split'; what `huggingface_hub` downloads to HF_HUB_CACHE, default HF_HOME/hub or
+    ~/.cache/huggingface/hub), or None. The revision `refs/main` names is used, else the
+    newest snapshot."""
     import os
-    parts = name.strip("/").split("/")
+    parts = name.split(":", 1)[0].strip("/").split("/")
     if len(parts) != 2 or not all(parts) or Path(name).suffix in _READERS:
         return None
     home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
@@ -142,16 +144,30 @@ def hub_cache_snapshot(name: str) -> Path | None:
     return snapshots[-1] if snapshots else None
 
 
+def _split_of(rel: Path) -> str:
+    """The split a hub dataset file belongs to: its top directory (train/x.parquet), or its
+    name before the shard counter (data/train-00000-of-00002.parquet, train.jsonl)."""
+    if len(rel.parts) > 1 and rel.parts[0] != "data":
+        return rel.parts[0]
+    return re.split(r"-\d+-of-\d+", rel.name.split(".")[0])[0]
+
+
 def _hub_files(snapshot: Path, name: str) -> list[Path]:
-    """The train split's data files of a hub-cache snapshot (files or directories whose name
-    holds 'train'), or every data file when no split is named."""
+    """The data files of one split of a hub-cache snapshot: the split after ':' in `name`,
+    else 'train', else the only split there is."""
     files = sorted(f for f in snapshot.rglob("*") if f.suffix in _READERS
                    and f.name not in ("dataset_info.json", "state.json") and f.exists())
-    train = [f for f in files if "train" in str(f.relative_to(snapshot)).lower()]
-    if not (train or files):
-        raise ValueError(f"hub dataset {name!r} is in the local hub cache ({snapshot}) but holds "
-                         f"no {list(SUFFIXES)} files")
-    return train or files
+    splits: dict[str, list[Path]] = {}
+    for f in files:
+        splits.setdefault(_split_of(f.relative_to(snapshot)), []).append(f)
+    want = name.split(":", 1)[1] if ":" in name else "train"
+    if want in splits:
+        return splits[want]
+    if ":" not in name and len(splits) == 1:
+        return next(iter(splits.values()))
+    raise ValueError(f"hub dataset {name!r} in the local hub cache ({snapshot}) has splits "
+                     f"{sorted(splits) or 'none with data files'}; name one as "
+                     f"{name.split(':', 1)[0]}:<split>")
 
 
 def read_rows(path: str | Path) -> Iterator[Row]:

@@ -139,11 +139,14 @@ class TurnFormat:
     """Token pieces between turns, derived once from the chat template (or raw text)."""
 
     def __init__(self, tokenizer, apply_chat_template: bool = True,
-                 chat_template: str | None = None):
-        self.fmt = ChatFormat(tokenizer, apply_chat_template, chat_template)
+                 chat_template: str | None = None, input_template: str | None = None,
+                 user_turns: bool = True):
+        """user_turns=False: feedback is raw text (OpenRLHF's agents), so the template's turn
+        structure is neither probed nor required."""
+        self.fmt = ChatFormat(tokenizer, apply_chat_template, chat_template, input_template)
         self.tokenizer = tokenizer
         self.eot: list[int] = []
-        if apply_chat_template:
+        if apply_chat_template and user_turns:
             self._probe = [{"role": "user", "content": "P"}, {"role": "assistant", "content": "R"}]
             gen = self.fmt.encode(self.fmt.render(self._probe[:1], add_generation_prompt=True))
             self._after_assistant = self.fmt.encode(self.fmt.render(self._probe, False))
@@ -225,7 +228,7 @@ class _OpenRLHFDriver(_Driver):
 
     def __init__(self, agent_cls, turns: "TurnFormat", tokenizer):
         super().__init__(agent_cls, turns, tokenizer)
-        self.loop = asyncio.new_event_loop()
+        self.loop = _agent_loop()
 
     def _run(self, method: str, value):
         try:
@@ -262,39 +265,48 @@ class _OpenRLHFDriver(_Driver):
         e.text += action + feedback
         return reward, [] if done else self.turns.fmt.encode(feedback), done
 
-    def close(self):
-        self.loop.close()
+
+
+_LOOP: list = []  # one event loop per process: agents may keep loop-bound state across steps
+
+
+def _agent_loop() -> asyncio.AbstractEventLoop:
+    """The process's agent event loop (created once, set as this thread's current loop so a
+    sync __init__ creating aiohttp sessions or queues binds to it)."""
+    if not _LOOP or _LOOP[0].is_closed():
+        _LOOP[:] = [asyncio.new_event_loop()]
+    asyncio.set_event_loop(_LOOP[0])
+    return _LOOP[0]
 
 
 def run_agent_episodes(engine: RolloutEngine, tokenizer, agent_cls, prompts: list[str],
                        labels: list[str], sampling: SamplingConfig, max_turns: int, *,
                        apply_chat_template: bool = True, chat_template: str | None = None,
-                       max_total_tokens: int | None = None) -> list[Trajectory]:
+                       max_total_tokens: int | None = None,
+                       input_template: str | None = None) -> list[Trajectory]:
     """sampling.n episodes per prompt (prompt-major); all live episodes generate together."""
     if len(prompts) != len(labels):
         raise ValueError(f"{len(prompts)} prompts but {len(labels)} labels")
     if max_turns < 1:
         raise ValueError(f"max_turns={max_turns} must be >= 1 (reward.max_turns)")
-    turns = TurnFormat(tokenizer, apply_chat_template, chat_template)
-    driver = (_OpenRLHFDriver if is_openrlhf_agent(agent_cls) else _Driver)(
-        agent_cls, turns, tokenizer)
-    try:
-        episodes = [driver.start(i, j, prompt, label)
-                    for i, (prompt, label) in enumerate(zip(prompts, labels))
-                    for j in range(sampling.n)]
-        for turn in range(max_turns):
-            live = _still_live(episodes, sampling, max_total_tokens)
-            if not live:
-                break
-            seed = None if sampling.seed is None else sampling.seed + turn * len(episodes)
-            outs = engine.generate([e.prompt_ids + e.ids for e in live],
-                                   replace(sampling, n=1, seed=seed))
-            if len(outs) != len(live):
-                raise RuntimeError(f"engine returned {len(outs)} rollouts for {len(live)} prompts")
-            for e, out in zip(live, outs):
-                _take_turn(driver, e, out, turn, max_turns, sampling, max_total_tokens)
-    finally:
-        getattr(driver, "close", lambda: None)()
+    openrlhf = is_openrlhf_agent(agent_cls)
+    turns = TurnFormat(tokenizer, apply_chat_template, chat_template, input_template,
+                       user_turns=not openrlhf)
+    driver = (_OpenRLHFDriver if openrlhf else _Driver)(agent_cls, turns, tokenizer)
+    episodes = [driver.start(i, j, prompt, label)
+                for i, (prompt, label) in enumerate(zip(prompts, labels))
+                for j in range(sampling.n)]
+    for turn in range(max_turns):
+        live = _still_live(episodes, sampling, max_total_tokens)
+        if not live:
+            break
+        seed = None if sampling.seed is None else sampling.seed + turn * len(episodes)
+        outs = engine.generate([e.prompt_ids + e.ids for e in live],
+                               replace(sampling, n=1, seed=seed))
+        if len(outs) != len(live):
+            raise RuntimeError(f"engine returned {len(outs)} rollouts for {len(live)} prompts")
+        for e, out in zip(live, outs):
+            _take_turn(driver, e, out, turn, max_turns, sampling, max_total_tokens)
     return [_trajectory(driver.name, e, driver.sums_rewards) for e in episodes]
 
 

@@ -4,7 +4,7 @@ Every source (built-in task, user reward_func.py, remote HTTP server, reward mod
 float32 tensor of shape [B] with finite values, or raises `RewardError` naming the source, what
 went wrong and the fix. A step is never silently scored 0. A source may also keep, for the
 last batch, `last_scores` ([B], OpenRLHF's "scores": what dynamic filtering looks at) and
-`last_logs` (name -> batch mean, logged as reward/<name>).
+`last_logs` (name -> batch mean, logged as reward_extra/<name>).
 
 Multi-turn agents (reward.source=agent) are not a `RewardSource`: their reward comes from the
 environment during the episode, so the RL loop calls `rewards.agent.run_agent_episodes` instead

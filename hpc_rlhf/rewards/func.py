@@ -17,7 +17,7 @@ It may take any subset of the names (plus `messages`: the dataset's prompt text)
 1-D tensor or numpy array, or (as OpenRLHF documents) a dict
 {"rewards": [...], "scores": [...] (optional), "extra_logs": {name: [...] or scalar} (optional)}.
 "scores" is what `algorithm.dynamic_filtering` looks at (default: the rewards); each
-"extra_logs" entry is logged as its batch mean under reward/<name>.
+"extra_logs" entry is logged as its batch mean under reward_extra/<name>.
 
 Only the file the user named is executed: it is loaded by path (importlib), never found on
 sys.path, and its directory is not added to sys.path. See examples/reward_func_example.py.

@@ -6,8 +6,9 @@ Protocols (`reward.remote_protocol`), one POST per chunk of at most `chunk_size`
     openrlhf (default; what OpenRLHF's client sends and its example servers read)
       request : {"query": [prompt + response as the model saw them, ...],
                  "prompts": [prompt as the model saw it, ...], "labels": [str, ...],
-                 "responses": [generated text, special tokens removed, ...]}
-                (servers written for OpenRLHF ignore the extra "responses")
+                 "responses": [generated text, special tokens removed, ...],
+                 "messages": [the dataset's prompt, ...]}
+                (servers written for OpenRLHF ignore the two extra keys)
     hpc_rlhf
       request : {"queries": [the dataset's prompt, ...], "responses": [generated text, ...],
                  "labels": [str, ...]}
@@ -68,7 +69,12 @@ def request_body(protocol: str, batch: RewardBatch) -> dict:
     body = {key: list(getattr(batch, field)) for key, field in REQUEST_KEYS[protocol]}
     if protocol == "openrlhf":  # spares a server the text surgery (the query's special tokens)
         body["responses"] = list(batch.responses)
+        body["messages"] = list(batch.messages)
     return body
+
+
+def _sent_keys(protocol: str) -> set:
+    return set(request_body(protocol, RewardBatch.from_texts([""], [""], [""])))
 
 
 def protocol_mismatch(protocol: str, status: int, body: str) -> bool:
@@ -76,8 +82,8 @@ def protocol_mismatch(protocol: str, status: int, body: str) -> bool:
     body names a key only the other protocol sends (a KeyError, a validation error)."""
     if status < 400:
         return False
-    ours = {k for k, _ in REQUEST_KEYS[protocol]}
-    other = {k for p in PROTOCOLS if p != protocol for k, _ in REQUEST_KEYS[p]} - ours
+    other = {k for p in PROTOCOLS if p != protocol for k, _ in REQUEST_KEYS[p]} \
+        - _sent_keys(protocol)
     return any(re.search(rf"['\"]{re.escape(k)}['\"]", body) for k in other) or \
         (status == 422 and any(k in body for k in other))
 

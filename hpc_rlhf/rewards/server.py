@@ -5,7 +5,8 @@
 
 A request with "query" is read as OpenRLHF's ({"query", "prompts", "labels"}: the response is
 "responses" when the client sent it, as ours does, else the query after its prompt, special
-tokens included), one with "queries" as ours ({"queries", "responses", "labels"}).
+tokens included; the dataset prompt is "messages" when sent, else the prompt), one with
+"queries" as ours ({"queries", "responses", "labels"}).
 The answer is {"rewards": [...]}, plus "scores" and "extra_logs" when the reward function
 returns them. So OpenRLHF's client can use it unchanged.
 
@@ -127,7 +128,8 @@ def parse_request(req) -> RewardBatch:
         labels = [""] * len(queries) if labels is None else [str(x) for x in labels]
         responses = req.get("responses") or [q[len(p):] if q.startswith(p) else q
                                              for q, p in zip(queries, prompts)]
-        return RewardBatch(prompts, responses, prompts, queries, labels)
+        messages = req.get("messages") or prompts
+        return RewardBatch(list(messages), list(responses), prompts, queries, labels)
     return RewardBatch.from_texts(req["queries"], req["responses"], req["labels"])
 
 

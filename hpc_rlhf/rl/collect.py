@@ -40,7 +40,8 @@ def collect(cfg: JobConfig, engine, tok, prompts, sampling, agent_cls=None,
         engine, tok, agent_cls, [p.text for p in prompts], [p.label for p in prompts], sampling,
         cfg.reward.max_turns, apply_chat_template=cfg.data.apply_chat_template,
         chat_template=cfg.data.chat_template or None,
-        max_total_tokens=getattr(engine, "max_model_len", None))
+        max_total_tokens=getattr(engine, "max_model_len", None),
+        input_template=cfg.data.input_template or None)
     return [Episode(t.prompt_index, t.prompt_ids, t.response_ids, t.logprobs, t.action_mask,
                     t.finish_reason, float(t.reward), version) for t in trajs]
 

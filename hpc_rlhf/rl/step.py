@@ -34,8 +34,9 @@ def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes
 
     Filter scores are what dynamic filtering compares within a group: the reward function's or
     server's "scores" when it returns them (OpenRLHF's convention), else the rewards. Reward
-    metrics are the batch means of its "extra_logs" as reward/<name>. Agent episodes bring their
-    own reward."""
+    metrics are the batch means of its "extra_logs" as reward_extra/<name> (a namespace of
+    their own: a name like "mean" cannot overwrite reward/mean). Agent episodes bring their own
+    reward."""
     from hpc_rlhf.rewards.base import reward_batch
     rewards_given = [getattr(e, "reward", None) for e in episodes]
     scores, logs = None, {}
@@ -47,8 +48,8 @@ def score_rollouts(cfg: JobConfig, reward_source, tok, prompts, episodes
                              [p.text for p in owners], [p.label for p in owners])
         rewards = reward_source.score(batch).float().reshape(-1)
         scores = getattr(reward_source, "last_scores", None)
-        logs = {f"reward/{k}": v for k, v in (getattr(reward_source, "last_logs", None)
-                                               or {}).items()}
+        logs = {f"reward_extra/{k}": v
+                for k, v in (getattr(reward_source, "last_logs", None) or {}).items()}
     a = cfg.algorithm
     if a.overlong_buffer:
         lengths = torch.tensor([len(e.response_ids) for e in episodes])

@@ -146,3 +146,26 @@ def test_a_plain_500_says_to_check_the_protocol_after_retries():
                                               r"request format, set reward.remote_protocol="
                                               r"hpc_rlhf"):
             RemoteReward(s.url, retries=1, backoff_s=0.01).score(BATCH.rows(0, 1))
+
+
+def test_our_style_function_served_to_the_default_client_sees_dataset_prompts(tmp_path):
+    """A `reward_func(queries, responses, labels)` file behind our server, called by our client
+    in OpenRLHF's format: queries are still the dataset prompts (sent as "messages"), not the
+    templated prompts."""
+    path = tmp_path / "ours.py"
+    path.write_text("def reward_func(queries, responses, labels):\n"
+                    "    return [float(q.startswith('What is') and r.startswith('It is'))\n"
+                    "            for q, r in zip(queries, responses)]\n")
+    with ServedInThread(RewardServer(0, make_score_fn(func=str(path)))) as s:
+        got = RemoteReward(s.url, retries=0).score(BATCH.rows(0, 4))
+    assert got.tolist() == [1.0] * 4
+
+
+def test_mismatch_is_read_from_the_other_protocols_keys_only():
+    from hpc_rlhf.rewards.remote import protocol_mismatch
+    assert protocol_mismatch("openrlhf", 500, "KeyError: 'queries'")
+    assert protocol_mismatch("hpc_rlhf", 500, "KeyError: 'query'")
+    # a strict server refusing the extra keys our OpenRLHF-format body carries is not told to
+    # switch formats (the other format would fail as well)
+    assert not protocol_mismatch("openrlhf", 422, "extra field 'responses' not permitted")
+    assert not protocol_mismatch("openrlhf", 422, "extra field 'messages' not permitted")

@@ -87,4 +87,4 @@ def test_openrlhf_style_reward_func_trains_as_the_task_reward(grpo_hf_reference,
                 f"step {m['step']} {key}: OpenRLHF-style func {m[key]} vs task reward "
                 f"{want[m['step']][key]}")
         # extra_logs are logged: the character tokenizer makes each kept char one token.
-        assert 0 < m["reward/chars"] <= want[m["step"]]["rollout/response_len"] + 1e-6
+        assert 0 < m["reward_extra/chars"] <= want[m["step"]]["rollout/response_len"] + 1e-6

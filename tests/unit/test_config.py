@@ -164,6 +164,8 @@ RULE_CASES = [
     (["reward.source=remote"], "needs reward.remote_url"),
     (["reward.source=model"], "needs model.reward_model_path"),
     (["reward.source=agent", "reward.agent_path=agent"], "must look like file.py:ClassName"),
+    (["train.trainer=rm", "reward.normalize=true", "checkpoint.export_hf=false"],
+     "checkpoint.export_hf=false writes no export"),
     (["reward.source=agent", "reward.agent_path=/nonexistent.py:A"], "does not exist"),
     (["data.prompts=data.jsonl"], "reward.source='task' scores built-in tasks only"),
     (["model.path=tiny:gpt2"], "is not a tiny model"),

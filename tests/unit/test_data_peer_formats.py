@@ -234,3 +234,18 @@ def test_hub_dataset_name_read_from_the_local_hub_cache(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"'org/other' does not exist; .* a hub dataset "
                                                 r"name already in the local hub cache"):
         list(read_rows("org/other"))
+
+
+def test_hub_cache_splits_are_matched_whole(tmp_path, monkeypatch):
+    """train_prefs / train_sft are splits of their own (not 'train'); ':split' picks one."""
+    import pyarrow.parquet as pq
+    snap = tmp_path / "hub" / "datasets--org--prefs" / "snapshots" / "r1" / "data"
+    snap.mkdir(parents=True)
+    for split in ("train_prefs", "train_sft", "test_prefs"):
+        pq.write_table(pa.Table.from_pylist([{"prompt": split}]),
+                       str(snap / f"{split}-00000-of-00001.parquet"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ValueError, match=r"has splits \['test_prefs', 'train_prefs', "
+                                         r"'train_sft'\]; name one as org/prefs:<split>"):
+        list(read_rows("org/prefs"))
+    assert [r.data["prompt"] for r in read_rows("org/prefs:train_sft")] == ["train_sft"]

@@ -34,6 +34,7 @@ def test_ppo_mapping():
     conv = convert(PPO)
     v = conv.values
     assert v["algorithm.name"] == "ppo"                        # OpenRLHF's default estimator
+    assert v["algorithm.reward_clip_stage"] == "shaped"        # its clip runs after shaping
     assert (v["reward.source"], v["model.reward_model_path"]) == ("model",
                                                                  "OpenRLHF/Llama-3-8b-rm-700k")
     assert (v["train.actor_lr"], v["train.critic_lr"], v["algorithm.kl_coef"]) == (5e-7, 9e-6,

@@ -281,3 +281,48 @@ def test_openrlhf_agent_file_runs_unchanged(tmp_path, tiny, engine):
     # The second step sees the whole text so far: observation + action + feedback.
     assert steps[1]["observation_text"] == (resets[0]["observation"] + first_action
                                             + "\nTry again.\n")
+
+
+LOOP_AGENT = '''
+import asyncio
+
+LOOPS = []
+
+class AgentInstance:
+    async def reset(self, states, **kwargs):
+        LOOPS.append(id(asyncio.get_running_loop()))
+        return {"observation": states["observation"]}
+
+    async def step(self, states, **kwargs):
+        return {"rewards": 1.0, "environment_feedback": "", "done": True}
+'''
+
+
+def test_openrlhf_agents_share_one_event_loop_across_steps(tmp_path, tiny, engine):
+    """Agents may keep loop-bound state (sessions, queues) between RL steps."""
+    _, tok = tiny
+    path = tmp_path / "loop_agent.py"
+    path.write_text(LOOP_AGENT)
+    cls = load_agent_class(str(path))
+    for _ in range(2):                                    # two RL steps
+        run_agent_episodes(engine, tok, cls, ["hi"], ["x"],
+                           SamplingConfig(n=1, max_new_tokens=2, seed=1), max_turns=1)
+    loops = cls.reset.__globals__["LOOPS"]
+    assert len(loops) == 2 and loops[0] == loops[1]
+
+
+def test_openrlhf_agents_need_no_turn_structure_from_the_template(tiny):
+    """Their feedback is raw text: a template whose assistant turn does not start with its
+    generation prompt (refused for our user-turn agents) is fine for them."""
+    from hpc_rlhf.data.chat import TemplateError
+    from hpc_rlhf.rewards.agent import TurnFormat
+    _, tok = tiny
+    odd = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+           "{% else %}<|assistant|>\n{{ m['content'] }}</s>{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(TemplateError, match="does not render an assistant turn"):
+        TurnFormat(tok, True, odd)
+    turns = TurnFormat(tok, True, odd, user_turns=False)
+    assert turns.prompt_ids("hi") == turns.fmt.encode("<|user|>hi<|assistant|>")
+    plain = TurnFormat(tok, False, None, "Q: {}\nA: ")        # data.input_template reaches agents
+    assert plain.prompt_ids("hi") == plain.fmt.encode("Q: hi\nA: ")

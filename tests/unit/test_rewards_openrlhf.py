@@ -84,7 +84,7 @@ def test_openrlhf_math_reward_scores_a_correct_boxed_answer_1_in_an_rl_step(tmp_
     # The prompt's own "\boxed{}" must not count: the function cuts the prompt off the query.
     assert rewards.tolist() == [1.0, 0.0, 1.0, 0.0]
     assert scores.tolist() == [1.0, 0.0, 1.0, 0.0]
-    assert logs == {"reward/boxed": 1.0}
+    assert logs == {"reward_extra/boxed": 1.0}
 
 
 def test_scores_are_the_rewards_when_not_returned(tmp_path, tok):
