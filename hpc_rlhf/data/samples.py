@@ -81,6 +81,10 @@ def split_reply(row: Row, key: str, value, prompt):
     ending with the assistant's reply (its earlier messages are the prompt unless the row has
     a prompt field), or, as TRL's and OpenRLHF's conversational datasets store it, only the
     assistant's message(s) answering the row's prompt."""
+    if not value or not all(isinstance(m, dict) for m in value):
+        kinds = sorted({type(m).__name__ for m in value}) or ["nothing"]
+        raise DataError(row.file, row.index, key, f"is a list of {'/'.join(kinds)}, expected a "
+                        "string or a list of {'role', 'content'} messages")
     messages = get_messages(row, key, value)
     if messages[-1]["role"] != "assistant":
         raise DataError(row.file, row.index, key, "is a message list whose last message is not "
