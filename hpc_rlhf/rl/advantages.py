@@ -194,30 +194,8 @@ def compute_advantages(
     when `normalize` is True; None means the estimator's default (on for gae, reinforce and
     reinforce_baseline, off for grpo, dr_grpo and rloo). Returns are never normalised.
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"advantage estimator={estimator!r} is unknown; "
-            f"valid estimators: {', '.join(ESTIMATORS)}"
-        )
-    if estimator == "gae" and values is None:
-        raise ValueError(
-            "estimator='gae' needs values [batch, resp_len] from a critic; pass values="
-        )
-    if estimator != "gae" and values is not None:
-        raise ValueError(
-            f"values were given but estimator={estimator!r} does not use a critic; "
-            "use estimator='gae' or drop the critic"
-        )
-    if estimator in GROUP_ESTIMATORS and gamma != 1.0:
-        raise ValueError(
-            f"gamma={gamma} with estimator={estimator!r}: group baselines compare whole-sequence "
-            "rewards and need gamma=1.0; set gamma=1.0"
-        )
-    if kl_coef != 0.0 and kl is None:
-        raise ValueError(f"kl_coef={kl_coef} needs the token KL tensor kl=[batch, resp_len]")
+    _check_advantage_args(estimator, values, gamma, kl_coef, kl, reward_clip)
     _check_rewards(rewards, action_mask)
-    if reward_clip is not None and reward_clip[0] > reward_clip[1]:
-        raise ValueError(f"reward_clip={reward_clip} must be (low, high) with low <= high")
     if reward_clip is not None and not clip_after_baseline:
         rewards = rewards.clamp(min=reward_clip[0], max=reward_clip[1])
 
@@ -247,6 +225,32 @@ def compute_advantages(
     if normalize:
         advantages = global_normalize(advantages, action_mask, std=std_normalize)
     return advantages, returns
+
+
+def _check_advantage_args(estimator, values, gamma, kl_coef, kl, reward_clip) -> None:
+    if estimator not in ESTIMATORS:
+        raise ValueError(
+            f"advantage estimator={estimator!r} is unknown; "
+            f"valid estimators: {', '.join(ESTIMATORS)}"
+        )
+    if estimator == "gae" and values is None:
+        raise ValueError(
+            "estimator='gae' needs values [batch, resp_len] from a critic; pass values="
+        )
+    if estimator != "gae" and values is not None:
+        raise ValueError(
+            f"values were given but estimator={estimator!r} does not use a critic; "
+            "use estimator='gae' or drop the critic"
+        )
+    if estimator in GROUP_ESTIMATORS and gamma != 1.0:
+        raise ValueError(
+            f"gamma={gamma} with estimator={estimator!r}: group baselines compare whole-sequence "
+            "rewards and need gamma=1.0; set gamma=1.0"
+        )
+    if kl_coef != 0.0 and kl is None:
+        raise ValueError(f"kl_coef={kl_coef} needs the token KL tensor kl=[batch, resp_len]")
+    if reward_clip is not None and reward_clip[0] > reward_clip[1]:
+        raise ValueError(f"reward_clip={reward_clip} must be (low, high) with low <= high")
 
 
 def _groups(rewards: torch.Tensor, n: int, fn: str, min_n: int) -> torch.Tensor:

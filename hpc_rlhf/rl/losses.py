@@ -101,42 +101,17 @@ def policy_loss(
     and with rollout correction rollout_is_mean, tis_clip_frac and icepop_masked_frac.
     """
     _check_shapes(logp=logp, old_logp=old_logp, advantages=advantages, action_mask=action_mask)
-    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
-        raise ValueError(
-            f"clip_eps_low={clip_eps_low} must be in [0, 1) and clip_eps_high={clip_eps_high} >= 0"
-        )
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip={dual_clip} must be > 1.0 (or None to disable)")
-    if importance not in IMPORTANCE_LEVELS:
-        valid = ", ".join(IMPORTANCE_LEVELS)
-        raise ValueError(f"importance={importance!r} is unknown; valid: {valid}")
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg={loss_agg!r} is unknown; valid: {', '.join(LOSS_AGGS)}")
-
+    _check_policy_args(clip_eps_low, clip_eps_high, dual_clip, importance, loss_agg)
     mask = action_mask.bool()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     # where(), not multiplication: padding may hold -inf log-probs and exp(inf) * 0 is NaN.
     log_ratio = torch.where(mask, logp - old_logp, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     adv = torch.where(mask, advantages.to(logp.dtype), zero)
-    if importance == "token":
-        ratio = log_ratio.exp()
-    else:
-        seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1)  # [batch, 1]
-        token_logp = torch.where(mask, logp, zero)
-        ratio = (seq_log_ratio.detach() + token_logp - token_logp.detach()).exp()
-        ratio = torch.where(mask, ratio, torch.ones_like(ratio))
-
+    ratio = _ratio(log_ratio, logp, mask, importance, zero)
     surr1 = ratio * adv
     surr2 = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high) * adv
-    clipped_obj = torch.min(surr1, surr2)
     metrics: dict[str, torch.Tensor] = {}
-    if dual_clip is not None:
-        dual_active = (adv < 0) & (dual_clip * adv > clipped_obj)
-        obj = torch.where(adv < 0, torch.max(clipped_obj, dual_clip * adv), clipped_obj)
-        metrics["dual_clip_frac"] = masked_mean(dual_active.to(logp.dtype), mask).detach()
-    else:
-        obj = clipped_obj
-    loss_tok = -obj  # [batch, resp_len]
+    loss_tok = -_dual_clipped(torch.min(surr1, surr2), adv, mask, dual_clip, metrics)
 
     weight = _rollout_weight(old_logp, rollout_logp, mask, tis_cap, icepop, metrics, tis_floor)
     if weight is not None:
@@ -214,6 +189,39 @@ def _entropy_chunk(chunk: torch.Tensor) -> torch.Tensor:
     log_z = torch.logsumexp(x, dim=-1)  # [n]
     probs = torch.softmax(x, dim=-1)
     return log_z - (probs * x).sum(dim=-1)
+
+
+def _check_policy_args(clip_eps_low, clip_eps_high, dual_clip, importance, loss_agg) -> None:
+    if not (0.0 <= clip_eps_low < 1.0 and clip_eps_high >= 0.0):
+        raise ValueError(
+            f"clip_eps_low={clip_eps_low} must be in [0, 1) and clip_eps_high={clip_eps_high} >= 0"
+        )
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip={dual_clip} must be > 1.0 (or None to disable)")
+    if importance not in IMPORTANCE_LEVELS:
+        valid = ", ".join(IMPORTANCE_LEVELS)
+        raise ValueError(f"importance={importance!r} is unknown; valid: {valid}")
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg={loss_agg!r} is unknown; valid: {', '.join(LOSS_AGGS)}")
+
+
+def _ratio(log_ratio, logp, mask, importance: str, zero) -> torch.Tensor:
+    """[batch, resp_len] PPO ratio: per token, or GSPO's sequence ratio in token form."""
+    if importance == "token":
+        return log_ratio.exp()
+    seq_log_ratio = masked_mean(log_ratio, mask, dim=-1).unsqueeze(-1)  # [batch, 1]
+    token_logp = torch.where(mask, logp, zero)
+    ratio = (seq_log_ratio.detach() + token_logp - token_logp.detach()).exp()
+    return torch.where(mask, ratio, torch.ones_like(ratio))
+
+
+def _dual_clipped(clipped_obj, adv, mask, dual_clip, metrics) -> torch.Tensor:
+    """The objective with the dual clip (for A < 0, at least dual_clip * A) when set."""
+    if dual_clip is None:
+        return clipped_obj
+    dual_active = (adv < 0) & (dual_clip * adv > clipped_obj)
+    metrics["dual_clip_frac"] = masked_mean(dual_active.to(adv.dtype), mask).detach()
+    return torch.where(adv < 0, torch.max(clipped_obj, dual_clip * adv), clipped_obj)
 
 
 def _rollout_weight(
