@@ -34,6 +34,14 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
+def _resume(ckpt_path: Path) -> tuple[int, int]:
+    """(next step, running total) from the checkpoint, or (0, 0) on a fresh start."""
+    if not ckpt_path.exists():
+        return 0, 0
+    ckpt = json.loads(ckpt_path.read_text())
+    return ckpt["next_step"], ckpt["total"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -61,10 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_path = run_dir / "ckpt.json"
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
 
-    start, total = 0, 0
-    if ckpt_path.exists():
-        ckpt = json.loads(ckpt_path.read_text())
-        start, total = ckpt["next_step"], ckpt["total"]
+    start, total = _resume(ckpt_path)
     if rank == 0:
         print(f"[smoke] world={world} restart={restart} resuming at step {start}", flush=True)
 
@@ -89,10 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.step_seconds)
 
     if rank == 0:
-        _write_json(
-            run_dir / "result.json",
-            {"world": world, "steps": args.steps, "total": total, "restart": restart},
-        )
+        _write_json(run_dir / "result.json",
+                    {"world": world, "steps": args.steps, "total": total, "restart": restart})
         print(f"[smoke] done: world={world} steps={args.steps} total={total}", flush=True)
     collectives.barrier()
     dist.destroy_process_group()
