@@ -180,7 +180,12 @@ head_addr=${{head_addr:-$head_node}}
 echo "[sbatch] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: $SLURM_JOB_NUM_NODES nodes" \\
      "x $NPROC_PER_NODE ranks, rendezvous $head_addr:$RDZV_PORT, run dir $RUN_DIR"
 
-# SIGUSR1 (time limit near, or scancel --signal=USR1 --batch) -> srun -> torchrun -> ranks.
+{_launch_section(s, config_arg, overrides)}"""
+
+
+def _launch_section(s: SbatchSpec, config_arg: str, overrides: str) -> str:
+    """The script from the USR1 trap on: srun -> torchrun -> ranks, then requeue or exit."""
+    return f"""# SIGUSR1 (time limit near, or scancel --signal=USR1 --batch) -> srun -> torchrun -> ranks.
 srun_pid=""
 forward_usr1() {{
     echo "[sbatch] SIGUSR1: asking the ranks to checkpoint"
