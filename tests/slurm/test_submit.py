@@ -1,5 +1,6 @@
 """`python -m hpc_rlhf.submit` on the real local 2-node SLURM cluster (submitit + torchrun)."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -76,6 +77,10 @@ def test_submit_failing_rank_ends_promptly_and_names_it(slurm_cluster, tmp_path)
     assert rc == 1, text
     assert secs is not None and secs < scaled(60), (secs, text[-3000:])
     assert "rank      : 3 (local_rank: 1)" in text and "injected failure on rank 3" in text, text
+    # the closing line names the failed rank, its reason and its log (from logs/failed_rank3.txt)
+    line = re.search(r"\[submit\] job \d+ FAILED on rank 3: RuntimeError: smoke: injected "
+                     r"failure on rank 3 at step \d+ .*; full log: (\S+)", text)
+    assert line and line.group(1) == str(tmp_path / "run" / "logs" / "rank3.log"), text[-3000:]
 
 
 def test_submit_preemption_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
