@@ -8,7 +8,7 @@ import dataclasses
 import sys
 import typing
 
-from . import ConfigError, JobConfig, load_config, sizes, to_yaml
+from . import ConfigError, JobConfig, config_from_dict, load_config, sizes, to_yaml
 
 
 def _docs(section: str | None = None) -> str:
@@ -53,17 +53,11 @@ def _from_openrlhf(argv: list[str]) -> int:
     for note in conv.notes:
         print(f"note: {note}", file=sys.stderr)
     try:
-        load_config(None, [f"{k}={_as_override(v)}" for k, v in conv.values.items()])
+        config_from_dict(to_nested(conv.values), "the converted config")
     except ConfigError as e:
         print(f"the config does not pass `config check` yet:\n{e}", file=sys.stderr)
         return 1
     return 0
-
-
-def _as_override(value) -> str:
-    if isinstance(value, list):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

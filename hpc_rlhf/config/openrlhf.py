@@ -17,6 +17,7 @@ import shlex
 import typing
 from pathlib import Path
 
+from .loader import _field_hint
 from .peers import PEER_NAMES
 from .schema import JobConfig
 
@@ -76,14 +77,8 @@ def parse_command(argv: list[str]) -> tuple[str, list[tuple[str, list[str]]]]:
     return module, flags
 
 
-def _field_type(dotted: str):
-    section, name = dotted.split(".")
-    cls = typing.get_type_hints(JobConfig)[section]
-    return typing.get_type_hints(cls)[name]
-
-
 def _typed(dotted: str, values: list[str]):
-    kind = _field_type(dotted)
+    kind = _field_hint(dotted)
     if kind is bool:
         return not values or values[0].lower() not in ("false", "0", "no")
     if not values:

@@ -64,17 +64,19 @@ REQUEST_KEYS = {"openrlhf": (("query", "queries"), ("prompts", "prompts"), ("lab
                              ("labels", "labels"))}
 
 
+# Keys sent besides the protocol's own: they spare a server the text surgery (the query's
+# special tokens); servers written for OpenRLHF ignore them.
+EXTRA_KEYS = {"openrlhf": (("responses", "responses"), ("messages", "messages")), "hpc_rlhf": ()}
+
+
 def request_body(protocol: str, batch: RewardBatch) -> dict:
     """The JSON object one request of `protocol` carries for `batch`."""
-    body = {key: list(getattr(batch, field)) for key, field in REQUEST_KEYS[protocol]}
-    if protocol == "openrlhf":  # spares a server the text surgery (the query's special tokens)
-        body["responses"] = list(batch.responses)
-        body["messages"] = list(batch.messages)
-    return body
+    return {key: list(getattr(batch, field))
+            for key, field in REQUEST_KEYS[protocol] + EXTRA_KEYS[protocol]}
 
 
 def _sent_keys(protocol: str) -> set:
-    return set(request_body(protocol, RewardBatch.from_texts([""], [""], [""])))
+    return {key for key, _ in REQUEST_KEYS[protocol] + EXTRA_KEYS[protocol]}
 
 
 def protocol_mismatch(protocol: str, status: int, body: str) -> bool:

@@ -5,9 +5,9 @@ belongs and every flag that has no counterpart listed with why."""
 import pytest
 import yaml
 
-from hpc_rlhf.config import load_config
+from hpc_rlhf.config import config_from_dict, load_config
 from hpc_rlhf.config.__main__ import main
-from hpc_rlhf.config.openrlhf import convert
+from hpc_rlhf.config.openrlhf import convert, to_nested
 from openrlhf_commands import COMMANDS, DPO, GRPO, PPO, SFT
 
 pytestmark = pytest.mark.unit
@@ -15,8 +15,7 @@ pytestmark = pytest.mark.unit
 
 
 def _check(values: dict):
-    return load_config(None, [f"{k}={'[' + ','.join(v) + ']' if isinstance(v, list) else v}"
-                              for k, v in values.items()])
+    return config_from_dict(to_nested(values))             # raises ConfigError if it fails
 
 
 @pytest.mark.parametrize("name", COMMANDS)
