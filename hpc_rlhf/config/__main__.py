@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=("show", "check", "docs", "from-openrlhf"))
     p.add_argument("config", nargs="?", help="YAML file (omit for the defaults)")
     p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.add_argument("--in-job", action="store_true",
+                   help="check: also compare the config with the SLURM allocation this runs in "
+                   "(the sbatch scripts' first step)")
     args = p.parse_args(argv)
     if args.config and "=" in args.config:  # no YAML given, only overrides
         args.overrides.insert(0, args.config)
@@ -90,8 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         derived = dataclasses.asdict(sizes(cfg))
         print("# derived (not settable): " + ", ".join(f"{k}={v}" for k, v in derived.items()))
-    else:
-        print(f"ok: {args.config or 'defaults'}")
+        return 0
+    # The files, models, datasets and reward code the job reads (an entry point may import the
+    # launch layer; the config package itself never does).
+    from hpc_rlhf.launch.preflight import allocation_problems, format_findings, preflight
+    found = preflight(cfg)
+    if args.in_job:
+        found.problems += allocation_problems(cfg)
+    source = f"{args.config or 'the defaults'}{' + overrides' if args.overrides else ''}"
+    report = format_findings(found, source)
+    if report:
+        print(report, file=sys.stderr)
+    if found.problems:
+        return 2
+    print(f"ok: {args.config or 'defaults'}")
     return 0
 
 

@@ -97,6 +97,13 @@ def data_files(path: str | Path) -> list[Path]:
         cached = hub_cache_snapshot(str(path))
         if cached is not None:
             return _hub_files(cached, str(path))
+        name = str(path).split(":", 1)[0]
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and not Path(name).parent.is_dir():
+            raise FileNotFoundError(
+                f"data source {str(path)!r} is neither a local file nor a dataset in the local "
+                "hub cache (hub datasets are read from there, never downloaded by a job); "
+                f"download it on a login node: huggingface-cli download --repo-type dataset "
+                f"{name} (or save it with datasets' save_to_disk and give that directory)")
         raise FileNotFoundError(f"data source {str(p)!r} does not exist; give a .jsonl/.json/"
                                 ".parquet/.arrow file, a directory (datasets.save_to_disk), or "
                                 "a hub dataset name already in the local hub cache")

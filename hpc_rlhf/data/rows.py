@@ -13,8 +13,8 @@ class DataError(ValueError):
                  fix: str = "fix the row or set data.skip_bad_rows=true to skip and count it"):
         self.file, self.row, self.field, self.problem = file, row, field_name, problem
         where = f"{file or '<data>'}"
-        if row is not None:
-            where += f" row {row}"
+        if row is not None:  # JSONL: the line an editor shows; tables: the 0-based row index
+            where += f" line {row + 1}" if str(file).endswith(".jsonl") else f" row {row}"
         if field_name is not None:
             where += f" field {field_name!r}"
         super().__init__(f"{where}: {problem}; {fix}")

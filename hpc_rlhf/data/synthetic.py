@@ -6,7 +6,8 @@
   pairs_{split}.jsonl  {"prompt", "chosen": reversed word, "rejected": a random word}
   kto_{split}.jsonl    {"prompt", "response", "label": true/false}
   prm_{split}.jsonl    {"prompt", "response": [steps], "label": [0/1 per step]}
-The configs configs/{sft,dpo,rm}_tiny.yaml read these from runs/tiny_data/.
+  csft_{split}.jsonl   {"prompt", "response", "score": 8 (right) or 0 (wrong)}
+The configs configs/{sft,dpo,rm,csft}_tiny.yaml read these from runs/tiny_data/.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ LETTERS = "abcdefghij"
 # Wrong answers use other letters, so a tiny model can tell them apart from a few dozen steps
 # (the tests check that preference training generalises to held-out prompts, not reasoning).
 WRONG_LETTERS = "klmnopqrst"
+KINDS = ("sft", "chat", "pairs", "kto", "prm", "csft")
+FILE_NAMES = tuple(f"{kind}_{split}.jsonl" for kind in KINDS for split in ("train", "eval"))
 
 
 def _word(rng: random.Random) -> str:
@@ -50,6 +53,10 @@ def toy_rows(kind: str, n: int, seed: int) -> list[dict]:
             good = rng.random() < 0.5
             rows.append({"prompt": prompt, "response": answer if good else _other(rng, answer),
                          "label": good})
+        elif kind == "csft":  # a scored response: right answers 8, wrong ones 0 (csft_tiny)
+            good = rng.random() < 0.5
+            rows.append({"prompt": prompt, "response": answer if good else _other(rng, answer),
+                         "score": 8 if good else 0})
         elif kind == "prm":   # step i writes one reversed character; a wrong one is a bad step
             steps, labels = [], []
             for ch in answer:
@@ -66,7 +73,7 @@ def write_toy_datasets(out_dir: str | Path, n_train: int = 256, n_eval: int = 64
                        seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for kind in ("sft", "chat", "pairs", "kto", "prm"):
+    for kind in KINDS:
         for split, n, s in (("train", n_train, seed), ("eval", n_eval, seed + 1000)):
             with (out / f"{kind}_{split}.jsonl").open("w") as f:
                 for row in toy_rows(kind, n, s):

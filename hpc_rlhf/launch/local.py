@@ -21,10 +21,6 @@ from .rundir import ENV_RUN_DIR, failure_line
 
 def run_local(cfg: JobConfig, args, run_dir: Path, shutdown_timeout_s: int) -> int:
     """`submit --local`: torchrun on this machine (one node), through LocalJob."""
-    if cfg.topology.nodes != 1:
-        print(f"--local runs one node, but topology.nodes={cfg.topology.nodes}; add "
-              "topology.nodes=1 (and adjust ranks) or submit to SLURM", file=sys.stderr)
-        return 2
     # c10d rendezvous on port 0: the torchrun agent binds a free port itself and tells its
     # ranks (a port found free here could be taken before torchrun binds it).
     argv = planlib.torchrun_argv(args.config, args.overrides, 1, cfg.topology.procs_per_node,

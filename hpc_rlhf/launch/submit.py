@@ -39,6 +39,7 @@ from pathlib import Path
 from hpc_rlhf.config import ConfigError, JobConfig, load_config
 from hpc_rlhf.topology.layout import Layout, build_layout
 from . import plan as planlib
+from .preflight import format_findings, preflight
 from .rundir import (ENV_RUN_DIR, RerunRefused, check_rerun, failure_line,
                      resolve_run_dir)
 from .signals import REQUEUE_FILE
@@ -333,9 +334,22 @@ def main(argv: list | None = None) -> int:
         return 0
     text, warnings = plan_text(cfg, layout, args.config, args.overrides, args.program,
                                args.gpu_mem_gb)
+    found = preflight(cfg)  # the files, models, datasets, reward code and ${VARS} it reads
+    if args.local and cfg.topology.nodes != 1:
+        found.problems.insert(0, f"--local runs one node, but topology.nodes="
+                              f"{cfg.topology.nodes}; add topology.nodes=1 (and adjust ranks) "
+                              "or submit to SLURM")
+    report = format_findings(found, f"{args.config or 'the defaults'}"
+                             f"{' + overrides' if args.overrides else ''}", " (nothing queued)")
     if args.dry_run:
         print(text + (f"\n== note\n{finished}" if finished else ""))
-        return 0
+        if report:
+            print(f"== preflight\n{report}")
+        return 2 if found.problems else 0
+    if report:
+        print(report, file=sys.stderr, flush=True)
+    if found.problems:
+        return 2
     head = text.split("== torchrun command")[0].rstrip()
     os.environ[ENV_RUN_DIR] = str(run_dir)
     if args.local:  # the GPU memory plan means little here: it goes to the run directory

@@ -43,7 +43,7 @@ def load_user_module(path: str | Path, what: str):
     """Execute the Python file at exactly `path` as a fresh module (errors name the file)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"{what}: {str(path)!r} is not a file; give the path of the "
+        raise FileNotFoundError(f"{what}={str(path)!r} is not a file; give the path of the "
                                 "Python file itself (relative to the working directory or "
                                 "absolute)")
     if p.suffix != ".py":
@@ -57,8 +57,8 @@ def load_user_module(path: str | Path, what: str):
         spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(name, None)
-        raise RewardError(f"{what}: executing {p} raised {type(e).__name__}: {e}; fix the file "
-                          f"(try `python {p}`)") from e
+        raise RewardError(f"{what}={str(path)!r}: executing it raised {type(e).__name__}: {e}; "
+                          f"fix the file (try `python {p}`)") from e
     return module
 
 

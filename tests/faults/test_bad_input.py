@@ -195,7 +195,7 @@ def test_bad_row_names_file_row_field_or_is_skipped_and_counted(tmp_path, tok, k
     with pytest.raises(DataError) as e:
         load_samples(path, make, max_len=64)
     assert (e.value.file, e.value.row, e.value.field) == (path, 2, field), str(e.value)
-    assert f"data.jsonl row 2 field {field!r}" in str(e.value)
+    assert f"data.jsonl line 3 field {field!r}" in str(e.value)
     assert "data.skip_bad_rows=true" in str(e.value)
     samples, stats = load_samples(path, make, max_len=64, skip_bad_rows=True)
     assert len(samples) == 3 and stats.read == 4 and stats.kept == 3
@@ -214,10 +214,10 @@ def test_over_long_samples_are_dropped_and_counted_and_all_too_long_is_an_error(
 def test_not_json_and_not_an_object_name_the_line(tmp_path, tok):
     p = tmp_path / "broken.jsonl"
     p.write_text(json.dumps(GOOD["sft"]) + "\n{not json\n")
-    with pytest.raises(DataError, match=r"broken.jsonl row 1: is not valid JSON"):
+    with pytest.raises(DataError, match=r"broken.jsonl line 2: is not valid JSON"):
         load_samples(str(p), _make("sft", ChatFormat(tok)), max_len=64)
     p.write_text(json.dumps(GOOD["sft"]) + "\n[1, 2]\n")
-    with pytest.raises(DataError, match=r"broken.jsonl row 1: is a JSON list, not an object"):
+    with pytest.raises(DataError, match=r"broken.jsonl line 2: is a JSON list, not an object"):
         load_samples(str(p), _make("sft", ChatFormat(tok)), max_len=64)
 
 
@@ -227,14 +227,14 @@ def test_template_that_is_not_prefix_stable_names_the_row(tmp_path, tok):
     unstable = ("{% for m in messages %}{{ m.content }}{{ messages|length }}{% endfor %}"
                 "{% if add_generation_prompt %}>{% endif %}")
     path = _write(tmp_path / "d.jsonl", [GOOD["sft"]])
-    with pytest.raises(DataError, match=r"d.jsonl row 0: the chat template"):
+    with pytest.raises(DataError, match=r"d.jsonl line 1: the chat template"):
         load_samples(path, _make("sft", ChatFormat(tok, True, unstable)), max_len=64)
 
 
 @pytest.mark.parametrize("template", ["{% if %}", "{{ messages[5].content }}"])
 def test_broken_jinja_template_is_a_data_error(tmp_path, tok, template):
     path = _write(tmp_path / "d.jsonl", [GOOD["sft"]])
-    with pytest.raises(DataError, match=r"d.jsonl row 0: .*chat template"):
+    with pytest.raises(DataError, match=r"d.jsonl line 1: .*chat template"):
         load_samples(path, _make("sft", ChatFormat(tok, True, template)), max_len=64)
 
 
@@ -273,6 +273,6 @@ def test_bad_reward_func_is_a_clear_error_naming_the_file(tmp_path, body, patter
 def test_reward_func_file_that_fails_to_import_names_file(tmp_path):
     path = tmp_path / "broken_reward.py"
     path.write_text("import no_such_module_xyz\n")
-    with pytest.raises(RewardError, match=r"executing .*broken_reward.py raised "
+    with pytest.raises(RewardError, match=r"broken_reward.py': executing it raised "
                                           r"ModuleNotFoundError"):
         FuncReward(path)

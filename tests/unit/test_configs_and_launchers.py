@@ -23,14 +23,25 @@ def test_every_config_is_tested():
 @pytest.mark.unit
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads_validates_and_dry_runs(name, capsys, tmp_path, monkeypatch):
+    """The dry run plans every config; it exits 2 (after the plan) only for the cluster configs,
+    whose hub datasets and ${REWARD_URL} this machine lacks (tests/unit/test_preflight.py)."""
+    from hpc_rlhf.data.synthetic import write_toy_datasets
     monkeypatch.setenv("HPC_RLHF_RUN_DIR", str(tmp_path / "run"))  # not the repo's runs/
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("REWARD_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # relative data paths: the tiny configs' runs/tiny_data
+    os.symlink(REPO / "examples", tmp_path / "examples")
+    write_toy_datasets(tmp_path / "runs" / "tiny_data", n_train=8, n_eval=4)
     path = REPO / "configs" / name
     cfg = load_config(path)
     validate(cfg)
-    assert submit_main(["--config", str(path), "--dry-run"]) == 0
+    rc = submit_main(["--config", str(path), "--dry-run"])
     out = capsys.readouterr().out
     assert "== layout" in out and "== memory per GPU" in out and "== torchrun command" in out
     assert f"--nproc-per-node {cfg.topology.procs_per_node}" in out
+    cluster_only = name in ("dpo_7b.yaml", "ppo_70b.yaml", "sft_7b.yaml")
+    assert rc == (2 if cluster_only else 0), out[-2000:]
+    assert ("problem(s) in" in out) == cluster_only
 
 
 def _smoke_env(run_dir):

@@ -42,7 +42,7 @@ def test_parquet_and_datasets_dir_need_pyarrow_or_read(tmp_path):
 
 def test_bad_json_names_file_and_row(tmp_path):
     p = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, "{not json"])
-    with pytest.raises(DataError, match=r"bad.jsonl row 1.*not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 2.*not valid JSON"):
         list(read_rows(p))
 
 
@@ -69,7 +69,7 @@ def test_bad_rows_fail_naming_field_or_are_counted(tmp_path, tok):
             {"prompt": "ab", "response": ""}, {"prompt": "ab", "response": "y" * 100}]
     p = _jsonl(tmp_path / "sft.jsonl", rows)
     make = partial(sft_sample, fmt=ChatFormat(tok), input_key="prompt", output_key="response")
-    with pytest.raises(DataError, match=r"sft.jsonl row 1 field 'response': is missing"):
+    with pytest.raises(DataError, match=r"sft.jsonl line 2 field 'response': is missing"):
         load_samples(str(p), make, max_len=32)
     samples, stats = load_samples(str(p), make, max_len=32, skip_bad_rows=True)
     assert len(samples) == 1 and stats.read == 5 and stats.kept == 1

@@ -231,8 +231,9 @@ def test_hub_dataset_name_read_from_the_local_hub_cache(tmp_path, monkeypatch):
     (repo / "refs" / "main").write_text("abc123")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert [r.data for r in read_rows("org/math")] == [{"prompt": "1+1", "label": "2"}]
-    with pytest.raises(FileNotFoundError, match=r"'org/other' does not exist; .* a hub dataset "
-                                                r"name already in the local hub cache"):
+    with pytest.raises(FileNotFoundError, match=r"'org/other' is neither a local file nor a "
+                                                r"dataset in the local hub cache .* download it "
+                                                r"on a login node"):
         list(read_rows("org/other"))
 
 

@@ -1,6 +1,7 @@
 """Dry-run planner: memory formulas against the ZeRO paper, parameter counts against a real
 model, and the `python -m hpc_rlhf.submit --dry-run` CLI."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,21 +58,36 @@ def test_ppo_70b_plan_fits_80gb_and_matches_16_bytes_per_param():
     assert all(m.total < 80 * plan.GIB for m in mem.values())
 
 
-def _submit(*args):
+def _submit(*args, env=None):
     return subprocess.run([sys.executable, "-m", "hpc_rlhf.submit", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
 
 
-def test_dry_run_prints_layout_memory_and_commands():
-    out = _submit("--config", "configs/ppo_70b.yaml", "--dry-run")
-    assert out.returncode == 0, out.stderr
+def cluster_env(tmp_path) -> dict:
+    """What a cluster gives configs/ppo_70b.yaml: its prompt dataset in the hub cache and a
+    reward server's URL."""
+    snap = tmp_path / "hub" / "datasets--OpenRLHF--prompt-collection-v0.1" / "snapshots" / "a"
+    snap.mkdir(parents=True)
+    (snap / "train.jsonl").write_text(json.dumps(
+        {"context_messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    return {"HF_HUB_CACHE": str(tmp_path / "hub"), "REWARD_URL": "http://rm.example:8000/score"}
+
+
+def test_dry_run_prints_layout_memory_and_commands(tmp_path):
+    out = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", env=cluster_env(tmp_path))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
     text = out.stdout
     assert "== layout" in text and "== memory per GPU" in text
     assert "   7   7   63  rollout" in text  # node 7, GPU 7, rank 63
     assert "--nnodes 8 --nproc-per-node 8" in text and "#SBATCH --nodes=8" in text
     assert "WARNING" not in text
-    small = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "32")
+    small = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "32",
+                    env=cluster_env(tmp_path / "again"))
     assert "WARNING: world actor needs" in small.stdout
+    bare = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", env={"REWARD_URL": ""})
+    assert bare.returncode == 2 and "== layout" in bare.stdout  # the plan, then the problems
+    assert "2 problem(s) in configs/ppo_70b.yaml (nothing queued)" in bare.stdout
 
 
 def test_invalid_config_exits_2_before_anything():
