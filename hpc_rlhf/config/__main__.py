@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-job", action="store_true",
                    help="check: also compare the config with the SLURM allocation this runs in "
                    "(the sbatch scripts' first step)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come anywhere (scripts add "$@" last)
     if args.config and "=" in args.config:  # no YAML given, only overrides
         args.overrides.insert(0, args.config)
         args.config = None

@@ -312,4 +312,14 @@ def _launch_rules(cfg: JobConfig) -> list[str]:
                     "D-HH:MM:SS, e.g. \"04:00:00\"")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", lc.name):
         errs.append(f"launch.name={lc.name!r} may hold letters, digits, '_', '.', '-' only")
+    for item in lc.env:
+        if not isinstance(item, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=[^\n'\"`$\\]*",
+                                                         item):
+            errs.append(f"launch.env item {item!r} must look like NAME=value (NAME a shell "
+                        "variable name; the value without quotes, $, backslashes or newlines), "
+                        "e.g. NCCL_SOCKET_IFNAME=ib0")
+    for line in lc.setup:
+        if not isinstance(line, str) or "\n" in line:
+            errs.append(f"launch.setup line {line!r} must be one line of shell (give a list "
+                        "with one item per line)")
     return errs

@@ -239,7 +239,15 @@ class LaunchConfig:
     signal_lead_s: int = opt(300, "SLURM sends USR1 this long before the time limit", gt=0)
     requeue: bool = opt(True, "on preemption / time limit: checkpoint, requeue and resume "
                         "(false: checkpoint and end the job)")
-    setup: tuple = opt((), "shell lines run before the job (module load, source venv, ...)")
+    setup: tuple = opt((), "shell lines run on every node before torchrun, in both submit "
+                       "paths (module load, source venv/bin/activate, a container wrapper's "
+                       "set-up, ...)")
+    env: tuple = opt((), "NAME=value pairs exported on every node before torchrun, in both "
+                     "submit paths, e.g. [NCCL_SOCKET_IFNAME=ib0, GLOO_SOCKET_IFNAME=ib0, "
+                     "NCCL_IB_HCA=mlx5]")
+    max_restarts: int = opt(0, "torchrun restarts every rank this many times after a failure "
+                            "(they resume from the newest checkpoint); 0 = a failure ends the "
+                            "job", ge=0)
 
 
 @dataclass(frozen=True)

@@ -154,11 +154,15 @@ def format_memory(plan: list, gpu_mem_gb: float, colocated_sleep: bool) -> tuple
 
 def torchrun_argv(cfg_path: str | None, overrides: list, nnodes: int, nproc: int,
                   endpoint: str, rdzv_id: str, shutdown_timeout_s: int,
-                  python: str = sys.executable) -> list:
-    """The exact torchrun command every node runs (one agent per node)."""
+                  python: str = sys.executable, is_host: bool | None = None,
+                  max_restarts: int = 0) -> list:
+    """The exact torchrun command every node runs (one agent per node). `is_host`: whether this
+    node hosts the rendezvous store (None: torchrun matches the endpoint to its hostname)."""
+    host = [] if is_host is None else ["--rdzv-conf", f"is_host={str(is_host).lower()}"]
     argv = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
             "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
+            "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, *host,
+            "--max-restarts", str(max_restarts),
             "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2",
             "--shutdown-timeout", str(shutdown_timeout_s),
             "-m", "hpc_rlhf.launch.main"]

@@ -36,11 +36,34 @@ class Findings:
 def preflight(cfg: JobConfig) -> Findings:
     """Every problem and warning for `cfg` (the config's own rules have passed already)."""
     out = Findings()
+    _torch_version(out)
     _environment_refs(cfg, out)
     _models(cfg, out)
     _datasets(cfg, out)
     _reward_code(cfg, out)
     return out
+
+
+# ---- the torchrun every node runs ---------------------------------------------------------
+TORCH_FLOOR = (2, 12)  # the first torchrun with --signals-to-handle and --shutdown-timeout
+
+
+def _torch_version(out: Findings, version: str | None = None) -> None:
+    """The nodes run this environment's torchrun (the same venv, as a rule)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+    try:
+        version = version or installed("torch")
+    except PackageNotFoundError:
+        out.problems.append("torch is not installed in this environment; pip install "
+                            f"'torch>={TORCH_FLOOR[0]}.{TORCH_FLOOR[1]}'")
+        return
+    parts = re.match(r"(\d+)\.(\d+)", version)
+    if parts and (int(parts.group(1)), int(parts.group(2))) < TORCH_FLOOR:
+        out.problems.append(f"torch {version} is installed, but every node runs torchrun with "
+                            "--signals-to-handle and --shutdown-timeout, which need torch >= "
+                            f"{TORCH_FLOOR[0]}.{TORCH_FLOOR[1]}; pip install "
+                            f"'torch>={TORCH_FLOOR[0]}.{TORCH_FLOOR[1]}'")
 
 
 # ---- ${VAR} references --------------------------------------------------------------------

@@ -49,11 +49,17 @@ class SbatchSpec:
     overrides: tuple[str, ...] = ()  # dotted overrides baked into the script (key=value)
     partition: str | None = None  # --partition; None: the cluster's default
     account: str | None = None  # --account; None: the user's default
+    qos: str | None = None  # --qos; None: the default
+    mem: str = "0"  # --mem per node; "0": all of it (always requested on GPU nodes)
     run_dir: str | None = None  # checkpoints + REQUEUE marker; None: runs/<job_name>
     signal_lead_s: int = 300  # SIGUSR1 this many seconds before the time limit
     output: str = "%x-%j.out"  # log file (relative to the submit dir; sbatch makes no dirs)
     description: str = ""  # one line at the top of the script
     extra_env: tuple[tuple[str, str], ...] = field(default=())  # exported NAME=value lines
+    setup: tuple[str, ...] = ()  # shell lines run before anything else (module load, venv)
+    requeue: bool = True  # False: --no-requeue (the program then writes no REQUEUE marker)
+    max_restarts: int = 0  # torchrun --max-restarts
+    check_config: bool = True  # run `config check --in-job` first (hpc_rlhf.launch.main only)
 
     def __post_init__(self) -> None:
         errors = []
@@ -72,6 +78,10 @@ class SbatchSpec:
             )
         if self.cpus_per_task < 1:
             errors.append(f"cpus_per_task={self.cpus_per_task} must be >= 1")
+        if self.max_restarts < 0:
+            errors.append(f"max_restarts={self.max_restarts} must be >= 0")
+        if any("\n" in line for line in self.setup):
+            errors.append("setup lines must be single lines")
         if not _TIME_RE.match(self.time):
             errors.append(f"time={self.time!r} must look like [D-]HH:MM:SS, e.g. 04:00:00")
         if not 60 <= self.signal_lead_s <= 65535:
@@ -109,26 +119,37 @@ def _header(s: SbatchSpec) -> list[str]:
         lines += [
             "# GPUs per node; torchrun starts one rank per GPU (--nproc-per-node below).",
             f"#SBATCH --gpus-per-node={s.gpus_per_node}",
-            "# Nodes are not shared with other jobs, and the job may use all their memory.",
+            "# Nodes are not shared with other jobs" + (
+                ", and the job may use all their memory." if s.mem == "0" else "; memory per node."),
             "#SBATCH --exclusive",
-            "#SBATCH --mem=0",
+            f"#SBATCH --mem={s.mem}",
         ]
+    elif s.mem != "0":
+        lines += ["# Memory per node.", f"#SBATCH --mem={s.mem}"]
     lines += [
         "# CPUs for the node's task: ranks, data loader workers, rollout/reward CPU work.",
         f"#SBATCH --cpus-per-task={s.cpus_per_task}",
         "# Wall-clock limit, [D-]HH:MM:SS.",
         f"#SBATCH --time={s.time}",
     ]
-    if s.partition:
-        lines += ["# Partition (queue).", f"#SBATCH --partition={s.partition}"]
-    if s.account:
-        lines += ["# Account charged for the job.", f"#SBATCH --account={s.account}"]
+    for flag, value, doc in (("partition", s.partition, "Partition (queue)."),
+                             ("account", s.account, "Account charged for the job."),
+                             ("qos", s.qos, "Quality of service.")):
+        if value:
+            lines += [f"# {doc}", f"#SBATCH --{flag}={value}"]
     lines += [
         f"# SIGUSR1 to this batch shell (B:) {s.signal_lead_s} s before the time limit; the",
         "# trap below forwards it to the ranks, which checkpoint (contract at the bottom).",
         f"#SBATCH --signal=B:USR1@{s.signal_lead_s}",
-        "# The job may be requeued (by this script, node failure or preemption).",
-        "#SBATCH --requeue",
+    ]
+    lines += (["# The job may be requeued (by this script, node failure or preemption).",
+               "#SBATCH --requeue"] if s.requeue else
+              ["# launch.requeue=false: a signal checkpoints and ends the job; never requeued.",
+               "#SBATCH --no-requeue"])
+    lines += [
+        "# One job per name at a time: a second submission of this run waits for the first",
+        "# (both would write the same run directory).",
+        "#SBATCH --dependency=singleton",
         "# Log file, relative to the submit directory (sbatch does not create directories);",
         "# a requeued run appends to the same file.",
         f"#SBATCH --output={s.output}",
@@ -145,42 +166,64 @@ def render_sbatch(s: SbatchSpec) -> str:
     else:
         args_doc = f"Extra arguments are passed to every rank's `python -m {s.module}`."
     config_arg = f' --config "$CONFIG"' if s.config else ""
-    config_var = f'CONFIG=${{CONFIG:-{s.config}}}\n' if s.config else ""
     overrides = "".join(f" {o}" for o in s.overrides)
-    env = "".join(f"export {k}={v}\n" for k, v in s.extra_env)
     return f"""#!/bin/bash
 {desc}# Rendered by hpc_rlhf/launch/sbatch.py; edit there and run
 # `python -m hpc_rlhf.launch.sbatch --write`, not this file.
 #
 # Submit from the repository root:  sbatch slurm/{s.job_name}.sbatch [args ...]
 # {args_doc}
+# Overrides given here cannot change the #SBATCH header; `python -m hpc_rlhf.submit --sbatch`
+# (with the config and overrides) checks them before queueing and renders the header from them.
 {chr(10).join(_header(s))}
 
 set -uo pipefail
 
-# --- Knobs you can set at submit time:  VAR=value sbatch slurm/{s.job_name}.sbatch
+{_prologue(s, config_arg, overrides)}
+{_launch_section(s, config_arg, overrides)}"""
+
+
+def _prologue(s: SbatchSpec, config_arg: str, overrides: str) -> str:
+    """Knobs, the user's set-up lines and environment, the run directory, the config check."""
+    config_var = f'CONFIG=${{CONFIG:-{s.config}}}\n' if s.config else ""
+    setup = "".join(f"{line}\n" for line in s.setup)
+    setup = f"# launch.setup: run before anything else.\n{setup}" if setup else ""
+    env = "".join(f"export {k}={v}\n" for k, v in s.extra_env)
+    check = ""
+    if s.check_config and s.module == "hpc_rlhf.launch.main":
+        check = f"""
+# Check the config, its overrides and the files it names before any node starts: a typo or a
+# missing file ends the job here in seconds, not after every node has loaded the models.
+if ! NPROC_PER_NODE=$NPROC_PER_NODE "$PYTHON" -m hpc_rlhf.config check --in-job \\
+        {"$CONFIG" if s.config else ""}{overrides} "$@"; then
+    echo "[sbatch] the config check above failed; nothing was started" >&2
+    exit 2
+fi
+"""
+    return f"""# --- Knobs you can set at submit time:  VAR=value sbatch slurm/{s.job_name}.sbatch
 {config_var}# Checkpoints, logs of the program and the REQUEUE marker live here.
 RUN_DIR=${{RUN_DIR:-{s.resolved_run_dir}}}
+# Each task of a job array (sbatch --array) gets a run directory of its own.
+if [[ -n ${{SLURM_ARRAY_TASK_ID:-}} ]]; then RUN_DIR=$RUN_DIR/task_$SLURM_ARRAY_TASK_ID; fi
 # Python with hpc_rlhf installed (activate your environment before sbatch, or set PYTHON).
 PYTHON=${{PYTHON:-python}}
 # Ranks per node.
 NPROC_PER_NODE=${{NPROC_PER_NODE:-{s.nproc_per_node}}}
 # Rendezvous port on the head node; derived from the job id so jobs sharing a node differ.
 RDZV_PORT=${{RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}}
-{env}
+{setup}{env}
 mkdir -p "$RUN_DIR"
 export HPC_RLHF_RUN_DIR=$RUN_DIR
 # A marker left by a killed run must not requeue this one.
 rm -f "$RUN_DIR/REQUEUE"
-
+{check}
 # Rendezvous on the first node of the allocation, by the address SLURM itself uses for it.
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 head_addr=$(scontrol show node "$head_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
 head_addr=${{head_addr:-$head_node}}
 echo "[sbatch] job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}}: $SLURM_JOB_NUM_NODES nodes" \\
      "x $NPROC_PER_NODE ranks, rendezvous $head_addr:$RDZV_PORT, run dir $RUN_DIR"
-
-{_launch_section(s, config_arg, overrides)}"""
+"""
 
 
 def _launch_section(s: SbatchSpec, config_arg: str, overrides: str) -> str:
@@ -197,13 +240,17 @@ trap forward_usr1 USR1
 # --kill-on-bad-exit: one failed agent ends the whole step instead of leaving peers hanging.
 # --cpus-per-task again: since SLURM 22.05 srun does not inherit it from sbatch (the step
 # would get 1 CPU per node and every rank would share it).
+# is_host: the first node of the allocation hosts the rendezvous store, said explicitly (the
+# hostname match torchrun falls back to fails where NodeAddr is a secondary interface).
 # --signals-to-handle adds SIGUSR1 so torchrun forwards it instead of dying of it;
 # --shutdown-timeout is how long torchrun then lets the ranks checkpoint before SIGKILL.
 srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
     --cpus-per-task="$SLURM_CPUS_PER_TASK" \\
-    "$PYTHON" -m torch.distributed.run \\
-    --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC_PER_NODE" \\
+    bash -c 'exec "$0" -m torch.distributed.run \\
+        --rdzv-conf "is_host=$([[ $SLURM_NODEID == 0 ]] && echo true || echo false)" "$@"' \\
+    "$PYTHON" --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC_PER_NODE" \\
     --rdzv-backend c10d --rdzv-endpoint "$head_addr:$RDZV_PORT" --rdzv-id "$SLURM_JOB_ID" \\
+    --max-restarts {s.max_restarts} \\
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \\
     --shutdown-timeout {s.shutdown_timeout_s} \\
     -m {s.module}{config_arg}{overrides} "$@" &
@@ -223,7 +270,11 @@ done
 if [[ -f $RUN_DIR/REQUEUE ]]; then
     rm -f "$RUN_DIR/REQUEUE"
     echo "[sbatch] checkpoint written; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        echo "[sbatch] FAILED to requeue job $SLURM_JOB_ID (scontrol's reason above); the" \\
+             "checkpoint is in $RUN_DIR: submit the same command again to resume from it" >&2
+        exit 1
+    fi
     exit 0
 fi
 echo "[sbatch] srun exited with status $rc"

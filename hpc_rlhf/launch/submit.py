@@ -4,6 +4,7 @@
     python -m hpc_rlhf.submit --config configs/grpo_7b.yaml actor.lr=1e-6    # queue it
     python -m hpc_rlhf.submit --config configs/tiny_disagg.yaml --program smoke --wait
     python -m hpc_rlhf.submit --config X.yaml topology.nodes=1 --local       # no SLURM
+    python -m hpc_rlhf.submit --config configs/ppo_70b.yaml --sbatch         # plain sbatch
 
 Exit codes: 0 ok, 2 invalid config/layout (nothing queued), 1 the job failed (--wait/--local).
 
@@ -70,23 +71,32 @@ def shutdown_timeout_s(cfg: JobConfig) -> int:
     return max(30, cfg.launch.signal_lead_s - 60)
 
 
+def sbatch_spec(cfg: JobConfig, config_path: str | None, overrides: list, program: str | None,
+                run_dir: Path, output: str = "%x-%j.out"):
+    """The plain-sbatch job of `cfg` (ValueError when overrides cannot be baked into a script)."""
+    from .sbatch import SbatchSpec
+
+    lc = cfg.launch
+    env = tuple(tuple(item.split("=", 1)) for item in lc.env)
+    env += (("HPC_RLHF_PROGRAM", program),) if program else ()
+    return SbatchSpec(
+        job_name=lc.name, nodes=cfg.topology.nodes, gpus_per_node=gpus_per_node(cfg),
+        nproc_per_node=cfg.topology.procs_per_node, cpus_per_task=max(lc.cpus_per_node, 1),
+        time=lc.time, config=config_path, overrides=tuple(overrides),
+        partition=lc.partition or None, account=lc.account or None, qos=lc.qos or None,
+        mem=lc.mem, run_dir=str(run_dir), signal_lead_s=lc.signal_lead_s, output=output,
+        extra_env=env, setup=tuple(lc.setup), requeue=lc.requeue,
+        max_restarts=lc.max_restarts)
+
+
 def sbatch_text(cfg: JobConfig, config_path: str | None, overrides: list, program: str | None,
                 run_dir: Path) -> str:
     """The equivalent plain-sbatch script (hpc_rlhf/launch/sbatch.py renders it)."""
-    from .sbatch import SbatchSpec, render_sbatch
-
-    env = ((("HPC_RLHF_PROGRAM", program),) if program else ())
+    from .sbatch import render_sbatch
     try:
-        spec = SbatchSpec(
-            job_name=cfg.launch.name, nodes=cfg.topology.nodes, gpus_per_node=gpus_per_node(cfg),
-            nproc_per_node=cfg.topology.procs_per_node,
-            cpus_per_task=max(cfg.launch.cpus_per_node, 1), time=cfg.launch.time,
-            config=config_path, overrides=tuple(overrides), partition=cfg.launch.partition or None,
-            account=cfg.launch.account or None, run_dir=str(run_dir),
-            signal_lead_s=cfg.launch.signal_lead_s, extra_env=env)
+        return render_sbatch(sbatch_spec(cfg, config_path, overrides, program, run_dir))
     except ValueError as e:
         return f"# (no sbatch script: {e})"
-    return render_sbatch(spec)
 
 
 def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides: list,
@@ -128,6 +138,7 @@ class TorchrunTask:
     program: str | None
     shutdown_timeout_s: int
     python: str = sys.executable
+    max_restarts: int = 0
 
     def __call__(self) -> int:
         import submitit
@@ -145,7 +156,8 @@ class TorchrunTask:
         port = int(os.environ.get("RDZV_PORT") or 20000 + int(job_id) % 20000)
         argv = planlib.torchrun_argv(self.config_path, self.overrides, env.num_nodes,
                                      self.nproc_per_node, f"{addr}:{port}", str(job_id),
-                                     self.shutdown_timeout_s, self.python)
+                                     self.shutdown_timeout_s, self.python,
+                                     is_host=env.node == 0, max_restarts=self.max_restarts)
         run_dir = Path(self.run_dir)
         marker = run_dir / REQUEUE_FILE
         if env.global_rank == 0:
@@ -177,7 +189,12 @@ class TorchrunTask:
         if env.global_rank == 0 and marker.exists():
             marker.unlink()
             print(f"[submit] checkpoint written; requeueing job {job_id}", flush=True)
-            subprocess.run(["scontrol", "requeue", str(job_id)], check=True, timeout=60)
+            out = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True,
+                                 text=True, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(
+                    f"FAILED to requeue job {job_id} (scontrol: {out.stderr.strip()}); the "
+                    f"checkpoint is in {run_dir}: submit the same command again to resume")
             sys.exit(-1)  # like submitit's own requeue: no result pickle, the rerun writes it
         if rc != 0 and signalled and env.global_rank != 0:
             # torchrun exits 1 after forwarding a signal; exiting non-zero here would make
@@ -195,6 +212,8 @@ EXAMPLES = """examples:
   python -m hpc_rlhf.submit --config configs/ppo_70b.yaml --dry-run
   # submit to SLURM with overrides; --wait blocks and prints the log tail at the end
   python -m hpc_rlhf.submit --config configs/grpo_7b.yaml train.actor_lr=1e-6 --wait
+  # the same with plain sbatch (no submitit): the script goes to <run dir>/job.sbatch
+  python -m hpc_rlhf.submit --config configs/grpo_7b.yaml train.actor_lr=1e-6 --sbatch
   # run on this machine (one node); Ctrl-C checkpoints, rerunning the command resumes
   python -m hpc_rlhf.submit --config configs/grpo_tiny.yaml --local
   # a new run that starts from another run's newest checkpoint
@@ -215,6 +234,9 @@ def _parse(argv: list | None) -> argparse.Namespace:
                    help="run torchrun on this machine (topology.nodes must be 1)")
     p.add_argument("--program", default=None,
                    help="rank program instead of train.trainer (e.g. smoke; see launch/main.py)")
+    p.add_argument("--sbatch", action="store_true",
+                   help="submit with plain sbatch instead of submitit: the job script is rendered "
+                   "from the config and overrides (header included) into <run dir>/job.sbatch")
     p.add_argument("--wait", action="store_true", help="block until the job ends, print its log")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory for the plan")
     p.add_argument("--folder", default=None,
@@ -222,33 +244,94 @@ def _parse(argv: list | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def submitit_params(cfg: JobConfig, run_dir: Path) -> dict:
+    """submitit's SlurmExecutor parameters for `cfg` (every launch field lands in them)."""
+    lc, gpus = cfg.launch, gpus_per_node(cfg)
+    # launch.requeue=false: the ranks still checkpoint on a signal but write no REQUEUE marker.
+    # singleton: one job of this name at a time (a second one waits: same run directory).
+    extra = {"requeue": True} if lc.requeue else {"no_requeue": True}
+    srun_args = ["--kill-on-bad-exit=1"]
+    if lc.cpus_per_node:  # srun does not inherit it from sbatch since SLURM 22.05
+        srun_args.append(f"--cpus-per-task={lc.cpus_per_node}")
+    params = dict(job_name=lc.name, nodes=cfg.topology.nodes, ntasks_per_node=1,
+                  time=_time_minutes(lc.time), signal_delay_s=lc.signal_lead_s,
+                  srun_args=srun_args, additional_parameters=extra, dependency="singleton",
+                  setup=[f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}",
+                         f"export {ENV_RUN_DIR}={run_dir}", *lc.setup,
+                         *(f"export {item}" for item in lc.env)])
+    if gpus:
+        params.update(gpus_per_node=gpus, exclusive=True)
+    if lc.cpus_per_node:
+        params["cpus_per_task"] = lc.cpus_per_node
+    for key in ("partition", "account", "qos"):
+        if getattr(lc, key):
+            params[key] = getattr(lc, key)
+    if lc.mem != "0" or gpus:
+        params["mem"] = lc.mem
+    return params
+
+
 def submit_slurm(cfg: JobConfig, args, run_dir: Path):
     import submitit
 
     folder = Path(args.folder or run_dir / "submitit")
     ex = submitit.SlurmExecutor(folder=folder, python=sys.executable)
-    gpus = gpus_per_node(cfg)
-    # launch.requeue=false: the ranks still checkpoint on a signal but write no REQUEUE marker
-    extra = {"requeue": True} if cfg.launch.requeue else {"no_requeue": True}
-    params = dict(job_name=cfg.launch.name, nodes=cfg.topology.nodes, ntasks_per_node=1,
-                  time=_time_minutes(cfg.launch.time), signal_delay_s=cfg.launch.signal_lead_s,
-                  srun_args=["--kill-on-bad-exit=1"], additional_parameters=extra,
-                  setup=[f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}",
-                         f"export {ENV_RUN_DIR}={run_dir}", *cfg.launch.setup])
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if cfg.launch.cpus_per_node:
-        params["cpus_per_task"] = cfg.launch.cpus_per_node
-    for key in ("partition", "account", "qos"):
-        if getattr(cfg.launch, key):
-            params[key] = getattr(cfg.launch, key)
-    if cfg.launch.mem != "0" or gpus:
-        params["mem"] = cfg.launch.mem
-    ex.update_parameters(**params)
+    ex.update_parameters(**submitit_params(cfg, run_dir))
+    return ex.submit(torchrun_task(cfg, args, run_dir))
+
+
+def torchrun_task(cfg: JobConfig, args, run_dir: Path) -> TorchrunTask:
     config = str(Path(args.config).resolve()) if args.config else None
-    task = TorchrunTask(config, list(args.overrides), cfg.topology.procs_per_node,
-                        str(run_dir), args.program, shutdown_timeout_s(cfg))
-    return ex.submit(task)
+    return TorchrunTask(config, list(args.overrides), cfg.topology.procs_per_node,
+                        str(run_dir), args.program, shutdown_timeout_s(cfg),
+                        max_restarts=cfg.launch.max_restarts)
+
+
+def submit_sbatch(cfg: JobConfig, args, run_dir: Path) -> int:
+    """`--sbatch`: render the job script (checked config, header from it) and `sbatch` it."""
+    from .sbatch import render_sbatch
+    logs = run_dir / "logs"
+    config = str(Path(args.config).resolve()) if args.config else None
+    try:
+        spec = sbatch_spec(cfg, config, list(args.overrides), args.program, run_dir,
+                           output=str(logs / "%x-%j.out"))
+    except ValueError as e:
+        print(f"--sbatch: {e}", file=sys.stderr)
+        return 2
+    logs.mkdir(parents=True, exist_ok=True)
+    script = run_dir / "job.sbatch"
+    script.write_text(render_sbatch(spec))
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
+                         env=env, timeout=120)
+    if out.returncode != 0:
+        print(f"[submit] sbatch refused the job: {out.stderr.strip() or out.stdout.strip()}",
+              file=sys.stderr)
+        return 1
+    job_id = out.stdout.strip().split(";")[0]
+    log = logs / f"{cfg.launch.name}-{job_id}.out"
+    print(f"[submit] submitted job {job_id} with sbatch: {cfg.topology.nodes} nodes x "
+          f"{cfg.topology.procs_per_node} ranks; script {script}; log {log}; run dir {run_dir}",
+          flush=True)
+    return wait_sbatch_job(job_id, log, run_dir) if args.wait else 0
+
+
+def wait_sbatch_job(job_id: str, log: Path, run_dir: Path, poll_s: float = 0.5) -> int:
+    """Until the job leaves the queue; 0 iff it COMPLETED (else its state and failure line)."""
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True,
+                         text=True).stdout.strip():
+        time.sleep(poll_s)
+    info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
+                          text=True).stdout
+    state = next((w.split("=", 1)[1] for w in info.split() if w.startswith("JobState=")), "?")
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else ""
+    print(f"[submit] job {job_id} ended {state}; log tail ({log}):\n{tail}", flush=True)
+    if state == "COMPLETED":
+        return 0
+    line = failure_line(run_dir) or f"{state}: the reason is in the log tail above"
+    print(f"[submit] job {job_id} {line}", file=sys.stderr, flush=True)
+    return 1
 
 
 def failure_summaries(log: str) -> list[str]:
@@ -366,6 +449,8 @@ def main(argv: list | None = None) -> int:
         print("[submit] SLURM not found (no sbatch on PATH): run on this machine with --local, "
               "or submit from a cluster login node", file=sys.stderr)
         return 2
+    if args.sbatch:
+        return submit_sbatch(cfg, args, run_dir)
     job = submit_slurm(cfg, args, run_dir)
     print(f"[submit] submitted job {job.job_id}: {cfg.topology.nodes} nodes x "
           f"{cfg.topology.procs_per_node} ranks; log {job.paths.stdout}; run dir {run_dir}",

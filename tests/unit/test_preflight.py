@@ -181,3 +181,13 @@ def test_every_shipped_config_is_refused_only_for_what_this_machine_lacks(tmp_pa
     assert sorted(lacking) == ["dpo_7b.yaml", "ppo_70b.yaml", "sft_7b.yaml"], lacking
     assert all("local hub cache" in p or "${REWARD_URL}" in p
                for probs in lacking.values() for p in probs), lacking
+
+
+def test_a_torch_whose_torchrun_lacks_our_flags_is_refused():
+    from hpc_rlhf.launch.preflight import Findings, _torch_version
+    old, new = Findings(), Findings()
+    _torch_version(old, "2.11.0+cu128")
+    _torch_version(new, "2.12.0")
+    assert new.problems == [] and len(old.problems) == 1
+    assert old.problems[0].startswith("torch 2.11.0+cu128 is installed") and "torch>=2.12" in \
+        old.problems[0]

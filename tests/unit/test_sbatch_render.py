@@ -109,3 +109,64 @@ def test_script_agrees_with_its_config(name):
     assert spec.time == launch["time"] and spec.cpus_per_task == launch["cpus_per_node"]
     assert spec.signal_lead_s == launch.get("signal_lead_s", 300)
     assert spec.job_name == launch["name"]
+
+
+# A non-default value of every launch field, and the text each submit path shows it with:
+# (value, in the plain sbatch script, in submitit's job script or its torchrun task).
+LAUNCH_FIELDS = {
+    "name": ("jobx", "--job-name=jobx", "--job-name=jobx"),
+    "run_dir": ("/scratch/r/{name}", "RUN_DIR=${RUN_DIR:-/scratch/r/jobx}",
+                "export HPC_RLHF_RUN_DIR=/scratch/r/jobx"),
+    "partition": ("gpu", "--partition=gpu", "--partition=gpu"),
+    "account": ("acct1", "--account=acct1", "--account=acct1"),
+    "qos": ("high", "--qos=high", "--qos=high"),
+    "time": ("02:00:00", "--time=02:00:00", "--time=120"),
+    "cpus_per_node": (12, "--cpus-per-task=12", "--cpus-per-task=12"),
+    "mem": ("64G", "--mem=64G", "--mem=64G"),
+    "signal_lead_s": (420, "--signal=B:USR1@420", "--signal=USR2@420"),
+    "requeue": (False, "--no-requeue", "--no-requeue"),
+    "setup": (["module load cuda/12"], "\nmodule load cuda/12\n", "\nmodule load cuda/12\n"),
+    "env": (["NCCL_SOCKET_IFNAME=ib0"], "export NCCL_SOCKET_IFNAME=ib0",
+            "export NCCL_SOCKET_IFNAME=ib0"),
+    "max_restarts": (3, "--max-restarts 3", "--max-restarts 3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_FIELDS))
+def test_every_launch_field_reaches_both_submit_paths(name, tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from hpc_rlhf.config import JobConfig, load_config
+    from hpc_rlhf.launch import plan
+    from hpc_rlhf.launch.rundir import resolve_run_dir
+    from hpc_rlhf.launch.submit import sbatch_text, submitit_params, torchrun_task
+    assert set(LAUNCH_FIELDS) == {f.name for f in dataclasses.fields(JobConfig().launch)}
+    value, in_sbatch, in_submitit = LAUNCH_FIELDS[name]
+    other = {"name": "jobx"} if name == "run_dir" else {}
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_7b.yaml",
+                      [f"launch.{name}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+                       if not isinstance(value, str) else f"launch.{name}={value}",
+                       *(f"launch.{k}={v}" for k, v in other.items())])
+    run_dir = resolve_run_dir(cfg)
+    script = sbatch_text(cfg, "configs/grpo_7b.yaml", [], None, run_dir)
+    assert in_sbatch in script, script
+    job = _make_sbatch_string("CMD", tmp_path, **submitit_params(cfg, run_dir))
+    task = torchrun_task(cfg, SimpleNamespace(config=None, overrides=[], program=None), run_dir)
+    argv = plan.torchrun_argv(None, [], 1, 1, "h:1", "1", 30, max_restarts=task.max_restarts)
+    assert in_submitit in job + "\n" + plan.shell_join(argv), job
+
+
+def test_submitit_job_is_a_singleton_with_srun_cpus_and_exclusive_gpu_nodes(tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from hpc_rlhf.config import load_config
+    from hpc_rlhf.launch.submit import submitit_params
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_7b.yaml")
+    job = _make_sbatch_string("CMD", tmp_path, **submitit_params(cfg, tmp_path))
+    assert "#SBATCH --dependency=singleton" in job and "#SBATCH --exclusive" in job
+    srun = next(line for line in job.splitlines() if line.startswith("srun"))
+    assert f"--cpus-per-task={cfg.launch.cpus_per_node}" in srun, srun
+    assert "#SBATCH --dependency=singleton" in render_sbatch(BASE)

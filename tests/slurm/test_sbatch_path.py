@@ -1,0 +1,118 @@
+"""The plain-sbatch path on the real local SLURM cluster: `submit --sbatch` checks before
+queueing, the rendered script checks again before any rank starts, a requeue that fails ends the
+job FAILED, and a second job of the same run waits for the first (singleton)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hpc_rlhf.launch.sbatch import SCRIPTS, SbatchSpec, render_sbatch
+from testlib import REPO, scaled, wait_until
+
+pytestmark = pytest.mark.slurm
+TINY = "configs/tiny_disagg.yaml"
+
+
+def _submit(slurm_cluster, *args, **env):
+    return subprocess.run([sys.executable, "-m", "hpc_rlhf.submit", "--config", TINY,
+                           "--sbatch", *args], cwd=REPO, env=slurm_cluster.env(**env),
+                          capture_output=True, text=True, timeout=scaled(300))
+
+
+def _jobs_named(slurm_cluster, name: str) -> str:
+    return subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"],
+                          env=slurm_cluster.env(), capture_output=True, text=True,
+                          timeout=scaled(30)).stdout.strip()
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.num_stpes=3", "train.num_stpes"),
+    ("reward.source=remote reward.remote_url=${REWARD_URL}", "${REWARD_URL}"),
+])
+def test_bad_override_is_refused_before_anything_is_queued(slurm_cluster, tmp_path, override,
+                                                           named):
+    name = f"refused_{len(named)}"
+    out = _submit(slurm_cluster, *override.split(), f"launch.name={name}",
+                  f"launch.run_dir={tmp_path}/run", REWARD_URL="")
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr
+    assert named in out.stderr and "submitted job" not in out.stdout
+    assert _jobs_named(slurm_cluster, name) == ""
+    assert not (tmp_path / "run" / "job.sbatch").exists()
+
+
+def test_sbatch_path_runs_two_nodes_with_the_rendered_script(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    out = _submit(slurm_cluster, "--program", "smoke", "--wait", "train.num_steps=3",
+                  "launch.name=sbatch_path", f"launch.run_dir={run_dir}",
+                  "launch.env=[HPC_RLHF_TEST_MARK=seen]")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr
+    script = (run_dir / "job.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "train.num_steps=3" in script
+    assert "export HPC_RLHF_TEST_MARK=seen" in script
+    ranks = [json.loads((run_dir / "smoke" / f"rank{r}.json").read_text()) for r in range(4)]
+    assert sorted({r["node"] for r in ranks}) == ["node1", "node2"]
+
+
+def _main_script(tmp_path, **spec) -> tuple:
+    """A script rendered like slurm/ppo_70b.sbatch, for the tiny 2-node config."""
+    spec = SbatchSpec(job_name=spec.pop("job_name", "tiny_main"), nodes=2, gpus_per_node=0,
+                      nproc_per_node=2, cpus_per_task=1, time="00:10:00",
+                      config=str(REPO / TINY), extra_env=(("HPC_RLHF_PROGRAM", "smoke"),),
+                      **spec)
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(spec))
+    return script, tmp_path / "run", tmp_path / "job.out"
+
+
+@pytest.mark.parametrize("bad,named", [
+    ("train.num_stpes=3", "train.num_stpes"),
+    ("topology.nodes=1", "topology.nodes=1 but this job has 2 node(s)"),
+])
+def test_checked_in_script_checks_its_arguments_before_starting_ranks(slurm_cluster, tmp_path,
+                                                                       bad, named):
+    script, run_dir, log = _main_script(tmp_path)
+    job = slurm_cluster.sbatch(script, bad, sbatch_args=(f"--output={log}",),
+                               PYTHON=sys.executable, RUN_DIR=str(run_dir))
+    info = slurm_cluster.wait(job, timeout=120)
+    text = log.read_text() if log.exists() else ""
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), text
+    assert named in text and "the config check above failed; nothing was started" in text
+    assert not list(run_dir.glob("logs/rank*.log")), "a rank started"
+
+
+def test_requeue_that_fails_ends_the_job_failed(slurm_cluster, tmp_path):
+    """`sbatch --no-requeue` makes `scontrol requeue` refuse: the checkpoint is kept, the job
+    must not end COMPLETED as if it had finished."""
+    run_dir, log = tmp_path / "run", tmp_path / "tiny.out"
+    job = slurm_cluster.sbatch(REPO / "slurm" / "tiny_test.sbatch", "--steps", "400",
+                               "--step-seconds", "0.1",
+                               sbatch_args=(f"--output={log}", "--no-requeue"),
+                               PYTHON=sys.executable, RUN_DIR=str(run_dir))
+    progress = run_dir / "progress.json"
+    wait_until(lambda: progress.exists() and json.loads(progress.read_text())["step"] >= 2,
+               90, "tiny_test to reach step 2")
+    slurm_cluster.scancel_signal(job, "USR1")
+    info = slurm_cluster.wait(job, timeout=120)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "1:0", "0"), text
+    assert f"[sbatch] FAILED to requeue job {job}" in text and str(run_dir) in text, text
+
+
+def test_second_job_of_the_same_run_waits_for_the_first(slurm_cluster, tmp_path):
+    assert "--dependency=singleton" in render_sbatch(SCRIPTS["tiny_test"])
+    jobs = [slurm_cluster.sbatch(REPO / "slurm" / "tiny_test.sbatch", "--steps", str(steps),
+                                 "--step-seconds", "0.1",
+                                 sbatch_args=(f"--output={tmp_path}/job{k}.out",),
+                                 PYTHON=sys.executable, RUN_DIR=str(tmp_path / f"run{k}"))
+            for k, steps in enumerate((30, 5))]
+    progress = tmp_path / "run0" / "progress.json"
+    wait_until(lambda: progress.exists(), 90, "the first job to start")
+    second = slurm_cluster.job(jobs[1])
+    assert (second["JobState"], second["Reason"]) == ("PENDING", "Dependency"), second
+    first = slurm_cluster.wait(jobs[0], timeout=120)
+    assert first["JobState"] == "COMPLETED"
+    assert slurm_cluster.wait(jobs[1], timeout=120)["JobState"] == "COMPLETED"
+    assert json.loads((tmp_path / "run1" / "result.json").read_text())["steps"] == 5
