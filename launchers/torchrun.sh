@@ -8,6 +8,11 @@ set -euo pipefail
 config=${1:?usage: launchers/torchrun.sh CONFIG.yaml [key=value ...]}
 shift
 cd "$(dirname "$0")/.."
+if [[ ${NNODES:-1} != 1 && -z ${HEAD_ADDR:-} ]]; then
+    echo "launchers/torchrun.sh: NNODES=$NNODES needs HEAD_ADDR=<address of the first node>" \
+         "(the same on every node); 127.0.0.1 only works for one node" >&2
+    exit 2
+fi
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes "${NNODES:-1}" --nproc-per-node "${NPROC_PER_NODE:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "${HEAD_ADDR:-127.0.0.1}:${RDZV_PORT:-29500}" \

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.program or os.environ.get(ENV_PROGRAM) or cfg.train.trainer
     program = resolve_program(name)
 
+    from hpc_rlhf.config.rules import GENERATING_TRAINERS
     from hpc_rlhf.topology import Topology
     from .rundir import (RerunRefused, check_rerun, clear_failure, prepare_run_dir,
                          record_failure, tee_rank_logs)
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{time.monotonic() - t0:.1f}s; program {name!r}; run dir {run_dir}")
     clear_failure(run_dir, topo.rank)
     try:
+        if topo.rank == 0 and cfg.reward.source == "remote" and name in GENERATING_TRAINERS:
+            from hpc_rlhf.rewards.remote import probe_servers  # before any model loads
+            probe_servers(cfg.reward.remote_url, cfg.reward.remote_timeout_s)
         program(cfg, topo, run_dir)
     except Exception as e:
         record_failure(run_dir, topo.rank, e)

@@ -105,6 +105,34 @@ def expand_env(text: str, what: str) -> tuple[str, list[str]]:
     return _ENV_REF.sub(sub, text), values
 
 
+def probe_servers(url_list: str, budget_s: float, poll_s: float = 2.0) -> None:
+    """Before any model loads (rank 0): every server of `url_list` (comma-separated, ${VAR}
+    expanded) accepts a TCP connection within `budget_s`; RewardError names the ones that do
+    not. Only the port is tried: no request is sent, so any server implementation passes."""
+    pending = {}
+    for template in (u.strip() for u in url_list.split(",") if u.strip()):
+        url = expand_env(template, "reward.remote_url")[0]
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        pending[mask_url(template)] = (parts.hostname or "", port)
+    deadline, last = time.monotonic() + budget_s, {}
+    while pending:
+        for shown, (host, port) in list(pending.items()):
+            try:
+                socket.create_connection((host, port), timeout=min(5.0, budget_s)).close()
+                del pending[shown]
+            except OSError as e:
+                last[shown] = f"{type(e).__name__}: {e}"
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+    if pending:
+        names = "; ".join(f"{u} ({last[u]})" for u in pending)
+        raise RewardError(f"reward.remote_url: no connection within {budget_s:.0f} s to {names}; "
+                          "start the reward server first (or fix the URL), then resubmit: "
+                          "nothing was loaded yet")
+
+
 def mask_url(url: str) -> str:
     """The URL with its password and query values replaced by '***' (references kept)."""
     try:

@@ -205,3 +205,23 @@ def test_cli_server_survives_one_injected_timeout():
             proc.wait(timeout=scaled(10))
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_probe_passes_a_listening_server_and_names_the_one_that_is_not(monkeypatch):
+    """Rank 0 probes every server before any model loads (hpc_rlhf.launch.main)."""
+    from hpc_rlhf.rewards.remote import probe_servers
+    with socket.socket() as up, socket.socket() as down:
+        up.bind(("127.0.0.1", 0))
+        up.listen()
+        down.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        good, bad = up.getsockname()[1], down.getsockname()[1]
+        monkeypatch.setenv("RM_HOST", "127.0.0.1")
+        probe_servers(f"http://${{RM_HOST}}:{good}/score", budget_s=scaled(5))
+        start = time.monotonic()
+        with pytest.raises(RewardError) as e:
+            probe_servers(f"http://127.0.0.1:{good}/a, http://127.0.0.1:{bad}/b", budget_s=1.0,
+                          poll_s=0.2)
+        assert time.monotonic() - start < scaled(10)
+    msg = str(e.value)
+    assert f"http://127.0.0.1:{bad}/b (ConnectionRefusedError" in msg and f":{good}/a" not in msg
+    assert msg.startswith("reward.remote_url: no connection within 1 s")

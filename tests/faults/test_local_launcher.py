@@ -113,3 +113,22 @@ def test_a_failing_rank_ends_with_one_line_naming_it(tmp_path):
                            "injecting raise in train"), out.text[-3000:]
     assert f"full log: {tmp_path / 'logs' / 'rank1.log'}" in last
     assert "FaultInjected" in (tmp_path / "logs" / "rank1.log").read_text()
+
+
+@pytest.mark.timeout(scaled(300))
+def test_an_unreachable_reward_server_ends_the_job_before_any_model_loads(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        proc = _launch(tmp_path, ["reward.source=remote", "reward.remote_timeout_s=2",
+                                  f"reward.remote_url=http://127.0.0.1:{port}/score"])
+        out = TimedOutput(proc)
+        rc, _ = out.wait(240)
+    assert rc == 1, out.text[-3000:]
+    last = out.text.strip().splitlines()[-1]
+    assert last.startswith(f"[submit] FAILED on rank 0: RewardError: reward.remote_url: no "
+                           f"connection within 2 s to http://127.0.0.1:{port}/score"), last
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "nothing was loaded yet" in log and "(in probe_servers, remote.py" in last
+    assert "hpc_rlhf/rl/" not in log, log[-2000:]  # the RL program never started

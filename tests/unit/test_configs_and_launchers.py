@@ -78,3 +78,11 @@ def test_torchrun_launcher_runs_two_ranks(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=scaled(180))
     _assert_smoke_done(run_dir, out)
+
+
+@pytest.mark.unit
+def test_torchrun_launcher_refuses_several_nodes_without_a_head_address():
+    env = {k: v for k, v in os.environ.items() if k != "HEAD_ADDR"}
+    out = subprocess.run(["bash", "launchers/torchrun.sh", "configs/grpo_tiny.yaml"], cwd=REPO,
+                         env={**env, "NNODES": "2"}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "NNODES=2 needs HEAD_ADDR" in out.stderr
