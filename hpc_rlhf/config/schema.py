@@ -273,6 +273,9 @@ class CheckpointConfig:
                                 "directory, or a run directory: its newest) when the run "
                                 "directory has none of its own; weights, optimizer and step")
     export_hf: bool = opt(True, "export the final policy as an HF directory")
+    write_gb_s: float = opt(2.0, "write bandwidth to the run directory in GB/s (all nodes "
+                            "together): the dry run's checkpoint save-time estimate, checked "
+                            "against launch.signal_lead_s", gt=0.0)
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,65 @@
-"""The dry-run plan: layout per node/GPU, memory per rank, the exact commands.
+"""The dry-run plan: layout per node/GPU, memory per rank, checkpoint size and save time, the
+exact commands.
 
-Memory model (per GPU, bytes; P = parameters of one model, dp = its ZeRO data-parallel size,
-tp = AutoTP size; bf16/fp16 mixed precision with fp32 Adam, as in the ZeRO paper):
+Memory model (per GPU, bytes; P = parameters of one model, N = its ZeRO data-parallel size
+(every rank of its world but the AutoTP dimension), L = its largest tensor (the embedding or
+LM head), tp = AutoTP size; bf16 mixed precision with fp32 Adam):
 
-    weights   2P  (fp32: 4P)    divided by dp under ZeRO-3, 0 on GPU with offload_params
-    grads     2P  (fp32: 4P)    divided by dp under ZeRO-2/3
-    Adam     12P  (fp32 master + m + v; fp32 training: 8P)   divided by dp under ZeRO-1/2/3,
-                                0 on GPU with offload_optimizer
-    all three divided by tp (AutoTP shards every matrix; ZeRO-3 + AutoTP is refused by rules)
-    => ZeRO-3: (2 + 2 + 12) P / dp = 16 P / dp   (ZeRO paper, Rajbhandari et al. 2020, Fig. 1)
-    frozen models (reference, reward model): weights only, sharded like the actor (ZeRO-3:
-    /dp), 0 with train.ref_offload.
-    vLLM engine rank: weights 2P / engine_tp, and vLLM reserves gpu_memory_utilization of the
-    GPU in total (weights + activations + KV cache): the rank's figure is max(weights, share).
-    Colocated: vLLM sleeps while training (rollout.enable_sleep), so the peak is
-    max(train, vLLM); without sleep they add up.
-Not counted: activations (depend on micro-batch, length, checkpointing), ZeRO-3 gather
-buffers (~stage3_max_live_parameters x 2 B), CUDA context (~0.5-1 GiB), fragmentation.
-Parameter counts: model.num_params_b, else config.json at model.path (dense decoder formula),
-else a few known names. Critic and reward model are assumed the actor's size unless they have
-their own config.json (model.critic_path / model.reward_model_path).
+    model states, as DeepSpeed's own estimators count them
+    (estimate_zero2/zero3_model_states_mem_needs; tests/unit/test_plan.py holds us to them):
+      ZeRO-3   2P/N weights + 4P/N grads + 12P/N Adam = 18P/N, plus 4L for the layer being
+               gathered; offload_optimizer: 2P/N + 4L; offload_params too: 4L
+      ZeRO-2   2P weights + 6P/N grads + 12P/N Adam = 2P + 18P/N; offload_optimizer: 2P
+      ZeRO-1   2P + 2P + 12P/N;  ZeRO-0  16P   (ZeRO paper, Rajbhandari et al. 2020, Fig. 1)
+      fp32 training: 4 + 4 + 8 bytes instead of 2 + 4 + 12; LoRA: no grads or Adam (< 1% of P)
+      all divided by tp (AutoTP shards every matrix)
+    frozen models (reference, reward model): weights sharded like the actor, plus 2L gathered
+    under ZeRO-3; 0 with train.ref_offload.
+    activations of one micro-batch (the largest trained model; Korthikanti et al. 2022 with a
+    flash kernel, so no attention matrix): 34 bytes x tokens x hidden per layer in bf16 (every
+    layer without gradient checkpointing; with it, the layer inputs plus one layer), tokens =
+    micro_batch_size x sequence (or train.max_tokens_per_micro_batch), / ring_attn_size;
+    logits: tokens x vocab x (2 + 4 + 4) bytes (bf16 output, fp32 copy, its gradient).
+    weight-sync staging: 2 buckets of rollout.weight_sync_bucket_mb on trainer and vLLM ranks.
+    runtime: CUDA context, NCCL buffers and allocator slack, a flat RUNTIME_GIB.
+    vLLM engine rank: vLLM takes gpu_memory_utilization of the GPU (weights + KV cache).
+    Colocated with vLLM sleep: the peak is max(train, vLLM); without sleep they add up.
+Parameter counts and shapes: config.json at the model path, else model.num_params_b with a
+Llama-proportioned shape (hidden = (128 P / 12)^(1/3), 32k vocabulary), else a few known names.
+Critic and reward model are the actor's size unless their own config.json says otherwise.
+Checkpoint: 14 bytes per trained parameter (bf16 weights + fp32 Adam states); the save time is
+its size over checkpoint.write_gb_s, checked against launch.signal_lead_s.
 """
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig
+from hpc_rlhf.config.rules import GENERATING_TRAINERS
 from hpc_rlhf.topology.layout import Layout
 
 GIB = 1024 ** 3
+RUNTIME_GIB = 1.5
+CHECKPOINT_BYTES_PER_PARAM = 14
+REQUEUE_MARGIN_S = 60  # of the signal lead, kept for torchrun's exit and the requeue itself
 KNOWN_PARAMS = {"embedded:smollm2-135m": 134_515_008, "tiny:llama": 0, "tiny:qwen2": 0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    hidden: int
+    layers: int
+    vocab: int
+
+    @property
+    def largest_layer(self) -> int:
+        return self.vocab * self.hidden  # the embedding (or LM head): larger than any matrix
 
 
 def params_from_hf_config(c: dict) -> int:
@@ -49,37 +75,85 @@ def params_from_hf_config(c: dict) -> int:
     return emb + layers * per_layer + h
 
 
+def _hf_config(path: str) -> dict | None:
+    """config.json of a model directory, or of a hub name's snapshot in the local hub cache."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file() and path and not Path(path).exists():
+        from .preflight import hub_cache_model
+        snapshot = hub_cache_model(path) if "/" in path else None
+        cfg_file = snapshot / "config.json" if snapshot else cfg_file
+    if not cfg_file.is_file():
+        return None
+    c = json.loads(cfg_file.read_text())
+    return c.get("text_config", c)
+
+
 def count_params(path: str, num_params_b: float = 0.0) -> int:
     """Parameters of the model at `path` (0 = unknown)."""
     if num_params_b:
         return int(num_params_b * 1e9)
-    cfg_file = Path(path) / "config.json"
-    if cfg_file.is_file():
-        c = json.loads(cfg_file.read_text())
-        c = c.get("text_config", c)
-        return params_from_hf_config(c)
-    return KNOWN_PARAMS.get(path, 0)
+    c = _hf_config(path)
+    return params_from_hf_config(c) if c else KNOWN_PARAMS.get(path, 0)
 
 
-def _bytes_per_param(dtype: str) -> tuple:
-    return (4, 4, 8) if dtype == "float32" else (2, 2, 12)
+def model_shape(path: str, num_params_b: float = 0.0) -> ModelShape | None:
+    """The shape the memory plan needs (None when the parameter count is unknown)."""
+    c = _hf_config(path)
+    p = count_params(path, num_params_b)
+    if c and p:
+        return ModelShape(p, c["hidden_size"], c["num_hidden_layers"], c["vocab_size"])
+    if not p:
+        return None
+    hidden = max(128, round((128 * p / 12) ** (1 / 3) / 128) * 128)  # Llama: layers = h / 128
+    return ModelShape(p, hidden, max(1, round(p / (12 * hidden * hidden))), 32_000)
 
 
-def trained_model_bytes(p: int, cfg: JobConfig, dp: int, tp: int, lora: bool) -> dict:
-    """{weights, grads, adam} bytes on one GPU for a trained model of `p` parameters."""
-    tr = cfg.train
-    w, g, a = _bytes_per_param(cfg.model.dtype)
-    z = tr.zero_stage
-    weights = 0 if tr.offload_params else w * p / (dp if z == 3 else 1) / tp
-    trainable = 0 if lora else p  # LoRA adapters are < 1% of P: neglected
-    grads = g * trainable / (dp if z >= 2 else 1) / tp
-    adam = 0 if tr.offload_optimizer else a * trainable / (dp if z >= 1 else 1) / tp
-    return {"weights": weights, "grads": grads, "adam": adam}
+def trained_model_bytes(shape: ModelShape, cfg: JobConfig, dp: int, tp: int,
+                        lora: bool) -> dict:
+    """{weights, grads, adam, gathered layer} bytes on one GPU for a trained model."""
+    tr, p = cfg.train, shape.params
+    w, g, a = (4, 4, 8) if cfg.model.dtype == "float32" else (2, 4, 12)
+    trainable = 0 if lora else p
+    z, n = tr.zero_stage, dp
+    if z == 3:
+        weights = 0 if tr.offload_params else w * p / n
+        grads = 0 if tr.offload_optimizer else g * trainable / n
+        adam = 0 if tr.offload_optimizer else a * trainable / n
+        live = 4 * shape.largest_layer
+    elif z == 2:
+        weights, live = w * p, 0
+        grads = 0 if tr.offload_optimizer else (g + w) * trainable / n
+        adam = 0 if tr.offload_optimizer else a * trainable / n
+    else:  # ZeRO-1 / 0: the paper's mixed-precision Adam (K = 12)
+        weights, grads, live = w * p, w * trainable, 0
+        adam = 0 if tr.offload_optimizer else a * trainable / (n if z == 1 else 1)
+    return {"weights": weights / tp, "grads": grads / tp, "adam": adam / tp,
+            "gathered layer": live / tp}
 
 
-def frozen_model_bytes(p: int, cfg: JobConfig, dp: int, tp: int, offload: bool) -> float:
-    w = _bytes_per_param(cfg.model.dtype)[0]
-    return 0 if offload else w * p / (dp if cfg.train.zero_stage == 3 else 1) / tp
+def frozen_model_bytes(shape: ModelShape, cfg: JobConfig, dp: int, tp: int,
+                       offload: bool) -> float:
+    w = 4 if cfg.model.dtype == "float32" else 2
+    if offload:
+        return 0.0
+    if cfg.train.zero_stage == 3:
+        return (w * shape.params / dp + w * shape.largest_layer) / tp
+    return w * shape.params / tp
+
+
+def activation_bytes(shape: ModelShape, cfg: JobConfig, sp: int) -> dict:
+    """{activations, logits} of one micro-batch of the largest trained model (see the doc)."""
+    d, tr = cfg.data, cfg.train
+    seq = (d.max_prompt_len + cfg.rollout.max_new_tokens
+           if tr.trainer in GENERATING_TRAINERS else d.max_len)
+    tokens = (tr.max_tokens_per_micro_batch or tr.micro_batch_size * seq) / max(sp, 1)
+    el = 4 if cfg.model.dtype == "float32" else 2
+    per_layer = 17 * el * tokens * shape.hidden
+    if cfg.model.gradient_checkpointing:
+        acts = shape.layers * el * tokens * shape.hidden + per_layer
+    else:
+        acts = shape.layers * per_layer
+    return {"activations": acts, "logits": tokens * shape.vocab * (el + 4 + 4)}
 
 
 @dataclass(frozen=True)
@@ -90,46 +164,68 @@ class RankMemory:
     total: float
 
 
+def _shapes(cfg: JobConfig) -> tuple:
+    m = cfg.model
+    actor = model_shape(m.path, m.num_params_b)
+    critic = (model_shape(m.critic_path) if m.critic_path else None) or actor
+    rm = (model_shape(m.reward_model_path) if m.reward_model_path else None) or actor
+    return actor, critic, rm
+
+
+def _trainer_items(cfg: JobConfig, layout: Layout, name: str, members, roles) -> list:
+    actor, critic, rm = _shapes(cfg)
+    tp = layout.tp_size if name in ("all", "actor", "critic") else 1
+    dp = len(members) // tp
+    items: list = []
+    trained = []
+    if "actor" in roles:
+        trained.append(actor)
+        items += [(f"actor {k}", v) for k, v in
+                  trained_model_bytes(actor, cfg, dp, tp, cfg.model.lora_rank > 0).items()]
+    if "critic" in roles:
+        trained.append(critic)
+        items += [(f"critic {k}", v) for k, v in
+                  trained_model_bytes(critic, cfg, dp, tp, False).items()]
+    if "ref" in roles:
+        items.append(("ref weights", frozen_model_bytes(actor, cfg, dp, tp,
+                                                        cfg.train.ref_offload)))
+    if "reward" in roles:
+        items.append(("reward model weights", frozen_model_bytes(rm, cfg, dp, tp, False)))
+    if trained:
+        biggest = max(trained, key=lambda sh: sh.params)
+        items += list(activation_bytes(biggest, cfg, layout.sp_size).items())
+    if cfg.train.trainer in GENERATING_TRAINERS:
+        items.append(("weight-sync staging (2 buckets)",
+                      2 * cfg.rollout.weight_sync_bucket_mb * 2 ** 20))
+    return items
+
+
 def memory_plan(cfg: JobConfig, layout: Layout, gpu_mem_gb: float) -> list:
-    """One RankMemory per default world (all ranks of a world look alike)."""
-    m, tr, r = cfg.model, cfg.train, cfg.rollout
-    p_actor = count_params(m.path, m.num_params_b)
-    p_critic = count_params(m.critic_path, 0) or p_actor if m.critic_path else p_actor
-    p_rm = count_params(m.reward_model_path, 0) or p_actor if m.reward_model_path else p_actor
-    lora = m.lora_rank > 0
+    """One RankMemory per default world (all ranks of a world look alike); [] when the
+    model's size is unknown."""
+    r = cfg.rollout
+    actor = _shapes(cfg)[0]
+    if actor is None:
+        return []
     out = []
     for name, members in layout.worlds:
         info = layout.info(members[0])
-        items: list = []
-        train = 0.0
-        if info.is_trainer:
-            # ZeRO shards over every rank of the world but the AutoTP dimension (ring /
-            # sequence-parallel ranks hold the same model, so they shard it too).
-            tp = layout.tp_size if name in ("all", "actor", "critic") else 1
-            dp = len(members) // tp
-            if "actor" in info.roles:
-                for k, v in trained_model_bytes(p_actor, cfg, dp, tp, lora).items():
-                    items.append((f"actor {k}", v))
-            if "critic" in info.roles:
-                for k, v in trained_model_bytes(p_critic, cfg, dp, tp, False).items():
-                    items.append((f"critic {k}", v))
-            if "ref" in info.roles:
-                items.append(("ref weights", frozen_model_bytes(p_actor, cfg, dp, tp,
-                                                                tr.ref_offload)))
-            if "reward" in info.roles:
-                items.append(("reward model weights", frozen_model_bytes(p_rm, cfg, dp, tp,
-                                                                         False)))
-            train = sum(v for _, v in items)
+        items = _trainer_items(cfg, layout, name, members, info.roles) if info.is_trainer else []
+        train = sum(v for _, v in items)
         vllm = 0.0
         if "rollout" in info.roles:
-            wb = _bytes_per_param(m.dtype)[0] * p_actor / layout.engine_tp
+            wb = (4 if cfg.model.dtype == "float32" else 2) * actor.params / layout.engine_tp
             share = r.gpu_memory_utilization * gpu_mem_gb * GIB
             items.append((f"vLLM weights (TP {layout.engine_tp})", wb))
             items.append((f"vLLM KV cache + activations (to {r.gpu_memory_utilization:.0%} "
                           f"of {gpu_mem_gb:g} GiB)", max(share - wb, 0.0)))
+            if not info.is_trainer:
+                items.append(("weight-sync staging (2 buckets)",
+                              2 * r.weight_sync_bucket_mb * 2 ** 20))
             vllm = max(wb, share)
         sleeps = layout.mode == "colocated" and r.enable_sleep
-        total = max(train, vllm) if sleeps else train + vllm
+        items.append(("runtime (CUDA context, NCCL, allocator slack)", RUNTIME_GIB * GIB))
+        total = (max(train, vllm) if sleeps else train + vllm) + RUNTIME_GIB * GIB
         rng = f"{members[0]}-{members[-1]}" if len(members) > 1 else f"{members[0]}"
         out.append(RankMemory(name, rng, tuple(items), total))
     return out
@@ -147,9 +243,38 @@ def format_memory(plan: list, gpu_mem_gb: float, colocated_sleep: bool) -> tuple
         if rm.total > gpu_mem_gb * GIB:
             warnings.append(f"WARNING: world {rm.world} needs ~{rm.total / GIB:.1f} GiB per GPU, "
                             f"more than --gpu-mem-gb={gpu_mem_gb:g}; raise train.zero_stage, "
-                            "add ranks, or set train.offload_optimizer / offload_params / "
-                            "ref_offload")
+                            "add ranks, turn on model.gradient_checkpointing, lower "
+                            "train.micro_batch_size, or set train.offload_optimizer / "
+                            "offload_params / ref_offload")
     return "\n".join(lines), warnings
+
+
+def checkpoint_plan(cfg: JobConfig) -> tuple:
+    """(text, warnings): checkpoint size, save time and the signal lead it must fit in."""
+    actor, critic, _ = _shapes(cfg)
+    if actor is None:
+        return "size unknown (set model.num_params_b)", []
+    models = [("actor", actor, cfg.model.lora_rank > 0)]
+    if cfg.train.trainer == "rl" and cfg.algorithm.name == "ppo":
+        models.append(("critic", critic, False))
+    size = sum(sh.params * (0.02 if lora else CHECKPOINT_BYTES_PER_PARAM)
+               for _, sh, lora in models)
+    save_s = size / (cfg.checkpoint.write_gb_s * 1e9)
+    lead = cfg.launch.signal_lead_s
+    text = (f"{'+'.join(n for n, _, _ in models)}: {size / 1e9:,.0f} GB (weights + optimizer "
+            f"states); ~{save_s:,.0f} s at checkpoint.write_gb_s={cfg.checkpoint.write_gb_s:g}; "
+            f"launch.signal_lead_s={lead} leaves {lead - REQUEUE_MARGIN_S} s for the current "
+            "step and the save")
+    warnings = []
+    if save_s > (lead - REQUEUE_MARGIN_S) / 2:
+        need = math.ceil((2 * save_s + REQUEUE_MARGIN_S) / 60) * 60
+        warnings.append(
+            f"WARNING: a checkpoint takes ~{save_s:,.0f} s, more than half of the "
+            f"{lead - REQUEUE_MARGIN_S} s the signal lead leaves (the step in progress must "
+            f"finish first): a preempted job may be killed mid-save and lose the work since the "
+            f"last checkpoint; raise launch.signal_lead_s to >= {need} (or measure your "
+            "filesystem and set checkpoint.write_gb_s)")
+    return text, warnings
 
 
 def torchrun_argv(cfg_path: str | None, overrides: list, nnodes: int, nproc: int,

@@ -87,7 +87,8 @@ def _environment_refs(cfg: JobConfig, out: Findings) -> None:
 
 
 # ---- models -------------------------------------------------------------------------------
-def _hub_cache_model(name: str) -> Path | None:
+def hub_cache_model(name: str) -> Path | None:
+    """The local hub cache's snapshot of model `name` holding a config.json, or None."""
     home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
     root = Path(os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub")))
     snapshots = root / f"models--{name.replace('/', '--')}" / "snapshots"
@@ -117,7 +118,7 @@ def model_problem(name: str, value: str) -> tuple[str | None, str | None]:
     if not _HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():
         return (f"{name}={value!r} does not exist; give an existing HF model directory "
                 "(relative to the directory you submit from, or absolute)"), None
-    if _hub_cache_model(value):
+    if hub_cache_model(value):
         return None, None
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
         return (f"{name}={value!r} is not in the local hub cache and HF_HUB_OFFLINE=1; download "

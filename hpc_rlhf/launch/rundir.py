@@ -101,7 +101,8 @@ class RerunRefused(ValueError):
 
 # Fields that may differ between attempts of one run (prefixes end with a dot).
 RERUN_FREE = ("launch.", "logging.", "checkpoint.save_every", "checkpoint.keep_last",
-              "checkpoint.export_hf", "checkpoint.resume_from", "topology.timeout_s")
+              "checkpoint.export_hf", "checkpoint.resume_from", "checkpoint.write_gb_s",
+              "topology.timeout_s")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -287,7 +287,7 @@ exit "$rc"
 SCRIPTS: dict[str, SbatchSpec] = {
     "ppo_70b": SbatchSpec(
         job_name="ppo_70b", nodes=8, gpus_per_node=8, nproc_per_node=8, cpus_per_task=64,
-        time="48:00:00", config="configs/ppo_70b.yaml", signal_lead_s=600,
+        time="48:00:00", config="configs/ppo_70b.yaml", signal_lead_s=1200,
         description="PPO on a 70B actor (critic, reference and reward model), 8 nodes x 8 GPUs.",
     ),
     "grpo_7b": SbatchSpec(

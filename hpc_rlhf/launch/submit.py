@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_rlhf.config import ConfigError, JobConfig, load_config
+from hpc_rlhf.config.rules import GENERATING_TRAINERS
 from hpc_rlhf.topology.layout import Layout, build_layout
 from . import plan as planlib
 from .preflight import format_findings, preflight
@@ -99,6 +100,20 @@ def sbatch_text(cfg: JobConfig, config_path: str | None, overrides: list, progra
         return f"# (no sbatch script: {e})"
 
 
+def _reward_server_line(cfg: JobConfig) -> list:
+    """A remote reward model runs outside this job: say what serving it takes."""
+    if cfg.reward.source != "remote" or cfg.train.trainer not in GENERATING_TRAINERS:
+        return []
+    from hpc_rlhf.rewards.remote import mask_urls
+    rm = planlib.count_params(cfg.model.reward_model_path or cfg.model.path,
+                              0 if cfg.model.reward_model_path else cfg.model.num_params_b)
+    which = "model.reward_model_path" if cfg.model.reward_model_path else "the actor"
+    size = (f"; a reward model the size of {which} ({rm / 1e9:.1f} B) holds "
+            f"{2 * rm / planlib.GIB:.0f} GiB of bf16 weights wherever it is served, on GPUs not "
+            "counted here") if rm else ""
+    return [f"== reward server(s) {mask_urls(cfg.reward.remote_url)}: outside this job{size}"]
+
+
 def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides: list,
               program: str | None, gpu_mem_gb: float) -> tuple:
     """(full dry-run text, warnings)."""
@@ -106,20 +121,23 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
     mem = planlib.memory_plan(cfg, layout, gpu_mem_gb)
     sleeps = layout.mode == "colocated" and cfg.rollout.enable_sleep
     mem_text, warnings = planlib.format_memory(mem, gpu_mem_gb, sleeps)
+    ckpt_text, ckpt_warnings = planlib.checkpoint_plan(cfg)
     p = planlib.count_params(cfg.model.path, cfg.model.num_params_b)
     if p == 0:
         warnings.append(f"WARNING: parameter count of model.path={cfg.model.path!r} unknown; "
                         "set model.num_params_b for a memory estimate")
+    warnings += ckpt_warnings
     trun = planlib.torchrun_argv(config_path, overrides, cfg.topology.nodes,
                                  cfg.topology.procs_per_node, "@ENDPOINT@", "@JOBID@",
-                                 shutdown_timeout_s(cfg))
+                                 shutdown_timeout_s(cfg), max_restarts=cfg.launch.max_restarts)
     parts = [
         f"== job {cfg.launch.name}: {cfg.train.trainer} ({cfg.algorithm.name}), model "
         f"{cfg.model.path} ({p / 1e9:.2f} B params), program {program or cfg.train.trainer}",
         f"== run directory: {run_dir}",
         "== layout (node, GPU, rank)", layout.describe(),
-        f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB; see hpc_rlhf/launch/plan.py)",
-        mem_text, *warnings,
+        f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB usable; see "
+        "hpc_rlhf/launch/plan.py)", mem_text, *_reward_server_line(cfg),
+        f"== checkpoint: {ckpt_text}", *warnings,
         "== torchrun command (one per node, from submitit's task or the sbatch script)",
         (f"HPC_RLHF_PROGRAM={program} " if program else "") + planlib.shell_join(trun)
         .replace("@ENDPOINT@", "$HEAD_ADDR:$RDZV_PORT").replace("@JOBID@", "$SLURM_JOB_ID"),
@@ -238,7 +256,9 @@ def _parse(argv: list | None) -> argparse.Namespace:
                    help="submit with plain sbatch instead of submitit: the job script is rendered "
                    "from the config and overrides (header included) into <run dir>/job.sbatch")
     p.add_argument("--wait", action="store_true", help="block until the job ends, print its log")
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory for the plan")
+    p.add_argument("--gpu-mem-gb", type=float, default=79.6,
+                   help="usable memory of one GPU in GiB, as nvidia-smi reports it, for the plan "
+                   "(H100 80GB: 79.6, the default; A100 80GB: 80; H200: 140.4; A100 40GB: 40)")
     p.add_argument("--folder", default=None,
                    help="submitit folder (default: <run dir>/submitit)")
     return p.parse_args(argv)

@@ -16,20 +16,88 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+# Llama shapes (hidden, layers, intermediate, heads, kv heads, vocab) as their config.json say
+LLAMA = {"7b": (4096, 32, 11008, 32, 32, 32000), "13b": (5120, 40, 13824, 40, 40, 32000),
+         "70b": (8192, 80, 28672, 64, 8, 128256)}
+
+
+def llama_dir(tmp_path, size: str) -> str:
+    h, layers, inter, heads, kv, vocab = LLAMA[size]
+    d = tmp_path / size
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "hidden_size": h, "num_hidden_layers": layers, "intermediate_size": inter,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab}))
+    return str(d)
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4)])
 def test_zero_paper_figure_1(stage, expected_gb):
-    """ZeRO paper Fig. 1: 7.5B params, Nd=64, mixed-precision Adam (K=12)."""
+    """ZeRO paper Fig. 1 (DeepSpeed has no estimator for stages 0/1): 7.5B params, Nd=64,
+    mixed-precision Adam (K=12)."""
     cfg = load_config(None, [f"train.zero_stage={stage}"])
-    b = plan.trained_model_bytes(int(7.5e9), cfg, dp=64, tp=1, lora=False)
+    shape = plan.ModelShape(int(7.5e9), 4096, 32, 32000)
+    b = plan.trained_model_bytes(shape, cfg, dp=64, tp=1, lora=False)
     assert sum(b.values()) / 1e9 == pytest.approx(expected_gb, abs=0.05)
 
 
+@pytest.mark.parametrize("size", sorted(LLAMA))
+@pytest.mark.parametrize("gpus", [8, 64])
+@pytest.mark.parametrize("stage,offload", [(3, ()), (3, ("optimizer",)),
+                                           (3, ("optimizer", "params")), (2, ()),
+                                           (2, ("optimizer",))])
+def test_model_states_within_10_percent_of_deepspeeds_estimators(tmp_path, size, gpus, stage,
+                                                                 offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    shape = plan.model_shape(llama_dir(tmp_path, size))
+    cfg = load_config(None, [f"train.zero_stage={stage}", "model.dtype=bfloat16",
+                             f"train.offload_optimizer={'optimizer' in offload}",
+                             f"train.offload_params={'params' in offload}"])
+    ours = sum(plan.trained_model_bytes(shape, cfg, dp=gpus, tp=1, lora=False).values())
+    nodes, per_node = gpus // 8, 8
+    if stage == 3:
+        _, theirs, _ = estimate_zero3_model_states_mem_needs(
+            shape.params, shape.largest_layer, per_node, nodes, cpu_offload=bool(offload),
+            cpu_offload_params="params" in offload)
+    else:
+        _, theirs = estimate_zero2_model_states_mem_needs(shape.params, per_node, nodes,
+                                                          cpu_offload=bool(offload))
+    assert ours == pytest.approx(theirs, rel=0.10), (ours / 2 ** 30, theirs / 2 ** 30)
+
+
 def test_offload_and_lora_remove_their_terms():
+    shape = plan.ModelShape(10**9, 2048, 16, 32000)
     cfg = load_config(None, ["train.offload_optimizer=true", "train.offload_params=true"])
-    b = plan.trained_model_bytes(10**9, cfg, dp=8, tp=1, lora=False)
-    assert b["weights"] == 0 and b["adam"] == 0 and b["grads"] == 2e9 / 8
-    lora = plan.trained_model_bytes(10**9, load_config(None, []), dp=8, tp=1, lora=True)
-    assert lora == {"weights": 2e9 / 8, "grads": 0, "adam": 0}
+    b = plan.trained_model_bytes(shape, cfg, dp=8, tp=1, lora=False)
+    assert b == {"weights": 0, "grads": 0, "adam": 0, "gathered layer": 4 * 32000 * 2048}
+    lora = plan.trained_model_bytes(shape, load_config(None, []), dp=8, tp=1, lora=True)
+    assert lora["grads"] == 0 and lora["adam"] == 0 and lora["weights"] == 2e9 / 8
+
+
+def test_activations_shrink_with_checkpointing_and_ring_attention():
+    shape = plan.ModelShape(int(7e9), 4096, 32, 32000)
+    base = load_config(None, ["train.trainer=sft", "data.max_len=4096",
+                              "train.micro_batch_size=1", "model.dtype=bfloat16"])
+    full = plan.activation_bytes(shape, base, sp=1)
+    assert full["activations"] == 32 * 34 * 4096 * 4096  # Korthikanti et al., flash attention
+    assert full["logits"] == 4096 * 32000 * 10
+    ckpt = plan.activation_bytes(shape, load_config(None, [
+        "train.trainer=sft", "data.max_len=4096", "train.micro_batch_size=1",
+        "model.dtype=bfloat16", "model.gradient_checkpointing=true"]), sp=1)
+    assert ckpt["activations"] == 32 * 2 * 4096 * 4096 + 34 * 4096 * 4096
+    ring = plan.activation_bytes(shape, base, sp=4)
+    assert ring["activations"] == full["activations"] / 4
+
+
+def test_checkpoint_save_time_is_checked_against_the_signal_lead():
+    cfg = load_config(REPO / "configs" / "ppo_70b.yaml")
+    text, warnings = plan.checkpoint_plan(cfg)
+    assert text.startswith("actor+critic: 1,977 GB") and warnings == []
+    slow = load_config(REPO / "configs" / "ppo_70b.yaml", ["checkpoint.write_gb_s=1",
+                                                           "launch.signal_lead_s=600"])
+    text, (warning,) = plan.checkpoint_plan(slow)
+    assert "~1,977 s" in text and "raise launch.signal_lead_s to >= 4020" in warning
 
 
 def test_param_count_matches_a_real_transformers_model(tmp_path):
@@ -45,17 +113,19 @@ def test_param_count_matches_a_real_transformers_model(tmp_path):
         assert plan.count_params(str(d)) == sum(p.numel() for p in model.parameters())
 
 
-def test_ppo_70b_plan_fits_80gb_and_matches_16_bytes_per_param():
+def test_ppo_70b_plan_fits_an_h100_at_18_bytes_per_param():
     cfg = load_config(REPO / "configs" / "ppo_70b.yaml")
     lay = build_layout(cfg)
-    mem = {m.world: m for m in plan.memory_plan(cfg, lay, 80.0)}
-    p = 70.6e9
+    mem = {m.world: m for m in plan.memory_plan(cfg, lay, 79.6)}
+    shape = plan.model_shape(cfg.model.path, cfg.model.num_params_b)
     actor = dict(mem["actor"].items)
     dp = len(lay.world_members("actor"))
     assert actor["actor weights"] + actor["actor grads"] + actor["actor adam"] == \
-        pytest.approx(16 * p / dp)
-    assert actor["ref weights"] == pytest.approx(2 * p / dp)
-    assert all(m.total < 80 * plan.GIB for m in mem.values())
+        pytest.approx(18 * shape.params / dp)
+    assert actor["actor gathered layer"] == 4 * shape.largest_layer
+    assert actor["ref weights"] == pytest.approx(2 * shape.params / dp + 2 * shape.largest_layer)
+    assert {"activations", "logits", "weight-sync staging (2 buckets)"} <= set(actor)
+    assert all(m.total < 79.6 * plan.GIB for m in mem.values())
 
 
 def _submit(*args, env=None):
