@@ -110,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from hpc_rlhf.config.rules import GENERATING_TRAINERS
     from hpc_rlhf.topology import Topology
-    from .rundir import (RerunRefused, check_rerun, clear_failure, prepare_run_dir,
-                         record_failure, tee_rank_logs)
+    from .rundir import (RerunRefused, check_rerun, claim_run_dir, clear_failure,
+                         prepare_run_dir, record_failure, resolve_run_dir, tee_rank_logs)
     first = os.environ.get("RANK", "0") == "0"
     try:  # the same verdict on every rank (they read the same files): no world needed
+        if first:  # one job per run directory (rank 0 decides; torchrun stops the others)
+            claim_run_dir(resolve_run_dir(cfg), os.environ.get("SLURM_JOB_ID", ""))
         finished = check_rerun(cfg)
     except RerunRefused as e:
         if first:

@@ -169,6 +169,40 @@ def check_rerun(cfg: JobConfig, run_dir: Path | None = None) -> str | None:
     return None
 
 
+OWNER_FILE = "SLURM_JOB"  # the id of the SLURM job that last ran in the run directory
+
+
+def slurm_job_alive(job_id: str) -> bool:
+    """Whether SLURM still lists the job as pending or running (False when squeue cannot say)."""
+    import subprocess
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.strip() not in ("", "COMPLETED", "COMPLETING")
+
+
+def claim_run_dir(run_dir: Path, job_id: str, alive=slurm_job_alive) -> None:
+    """Global rank 0 of a SLURM job, before anything is written: the run directory belongs to
+    one job at a time. A requeue of the same job keeps it; another job that SLURM still lists
+    is refused (two jobs would overwrite each other's checkpoints)."""
+    if not job_id:
+        return
+    owner = Path(run_dir) / OWNER_FILE
+    other = owner.read_text().strip() if owner.is_file() else ""
+    if other and other != job_id and alive(other):
+        raise RerunRefused(
+            f"{run_dir} is in use by SLURM job {other}, which is still queued or running; two "
+            f"jobs in one run directory overwrite each other's checkpoints. Wait for it "
+            f"(sbatch --dependency=afterany:{other} ...), cancel it (scancel {other}), or "
+            "start a run of its own (launch.name=<new name>)")
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    tmp = owner.with_name(f".{OWNER_FILE}.{job_id}.tmp")
+    tmp.write_text(job_id + "\n")
+    os.replace(tmp, owner)
+
+
 def _failure_file(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / "logs" / f"failed_rank{rank}.txt"
 

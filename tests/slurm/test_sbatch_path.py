@@ -58,6 +58,7 @@ def test_sbatch_path_runs_two_nodes_with_the_rendered_script(slurm_cluster, tmp_
 
 def _main_script(tmp_path, **spec) -> tuple:
     """A script rendered like slurm/ppo_70b.sbatch, for the tiny 2-node config."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = SbatchSpec(job_name=spec.pop("job_name", "tiny_main"), nodes=2, gpus_per_node=0,
                       nproc_per_node=2, cpus_per_task=1, time="00:10:00",
                       config=str(REPO / TINY), extra_env=(("HPC_RLHF_PROGRAM", "smoke"),),
@@ -116,3 +117,22 @@ def test_second_job_of_the_same_run_waits_for_the_first(slurm_cluster, tmp_path)
     assert first["JobState"] == "COMPLETED"
     assert slurm_cluster.wait(jobs[1], timeout=120)["JobState"] == "COMPLETED"
     assert json.loads((tmp_path / "run1" / "result.json").read_text())["steps"] == 5
+
+
+def test_a_job_on_a_run_directory_in_use_by_another_job_is_refused(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    first, _, first_log = _main_script(tmp_path / "a", job_name="owner_a")
+    second, _, second_log = _main_script(tmp_path / "b", job_name="owner_b")
+    env = dict(PYTHON=sys.executable, RUN_DIR=str(run_dir), HPC_RLHF_SMOKE_STEP_S="0.5")
+    job_a = slurm_cluster.sbatch(first, "train.num_steps=400",
+                                 sbatch_args=(f"--output={first_log}",), **env)
+    wait_until(lambda: (run_dir / "SLURM_JOB").exists(), 90, "the first job to claim the run dir")
+    job_b = slurm_cluster.sbatch(second, "train.num_steps=40",
+                                 sbatch_args=(f"--output={second_log}",), **env)
+    info = slurm_cluster.wait(job_b, timeout=120)
+    text = second_log.read_text()
+    assert info["JobState"] == "FAILED", text
+    assert f"is in use by SLURM job {job_a}, which is still queued or running" in text, text
+    assert slurm_cluster.job(job_a)["JobState"] == "RUNNING"
+    subprocess.run(["scancel", job_a], env=slurm_cluster.env(), timeout=scaled(30))
+    slurm_cluster.wait(job_a, timeout=120)

@@ -104,3 +104,18 @@ def test_failure_files_of_an_earlier_attempt_are_ignored(tmp_path):
     _failed(tmp_path, 0, ValueError("old"))
     assert failure_line(tmp_path, since=time.time() + 5) is None
     assert "ValueError: old" in failure_line(tmp_path, since=0)
+
+
+def test_a_run_directory_belongs_to_one_slurm_job_at_a_time(tmp_path):
+    from hpc_rlhf.launch.rundir import OWNER_FILE, RerunRefused, claim_run_dir
+    claim_run_dir(tmp_path, "101", alive=lambda job: True)
+    assert (tmp_path / OWNER_FILE).read_text() == "101\n"
+    claim_run_dir(tmp_path, "101", alive=lambda job: True)  # its own requeue keeps it
+    with pytest.raises(RerunRefused) as e:
+        claim_run_dir(tmp_path, "202", alive=lambda job: job == "101")
+    assert "in use by SLURM job 101" in str(e.value) and "scancel 101" in str(e.value)
+    assert "launch.name=<new name>" in str(e.value)
+    claim_run_dir(tmp_path, "202", alive=lambda job: False)  # the old job is gone: taken over
+    assert (tmp_path / OWNER_FILE).read_text() == "202\n"
+    claim_run_dir(tmp_path / "local", "", alive=lambda job: True)  # not a SLURM job: no claim
+    assert not (tmp_path / "local").exists()
