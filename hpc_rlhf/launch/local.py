@@ -72,6 +72,10 @@ class LocalJob:
                                      stderr=write, preexec_fn=_pdeathsig_term)
         os.close(write)
         self.pump = pump(read, console)  # the job's output -> console.log, filtered console
+        # `submit status|cancel RUN_DIR` find this launcher here
+        from .jobs import LAUNCHER_PID
+        self.pid_file = run_dir / "logs" / LAUNCHER_PID
+        self.pid_file.write_text(f"{os.getpid()} {os.uname().nodename}\n")
 
     def _on_signal(self, signum, frame) -> None:
         self.stops.append(signum)
@@ -105,6 +109,7 @@ class LocalJob:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+            self.pid_file.unlink(missing_ok=True)
         if self.stops:
             self.console.say(f"[submit] stopped by {signal.Signals(self.stops[0]).name}; rerun "
                              "the same command to resume from the last checkpoint in "

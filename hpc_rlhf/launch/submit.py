@@ -237,6 +237,10 @@ EXAMPLES = """examples:
   # a new run that starts from another run's newest checkpoint
   python -m hpc_rlhf.submit --config configs/grpo_tiny.yaml --local launch.name=more \\
       checkpoint.resume_from=runs/grpo_tiny
+  # what a run is doing, the end of its log, stopping it (it saves at the end of the step)
+  python -m hpc_rlhf.submit status runs/grpo_tiny      # or a SLURM job id
+  python -m hpc_rlhf.submit logs runs/grpo_tiny -n 100 [--rank 1]
+  python -m hpc_rlhf.submit cancel 12345 [--now]
 fields: python -m hpc_rlhf.config docs [SECTION]; exit codes: 0 ok (or already finished),
 2 invalid config or run directory (nothing queued), 1 the job failed (--wait / --local),
 128+N stopped by signal N (--local)."""
@@ -413,6 +417,10 @@ def wait_job(job, run_dir: Path | None = None, poll_s: float = 0.5) -> int:
 
 
 def main(argv: list | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in ("status", "logs", "cancel"):
+        from .jobs import main as jobs_main
+        return jobs_main(argv)
     args = _parse(argv)
     try:
         cfg = load_config(args.config, args.overrides)

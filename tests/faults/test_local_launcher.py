@@ -132,3 +132,33 @@ def test_an_unreachable_reward_server_ends_the_job_before_any_model_loads(tmp_pa
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert "nothing was loaded yet" in log and "(in probe_servers, remote.py" in last
     assert "hpc_rlhf/rl/" not in log, log[-2000:]  # the RL program never started
+
+
+def _jobs(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpc_rlhf.submit", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=scaled(60))
+
+
+@pytest.mark.timeout(scaled(600))
+def test_status_logs_and_cancel_of_a_local_run(tmp_path):
+    proc = _launch(tmp_path, ["train.num_steps=50"])
+    job = _job_processes(proc)
+    wait_for_step(proc, tmp_path, 1)
+    out = _jobs("status", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert f"state: running on this machine (launcher pid {proc.pid})" in out.stdout, out.stdout
+    assert "rl (grpo), model tiny:llama, 50 steps" in out.stdout
+    assert "last metrics (step " in out.stdout and "reward/mean=" in out.stdout
+    log = _jobs("logs", str(tmp_path), "-n", "5")
+    assert log.returncode == 0 and log.stdout.startswith(f"==> {tmp_path / 'logs' / 'console.log'}")
+    cancel = _jobs("cancel", str(tmp_path))
+    assert cancel.returncode == 0 and f"launcher pid {proc.pid}" in cancel.stdout, cancel.stderr
+    rc, _ = TimedOutput(proc).wait(120)
+    assert rc == 128 + signal.SIGTERM
+    _assert_gone(job, 10)
+    stopped = list_checkpoints(tmp_path / "checkpoints")[-1][0]
+    out = _jobs("status", str(tmp_path))
+    assert f"state: stopped: checkpoint at step {stopped} of 50; rerun the same command" in \
+        out.stdout, out.stdout
+    again = _jobs("cancel", str(tmp_path))
+    assert again.returncode == 1 and "nothing is running" in again.stderr

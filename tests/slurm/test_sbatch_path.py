@@ -136,3 +136,30 @@ def test_a_job_on_a_run_directory_in_use_by_another_job_is_refused(slurm_cluster
     assert slurm_cluster.job(job_a)["JobState"] == "RUNNING"
     subprocess.run(["scancel", job_a], env=slurm_cluster.env(), timeout=scaled(30))
     slurm_cluster.wait(job_a, timeout=120)
+
+
+def test_status_logs_and_cancel_of_a_slurm_job_by_its_id(slurm_cluster, tmp_path):
+    import re
+
+    def jobs(*args):
+        return subprocess.run([sys.executable, "-m", "hpc_rlhf.submit", *args], cwd=REPO,
+                              env=slurm_cluster.env(), capture_output=True, text=True,
+                              timeout=scaled(60))
+    run_dir = tmp_path / "run"
+    out = _submit(slurm_cluster, "--program", "smoke", "train.num_steps=400",
+                  "launch.name=jobs_cli", f"launch.run_dir={run_dir}",
+                  HPC_RLHF_SMOKE_STEP_S="0.5")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr
+    job = re.search(r"submitted job (\d+)", out.stdout).group(1)
+    wait_until(lambda: (run_dir / "smoke").is_dir(), 90, "the job's ranks to start")
+    status = jobs("status", job)
+    assert f"run {run_dir}: rl" in status.stdout, status.stdout + status.stderr
+    assert f"state: SLURM job {job} RUNNING on node[1-2]" in status.stdout, status.stdout
+    assert jobs("status", str(run_dir)).stdout == status.stdout  # by directory: the same
+    log = jobs("logs", job, "-n", "5")
+    assert log.stdout.startswith(f"==> {run_dir / 'logs' / f'jobs_cli-{job}.out'} <==")
+    cancel = jobs("cancel", job)
+    assert cancel.returncode == 0 and "SIGTERM sent" in cancel.stdout, cancel.stderr
+    slurm_cluster.wait(job, timeout=120)
+    after = jobs("status", str(run_dir))
+    assert "RUNNING" not in after.stdout and "rerun the same command" in after.stdout, after.stdout
