@@ -241,6 +241,8 @@ EXAMPLES = """examples:
   python -m hpc_rlhf.submit status runs/grpo_tiny      # or a SLURM job id
   python -m hpc_rlhf.submit logs runs/grpo_tiny -n 100 [--rank 1]
   python -m hpc_rlhf.submit cancel 12345 [--now]
+  # any checkpoint as an HF model directory (default: <run dir>/export_step_<N>)
+  python -m hpc_rlhf.submit export runs/grpo_tiny/checkpoints/step_10 --out my_model
 fields: python -m hpc_rlhf.config docs [SECTION]; exit codes: 0 ok (or already finished),
 2 invalid config or run directory (nothing queued), 1 the job failed (--wait / --local),
 128+N stopped by signal N (--local)."""
@@ -421,6 +423,9 @@ def main(argv: list | None = None) -> int:
     if argv[:1] and argv[0] in ("status", "logs", "cancel"):
         from .jobs import main as jobs_main
         return jobs_main(argv)
+    if argv[:1] == ["export"]:
+        from .export import main as export_main
+        return export_main(argv[1:])
     args = _parse(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -368,3 +368,32 @@ def _copy(p: torch.Tensor, alloc) -> torch.Tensor:
     out = alloc(tuple(p.shape), p.dtype)
     out.copy_(p.detach())
     return out
+
+
+# ---- reading a checkpoint offline (no world, no GPU) ---------------------------------------
+def consolidated_state(step_dir, tag: str) -> tuple[dict, torch.dtype]:
+    """(full fp32 state dict of engine `tag` in checkpoint `step_dir`, the dtype it trained
+    in), from the shards every rank wrote (ZeRO-1/2/3: DeepSpeed's zero_to_fp32; ZeRO-0: the
+    module itself). AutoTP checkpoints (one model file per TP rank) are refused."""
+    from pathlib import Path
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    tag_dir = Path(step_dir) / tag
+    import re
+    models = sorted(tag_dir.glob("*mp_rank_*_model_states.pt"))  # ZeRO-3: one per DP rank
+    if not models:
+        raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states; is {step_dir} a "
+                                "complete checkpoint (checkpoints/step_N)?")
+    tp_ranks = {re.search(r"mp_rank_(\d+)", m.name).group(1) for m in models}
+    if len(tp_ranks) > 1:
+        raise ValueError(f"{tag_dir} is an AutoTP checkpoint ({len(tp_ranks)} tensor-parallel "
+                         "shards); export it from a run instead (checkpoint.export_hf=true)")
+    meta = torch.load(models[0], map_location="cpu", weights_only=False, mmap=True)
+    ds = meta.get("ds_config", {})
+    dtype = (torch.bfloat16 if ds.get("bf16", {}).get("enabled") else
+             torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32)
+    if any(tag_dir.glob("*optim_states.pt")) and ds.get("zero_optimization", {}).get("stage"):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=tag)
+    else:
+        state = {k: v.float() for k, v in meta["module"].items()}
+    return dict(state), dtype
