@@ -243,6 +243,8 @@ EXAMPLES = """examples:
   python -m hpc_rlhf.submit cancel 12345 [--now]
   # any checkpoint as an HF model directory (default: <run dir>/export_step_<N>)
   python -m hpc_rlhf.submit export runs/grpo_tiny/checkpoints/step_10 --out my_model
+  # training curves as an SVG (no tensorboard needed): runs/grpo_tiny/curves.svg
+  python -m hpc_rlhf.submit plot runs/grpo_tiny [--metrics reward/mean,kl]
 fields: python -m hpc_rlhf.config docs [SECTION]; exit codes: 0 ok (or already finished),
 2 invalid config or run directory (nothing queued), 1 the job failed (--wait / --local),
 128+N stopped by signal N (--local)."""
@@ -426,6 +428,9 @@ def main(argv: list | None = None) -> int:
     if argv[:1] == ["export"]:
         from .export import main as export_main
         return export_main(argv[1:])
+    if argv[:1] == ["plot"]:
+        from hpc_rlhf.metrics.plot import main as plot_main
+        return plot_main(argv[1:])
     args = _parse(argv)
     try:
         cfg = load_config(args.config, args.overrides)
