@@ -146,6 +146,16 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
     return "\n".join(parts), warnings
 
 
+def _head_address() -> str:
+    """The first node of the allocation, by the address SLURM itself uses for it."""
+    head = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                          capture_output=True, text=True, check=True).stdout.split()[0]
+    node_info = subprocess.run(["scontrol", "show", "node", head], capture_output=True,
+                               text=True).stdout
+    return next((w.split("=", 1)[1] for w in node_info.split() if w.startswith("NodeAddr=")),
+                head)
+
+
 @dataclass
 class TorchrunTask:
     """What submitit runs on every node: one torchrun agent (see the module doc)."""
@@ -163,12 +173,7 @@ class TorchrunTask:
 
         env = submitit.JobEnvironment()
         job_id = os.environ.get("SLURM_JOB_ID", env.job_id)
-        head = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                              capture_output=True, text=True, check=True).stdout.split()[0]
-        node_info = subprocess.run(["scontrol", "show", "node", head], capture_output=True,
-                                   text=True).stdout
-        addr = next((w.split("=", 1)[1] for w in node_info.split() if w.startswith("NodeAddr=")),
-                    head)
+        addr = _head_address()
         # As in the sbatch scripts: $RDZV_PORT if the job's environment sets it, else derived
         # from the job id so that jobs sharing a node differ.
         port = int(os.environ.get("RDZV_PORT") or 20000 + int(job_id) % 20000)
@@ -420,8 +425,8 @@ def wait_job(job, run_dir: Path | None = None, poll_s: float = 0.5) -> int:
     return 0
 
 
-def main(argv: list | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def _subcommand(argv: list) -> int | None:
+    """status / logs / cancel / export / plot: the programs about an existing run."""
     if argv[:1] and argv[0] in ("status", "logs", "cancel"):
         from .jobs import main as jobs_main
         return jobs_main(argv)
@@ -431,7 +436,12 @@ def main(argv: list | None = None) -> int:
     if argv[:1] == ["plot"]:
         from hpc_rlhf.metrics.plot import main as plot_main
         return plot_main(argv[1:])
-    args = _parse(argv)
+    return None
+
+
+def _checked(args) -> tuple:
+    """(cfg, layout, run dir, finished message) or an exit code: the config, the program and
+    the run directory's verdict (same config resumes, finished says so, changed is refused)."""
     try:
         cfg = load_config(args.config, args.overrides)
         layout = build_layout(cfg)
@@ -445,32 +455,28 @@ def main(argv: list | None = None) -> int:
                   file=sys.stderr)
             return 2
     run_dir = resolve_run_dir(cfg).resolve()
-    try:  # the run directory remembers its config: same config resumes, finished says so
+    try:
         finished = check_rerun(cfg, run_dir)
     except RerunRefused as e:
         print(e, file=sys.stderr)
         return 2
-    if finished and not args.dry_run:
-        print(finished, flush=True)
-        return 0
-    text, warnings = plan_text(cfg, layout, args.config, args.overrides, args.program,
-                               args.gpu_mem_gb)
-    found = preflight(cfg)  # the files, models, datasets, reward code and ${VARS} it reads
+    return cfg, layout, run_dir, finished
+
+
+def _preflight(cfg: JobConfig, args):
+    """(findings, report text) of what the job reads, plus --local's one-node rule."""
+    found = preflight(cfg)
     if args.local and cfg.topology.nodes != 1:
         found.problems.insert(0, f"--local runs one node, but topology.nodes="
                               f"{cfg.topology.nodes}; add topology.nodes=1 (and adjust ranks) "
                               "or submit to SLURM")
-    report = format_findings(found, f"{args.config or 'the defaults'}"
-                             f"{' + overrides' if args.overrides else ''}", " (nothing queued)")
-    if args.dry_run:
-        print(text + (f"\n== note\n{finished}" if finished else ""))
-        if report:
-            print(f"== preflight\n{report}")
-        return 2 if found.problems else 0
-    if report:
-        print(report, file=sys.stderr, flush=True)
-    if found.problems:
-        return 2
+    return found, format_findings(found, f"{args.config or 'the defaults'}"
+                                  f"{' + overrides' if args.overrides else ''}",
+                                  " (nothing queued)")
+
+
+def _start(cfg: JobConfig, layout: Layout, args, run_dir: Path, text: str) -> int:
+    """Run it here (--local) or queue it (submitit, or plain sbatch with --sbatch)."""
     head = text.split("== torchrun command")[0].rstrip()
     os.environ[ENV_RUN_DIR] = str(run_dir)
     if args.local:  # the GPU memory plan means little here: it goes to the run directory
@@ -494,6 +500,34 @@ def main(argv: list | None = None) -> int:
           f"{cfg.topology.procs_per_node} ranks; log {job.paths.stdout}; run dir {run_dir}",
           flush=True)
     return wait_job(job, run_dir) if args.wait else 0
+
+
+def main(argv: list | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rc = _subcommand(argv)
+    if rc is not None:
+        return rc
+    args = _parse(argv)
+    checked = _checked(args)
+    if isinstance(checked, int):
+        return checked
+    cfg, layout, run_dir, finished = checked
+    if finished and not args.dry_run:
+        print(finished, flush=True)
+        return 0
+    text, _ = plan_text(cfg, layout, args.config, args.overrides, args.program,
+                        args.gpu_mem_gb)
+    found, report = _preflight(cfg, args)
+    if args.dry_run:
+        print(text + (f"\n== note\n{finished}" if finished else ""))
+        if report:
+            print(f"== preflight\n{report}")
+        return 2 if found.problems else 0
+    if report:
+        print(report, file=sys.stderr, flush=True)
+    if found.problems:
+        return 2
+    return _start(cfg, layout, args, run_dir, text)
 
 
 if __name__ == "__main__":
