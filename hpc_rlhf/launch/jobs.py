@@ -23,7 +23,7 @@ LAUNCHER_PID = "launcher.pid"  # in <run dir>/logs: "<pid> <host>" while `submit
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
           "RESIZING", "SUSPENDED", "STOPPED")
 SHOWN_METRICS = ("reward/mean", "eval/reward", "loss", "loss/policy", "loss/sft", "loss/dpo",
-                 "accuracy", "kl", "time/step_s")
+                 "accuracy", "kl", "time/step")
 
 
 def slurm_job(job_id: str) -> dict | None:

@@ -248,7 +248,7 @@ EXAMPLES = """examples:
   python -m hpc_rlhf.submit cancel 12345 [--now]
   # any checkpoint as an HF model directory (default: <run dir>/export_step_<N>)
   python -m hpc_rlhf.submit export runs/grpo_tiny/checkpoints/step_10 --out my_model
-  # training curves as an SVG (no tensorboard needed): runs/grpo_tiny/curves.svg
+  # training curves as a PNG (no tensorboard needed): runs/grpo_tiny/curves.png
   python -m hpc_rlhf.submit plot runs/grpo_tiny [--metrics reward/mean,kl]
 fields: python -m hpc_rlhf.config docs [SECTION]; exit codes: 0 ok (or already finished),
 2 invalid config or run directory (nothing queued), 1 the job failed (--wait / --local),

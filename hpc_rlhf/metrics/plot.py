@@ -1,6 +1,7 @@
-"""Training curves without tensorboard: `python -m hpc_rlhf.submit plot RUN_DIR` writes
-<run dir>/curves.svg (one panel per metric, step on the x axis) from metrics.jsonl, with no
-plotting library, and prints each metric's first, last, min and max."""
+"""Training curves without tensorboard: `python -m hpc_rlhf.metrics.plot RUN_DIR` (or
+`python -m hpc_rlhf.submit plot RUN_DIR`) writes <run dir>/curves.png, one panel per metric
+with the step on the x axis, from metrics.jsonl, and prints each metric's first, last, min and
+max. matplotlib is imported here only (the `plot` extra; the CPU venv has it)."""
 from __future__ import annotations
 
 import argparse
@@ -8,11 +9,10 @@ import json
 import math
 import sys
 from pathlib import Path
-from xml.sax.saxutils import escape
 
-DEFAULT_METRICS = ("reward/mean", "eval/reward", "loss", "loss/policy", "kl", "accuracy",
-                   "eval/loss", "time/step_s")
-WIDTH, PANEL_H, PAD = 640, 150, 46
+# Reward, loss, KL and step time, under the names the trainers log them (those a run has).
+DEFAULT_METRICS = ("reward/mean", "eval/reward", "loss", "loss/policy", "eval/loss",
+                   "accuracy", "kl/mean", "kl", "policy/ppo_kl", "time/step")
 
 
 def read_series(metrics_file: Path) -> dict:
@@ -28,35 +28,25 @@ def read_series(metrics_file: Path) -> dict:
     return {k: sorted(v) for k, v in series.items()}
 
 
-def _panel(name: str, points: list, top: int) -> list:
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    w, h = WIDTH - 2 * PAD, PANEL_H - 2 * PAD // 2 - 20
-
-    def xy(x, y):
-        return (f"{PAD + (x - x0) / (x1 - x0) * w:.1f},"
-                f"{top + 20 + h - (y - y0) / (y1 - y0) * h:.1f}")
-    return [
-        f'<text x="{PAD}" y="{top + 14}" font-size="13">{escape(name)} (last {ys[-1]:.4g})'
-        "</text>",
-        f'<rect x="{PAD}" y="{top + 20}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>',
-        f'<text x="4" y="{top + 26}" font-size="10">{y1:.3g}</text>',
-        f'<text x="4" y="{top + 20 + h}" font-size="10">{y0:.3g}</text>',
-        f'<text x="{PAD}" y="{top + 32 + h}" font-size="10">step {x0}</text>',
-        f'<text x="{WIDTH - PAD - 50}" y="{top + 32 + h}" font-size="10">step {x1}</text>',
-        f'<polyline data-metric="{escape(name)}" fill="none" stroke="#1f77b4" '
-        f'stroke-width="1.5" points="{" ".join(xy(x, y) for x, y in points)}"/>',
-    ]
-
-
-def render_svg(series: dict, names: list) -> str:
-    body = []
-    for i, name in enumerate(names):
-        body += _panel(name, series[name], i * PANEL_H)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" '
-            f'height="{PANEL_H * len(names)}" font-family="sans-serif">\n'
-            + "\n".join(body) + "\n</svg>\n")
+def make_figure(series: dict, names: list):
+    """A matplotlib Figure: one panel per metric, steps on a shared x axis."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display on a login or compute node
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ValueError("plotting needs matplotlib: pip install matplotlib (or "
+                         "pip install 'hpc_rlhf[plot]')") from e
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.2 * len(names)), sharex=True,
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        steps, values = zip(*series[name])
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None, linewidth=1.2)
+        ax.set_ylabel(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    return fig
 
 
 def plot(run_dir: str, metrics: list | None = None, out: str | None = None) -> Path:
@@ -68,8 +58,9 @@ def plot(run_dir: str, metrics: list | None = None, out: str | None = None) -> P
     unknown = [m for m in names if m not in series]
     if unknown or not names:
         raise ValueError(f"metric(s) {unknown or '(none)'} not in {f}; it has {sorted(series)}")
-    path = Path(out) if out else Path(run_dir) / "curves.svg"
-    path.write_text(render_svg(series, names))
+    path = Path(out) if out else Path(run_dir) / "curves.png"
+    fig = make_figure(series, names)
+    fig.savefig(path, dpi=100)
     for m in names:
         ys = [v for _, v in series[m]]
         print(f"{m:<16} steps {series[m][0][0]}-{series[m][-1][0]}: first {ys[0]:.4g}, last "
@@ -78,12 +69,12 @@ def plot(run_dir: str, metrics: list | None = None, out: str | None = None) -> P
 
 
 def main(argv: list) -> int:
-    p = argparse.ArgumentParser(prog="python -m hpc_rlhf.submit plot",
+    p = argparse.ArgumentParser(prog="python -m hpc_rlhf.metrics.plot",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--metrics", default="", help="comma-separated names (default: "
                    "the usual reward, loss, KL and timing metrics the run has)")
-    p.add_argument("--out", default=None, help="SVG file (default: <run dir>/curves.svg)")
+    p.add_argument("--out", default=None, help="PNG file (default: <run dir>/curves.png)")
     args = p.parse_args(argv)
     try:
         path = plot(args.run_dir, [m for m in args.metrics.split(",") if m] or None, args.out)
@@ -92,3 +83,7 @@ def main(argv: list) -> int:
         return 2
     print(f"[plot] {path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,31 +1,35 @@
-"""`submit plot`: the SVG holds one polyline per metric whose points follow the logged values
-(higher value = higher on the page), in step order; bad names get one line listing the
-metrics the run has."""
+"""The plot command: a PNG whose panels hold the logged steps and values (step order restored,
+one panel per metric), and one line listing the run's metrics for a name it lacks."""
 import json
-import xml.etree.ElementTree as ET
 
 import pytest
 
 from hpc_rlhf.launch.submit import main as submit_main
+from hpc_rlhf.metrics.plot import make_figure, read_series
 
 pytestmark = pytest.mark.unit
 
 
-def test_curves_follow_the_metrics(tmp_path, capsys):
+def _run(tmp_path):
     rows = [{"step": s, "reward/mean": r, "loss": 1.0 / s, "note": "x"}
-            for s, r in [(3, 0.5), (1, 0.1), (2, 0.9)]]  # out of order on purpose
+            for s, r in [(3, 0.5), (1, 0.1), (2, 0.9), (10, 0.7)]]  # out of order on purpose
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert submit_main(["plot", str(tmp_path), "--metrics", "reward/mean,loss"]) == 0
-    svg = ET.parse(tmp_path / "curves.svg").getroot()
-    lines = {p.get("data-metric"): [tuple(map(float, xy.split(","))) for xy in
-                                    p.get("points").split()]
-             for p in svg.iter("{http://www.w3.org/2000/svg}polyline")}
-    assert sorted(lines) == ["loss", "reward/mean"]
-    reward = lines["reward/mean"]
-    assert [x for x, _ in reward] == sorted(x for x, _ in reward)     # steps 1, 2, 3
-    ys = [y for _, y in reward]                                       # values 0.1, 0.9, 0.5
-    assert ys[1] < ys[2] < ys[0]                                      # SVG y grows downwards
-    assert "reward/mean      steps 1-3: first 0.1, last 0.5" in capsys.readouterr().out
+    return tmp_path
+
+
+def test_png_with_the_logged_steps_on_the_axes(tmp_path, capsys):
+    run = _run(tmp_path)
+    assert submit_main(["plot", str(run), "--metrics", "reward/mean,loss"]) == 0
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "reward/mean      steps 1-10: first 0.1, last 0.7" in capsys.readouterr().out
+    fig = make_figure(read_series(run / "metrics.jsonl"), ["reward/mean", "loss"])
+    (top, bottom) = fig.axes
+    (line,) = top.get_lines()
+    assert list(line.get_xdata()) == [1, 2, 3, 10]
+    assert list(line.get_ydata()) == [0.1, 0.9, 0.5, 0.7]
+    lo, hi = bottom.get_xlim()
+    assert lo <= 1 and hi >= 10 and top.get_ylabel() == "reward/mean"
 
 
 def test_unknown_metric_lists_what_the_run_has(tmp_path, capsys):
