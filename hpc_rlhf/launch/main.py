@@ -42,6 +42,7 @@ PROGRAMS: dict[str, str] = {
     "csft": "hpc_rlhf.train.csft:run",
     "rejection_sampling": "hpc_rlhf.rl.rejection_sampling:run",
     "iterative_dpo": "hpc_rlhf.rl.iterative_dpo:run",
+    "eval": "hpc_rlhf.rl.evaluate:run",
     "smoke": "hpc_rlhf.launch.smoke_roles:run",
 }
 ENV_PROGRAM = "HPC_RLHF_PROGRAM"
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{time.monotonic() - t0:.1f}s; program {name!r}; run dir {run_dir}")
     clear_failure(run_dir, topo.rank)
     try:
-        if topo.rank == 0 and cfg.reward.source == "remote" and name in GENERATING_TRAINERS:
+        if topo.rank == 0 and cfg.reward.source == "remote" and name in (*GENERATING_TRAINERS,
+                                                                        "eval"):
             from hpc_rlhf.rewards.remote import probe_servers  # before any model loads
             probe_servers(cfg.reward.remote_url, cfg.reward.remote_timeout_s)
         program(cfg, topo, run_dir)

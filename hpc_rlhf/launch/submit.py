@@ -248,6 +248,9 @@ EXAMPLES = """examples:
   python -m hpc_rlhf.submit cancel 12345 [--now]
   # any checkpoint as an HF model directory (default: <run dir>/export_step_<N>)
   python -m hpc_rlhf.submit export runs/grpo_tiny/checkpoints/step_10 --out my_model
+  # held-out reward of a model, no training: <run dir>/eval.json
+  python -m hpc_rlhf.submit --config configs/grpo_tiny.yaml --local --program eval \\
+      model.path=runs/grpo_tiny/export launch.name=grpo_tiny_eval
   # training curves as a PNG (no tensorboard needed): runs/grpo_tiny/curves.png
   python -m hpc_rlhf.submit plot runs/grpo_tiny [--metrics reward/mean,kl]
 fields: python -m hpc_rlhf.config docs [SECTION]; exit codes: 0 ok (or already finished),

@@ -21,13 +21,13 @@ from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, requeue_after_stop
 from hpc_rlhf.memory.schedule import ColocatedMemory
 from hpc_rlhf.metrics.logger import MetricsLogger, Timer
-from hpc_rlhf.rewards.base import reward_batch
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
                                     local_prompts, policy_weights, restore_rl, rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
+from hpc_rlhf.rl.evaluate import held_out_prompts, held_out_reward
 from hpc_rlhf.rl.experience import Batch, make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
-from hpc_rlhf.rl.prompts import config_prompts, prompt_stream
+from hpc_rlhf.rl.prompts import prompt_stream
 from hpc_rlhf.rl.step import sample_records, make_experience, score_rollouts, train_on_batch
 from hpc_rlhf.topology import collectives
 from hpc_rlhf.train.ring_rl import setup_rl_ring
@@ -234,27 +234,11 @@ def _rollout_metrics(batch: Batch, rollouts) -> dict:
 
 
 def _eval_prompts(cfg: JobConfig, tok):
-    if not cfg.eval.every:
-        return []
-    source = cfg.data.eval_prompts or cfg.data.prompts
-    seed = cfg.data.seed + 7919 if not cfg.data.eval_prompts else cfg.data.seed
-    return config_prompts(cfg.data, tok, source=source, num=cfg.eval.num_prompts,
-                          seed=seed)[:cfg.eval.num_prompts]
+    return held_out_prompts(cfg, tok) if cfg.eval.every else []
 
 
 def _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world) -> float:
-    """Mean reward on held-out prompts, greedy (or eval.temperature), one sample each."""
-    from dataclasses import replace
-    usable = eval_prompts[:len(eval_prompts) - len(eval_prompts) % world]
-    engine_prompts, keep = local_prompts(usable, rank, world, cfg.rollout.tensor_parallel_size)
-    mine = engine_prompts[keep]
-    sampling = replace(rollout_sampling(cfg, seed=cfg.train.seed), n=1,
-                       temperature=cfg.eval.temperature)
-    rollouts = engine.generate([p.ids for p in engine_prompts], sampling)[keep]
-    batch = reward_batch(tok, [p.ids for p in mine],  # n=1: rollouts[i] answers mine[i]
-                         [r.response_ids for r in rollouts], [p.text for p in mine],
-                         [p.label for p in mine])
-    return float(reward_source.score(batch).float().mean())
+    return held_out_reward(cfg, engine, reward_source, tok, eval_prompts, rank, world)[0]
 
 
 
