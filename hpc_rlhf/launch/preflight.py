@@ -134,6 +134,8 @@ def _models(cfg: JobConfig, out: Findings) -> None:
               ("model.critic_path", m.critic_path)]
     if cfg.reward.source == "model" or cfg.train.trainer == "rejection_sampling":
         fields.append(("model.reward_model_path", m.reward_model_path))
+    if cfg.train.trainer == "kd":
+        fields.append(("train.teacher_path", cfg.train.teacher_path))
     for name, value in fields:
         if value:
             problem, warning = model_problem(name, value)

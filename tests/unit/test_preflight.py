@@ -191,3 +191,10 @@ def test_a_torch_whose_torchrun_lacks_our_flags_is_refused():
     assert new.problems == [] and len(old.problems) == 1
     assert old.problems[0].startswith("torch 2.11.0+cu128 is installed") and "torch>=2.12" in \
         old.problems[0]
+
+
+def test_a_missing_distillation_teacher_is_refused(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    line = one_problem(capsys, SFT, "train.trainer=kd", f"train.teacher_path={tmp_path / 't'}",
+                       f"data.prompts={data}", "data.eval_prompts=")
+    assert line.startswith(f"train.teacher_path='{tmp_path / 't'}' does not exist")
