@@ -350,7 +350,17 @@ def submit_sbatch(cfg: JobConfig, args, run_dir: Path) -> int:
     print(f"[submit] submitted job {job_id} with sbatch: {cfg.topology.nodes} nodes x "
           f"{cfg.topology.procs_per_node} ranks; script {script}; log {log}; run dir {run_dir}",
           flush=True)
-    return wait_sbatch_job(job_id, log, run_dir) if args.wait else 0
+    return _waiting(job_id, lambda: wait_sbatch_job(job_id, log, run_dir)) if args.wait else 0
+
+
+def _waiting(job_id, wait) -> int:
+    """`--wait`: Ctrl-C stops the waiting, not the job (it says how to follow or stop it)."""
+    try:
+        return wait()
+    except KeyboardInterrupt:
+        print(f"\n[submit] stopped waiting; job {job_id} keeps running: python -m "
+              f"hpc_rlhf.submit status {job_id} (or logs / cancel {job_id})", file=sys.stderr)
+        return 130
 
 
 def wait_sbatch_job(job_id: str, log: Path, run_dir: Path, poll_s: float = 0.5) -> int:
@@ -502,7 +512,7 @@ def _start(cfg: JobConfig, layout: Layout, args, run_dir: Path, text: str) -> in
     print(f"[submit] submitted job {job.job_id}: {cfg.topology.nodes} nodes x "
           f"{cfg.topology.procs_per_node} ranks; log {job.paths.stdout}; run dir {run_dir}",
           flush=True)
-    return wait_job(job, run_dir) if args.wait else 0
+    return _waiting(job.job_id, lambda: wait_job(job, run_dir)) if args.wait else 0
 
 
 def main(argv: list | None = None) -> int:

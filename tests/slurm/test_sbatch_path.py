@@ -163,3 +163,23 @@ def test_status_logs_and_cancel_of_a_slurm_job_by_its_id(slurm_cluster, tmp_path
     slurm_cluster.wait(job, timeout=120)
     after = jobs("status", str(run_dir))
     assert "RUNNING" not in after.stdout and "rerun the same command" in after.stdout, after.stdout
+
+
+def test_ctrl_c_on_wait_stops_waiting_not_the_job(slurm_cluster, tmp_path):
+    import re
+    import signal
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hpc_rlhf.submit", "--config", TINY, "--sbatch", "--wait",
+         "--program", "smoke", "train.num_steps=400", "launch.name=wait_ctrl_c",
+         f"launch.run_dir={tmp_path / 'run'}"], cwd=REPO,
+        env=slurm_cluster.env(HPC_RLHF_SMOKE_STEP_S="0.5"), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: (tmp_path / "run" / "SLURM_JOB").exists(), 90, "the job to start")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=scaled(60))
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert f"stopped waiting; job {job} keeps running" in out
+    assert slurm_cluster.job(job)["JobState"] == "RUNNING"
+    subprocess.run(["scancel", job], env=slurm_cluster.env(), timeout=scaled(30))
+    slurm_cluster.wait(job, timeout=120)
