@@ -58,6 +58,9 @@ def run(cfg: JobConfig, topo, run_dir: Path) -> None:
 
     from hpc_rlhf.models.resolve import resolve_model_path
     from hpc_rlhf.rewards.base import build_reward_source
+    if cfg.topology.mode != "colocated":
+        raise ValueError(f"the eval program runs colocated (every rank serves the model), but "
+                         f"topology.mode={cfg.topology.mode!r}; add topology.mode=colocated")
     if cfg.reward.source == "agent":
         raise ValueError("the eval program scores single-turn rollouts; reward.source=agent "
                          "is evaluated by the training loop only")
