@@ -92,13 +92,27 @@ def _typed(dotted: str, values: list[str]):
     return " ".join(values)
 
 
+# Flags that set fixed values (switches, or values OpenRLHF spells differently).
+FIXED = {
+    "bf16": {"model.dtype": "bfloat16"},
+    "flash_attn": {"model.attn_implementation": "flash_attention_2"},
+    "use_kl_loss": {"algorithm.kl_in_reward": False},
+    "use_kl_estimator_k3": {"algorithm.kl_estimator": "k3"},
+    "colocate_all_models": {"topology.mode": "colocated"},
+    "async_train": {"rollout.async_steps": 1, "topology.mode": "disaggregated"},
+    "ipo": {"train.preference_loss": "ipo"},
+    "load_checkpoint": {"checkpoint.resume": True},
+    "enable_vllm_is_correction": {"algorithm.off_policy": "tis"},
+    "apply_chat_template": {"data.apply_chat_template": True},
+    "save_hf_ckpt": {"checkpoint.export_hf": True},
+}
+
+
 def _special(name: str, v: list[str], out: dict) -> bool:
     """Flags whose value changes shape on the way; True when handled."""
     one = v[0] if v else ""
-    if name == "bf16":
-        out["model.dtype"] = "bfloat16"
-    elif name == "flash_attn":
-        out["model.attn_implementation"] = "flash_attention_2"
+    if name in FIXED:
+        out.update(FIXED[name])
     elif name == "advantage_estimator":
         if one not in ESTIMATORS:
             raise ValueError(f"unknown estimator; known: {sorted(ESTIMATORS)}")
@@ -117,23 +131,9 @@ def _special(name: str, v: list[str], out: dict) -> bool:
         out.update({"algorithm.clip_eps_low": float(low), "algorithm.clip_eps_high": float(high)})
     elif name == "adam_betas":
         out.update({"train.adam_beta1": float(v[0]), "train.adam_beta2": float(v[1])})
-    elif name == "use_kl_loss":
-        out["algorithm.kl_in_reward"] = False
-    elif name == "use_kl_estimator_k3":
-        out["algorithm.kl_estimator"] = "k3"
-    elif name == "colocate_all_models":
-        out["topology.mode"] = "colocated"
-    elif name == "async_train":
-        out.update({"rollout.async_steps": 1, "topology.mode": "disaggregated"})
-    elif name == "ipo":
-        out["train.preference_loss"] = "ipo"
-    elif name == "load_checkpoint":
-        out["checkpoint.resume"] = True
     elif name == "vllm_is_truncated_threshold":
         out.update({"algorithm.off_policy": "tis", "algorithm.tis_floor": float(v[0]),
                     "algorithm.tis_cap": float(v[-1])})
-    elif name == "enable_vllm_is_correction":
-        out["algorithm.off_policy"] = "tis"
     elif name == "reward_clip_range":
         low, high = float(v[0]), float(v[-1])
         if low != -high:
@@ -149,10 +149,6 @@ def _special(name: str, v: list[str], out: dict) -> bool:
         out["data.prompts_probs"] = [float(x) for x in ",".join(v).split(",") if x]
     elif name == "dynamic_filtering_reward_range":
         out["algorithm.dynamic_filtering_range"] = [float(v[0]), float(v[1])]
-    elif name == "apply_chat_template":
-        out["data.apply_chat_template"] = True
-    elif name == "save_hf_ckpt":
-        out["checkpoint.export_hf"] = True
     elif name == "packing_samples" and out["train.trainer"] != "rl":
         out["data.packing"] = True
     else:
