@@ -10,6 +10,7 @@ Disaggregated layouts run `hpc_rlhf.rl.disaggregated` instead (separate rollout 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,101 +51,133 @@ def run(cfg: JobConfig, topo, run_dir: Path) -> None:
         close_engine(engine)
 
 
+@dataclass
+class _Run:
+    """What every step of the colocated loop uses (built once by `_train`)."""
+    cfg: JobConfig
+    s: object              # config.Sizes
+    strategy: object
+    models: object
+    engine: object
+    mem: ColocatedMemory
+    prompts: object        # the prompt stream (its position is checkpointed)
+    reward_source: object  # None with an agent
+    agent: object
+    kl_ctl: object
+    eval_prompts: list
+    engines: dict          # what a checkpoint saves: actor (+ critic)
+    rank: int
+    world: int
+    timer: Timer = field(default_factory=Timer)
+
+    def evaluate(self) -> float:
+        self.mem.to_rollout()
+        return _evaluate(self.cfg, self.engine, self.reward_source, self.models.tokenizer,
+                         self.eval_prompts, self.rank, self.world)
+
+
 def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     from hpc_rlhf.rewards.base import build_reward_source
     agent = load_agent(cfg)
-    reward_source = None if agent is not None else build_reward_source(cfg)
-    tok = models.tokenizer
-    prompts = prompt_stream(cfg, tok)
-    eval_prompts = _eval_prompts(cfg, tok)
-    a = cfg.algorithm
-    kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
-
-    ckpt_dir = run_dir / "checkpoints"
+    a, tok = cfg.algorithm, models.tokenizer
     engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
     # vLLM and DeepSpeed take turns on the GPU (memory/schedule.py); bookkeeping on a CPU.
-    mem = ColocatedMemory(engine, engines.values(), enabled=cfg.rollout.enable_sleep)
-    start = restore_rl(cfg, strategy, ckpt_dir, engines, prompts, kl_ctl)
+    run = _Run(cfg, s, strategy, models, engine,
+               ColocatedMemory(engine, engines.values(), enabled=cfg.rollout.enable_sleep),
+               prompt_stream(cfg, tok), None if agent is not None else build_reward_source(cfg),
+               agent, make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon),
+               _eval_prompts(cfg, tok), engines, rank, world)
+    start = restore_rl(cfg, strategy, run_dir / "checkpoints", engines, run.prompts, run.kl_ctl)
     if start:
-        mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
-
+        run.mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
     logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
                            progress_total=cfg.train.num_steps,
                            progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
-                           start_step=start,
-                           print_every=cfg.logging.log_every)
-    timer = Timer()
-    if cfg.eval.every and start == 0 and reward_source is not None:  # the baseline
-        mem.to_rollout()
-        baseline = _evaluate(cfg, engine, reward_source, tok, eval_prompts, rank, world)
-        logger.log(0, {"eval/reward": baseline})
+                           start_step=start, print_every=cfg.logging.log_every)
+    if cfg.eval.every and start == 0 and run.reward_source is not None:  # the baseline
+        logger.log(0, {"eval/reward": run.evaluate()})
     for step in range(start, cfg.train.num_steps):
-        t0 = time.perf_counter()
-        mem.to_rollout()
-        # 1-2. Rollout (n samples per prompt, or agent episodes) and rewards; with dynamic
-        # filtering, groups whose rewards are all equal are replaced by fresh prompts.
-        episodes, rewards, collect_metrics, records = _collect_step(
-            cfg, engine, tok, prompts, reward_source, agent, rank, world, step, timer)
+        metrics, records = _step(run, step)
         logger.samples(step + 1, records)
-        batch = make_batch([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
-                           [e.logprobs for e in episodes], rewards, models.pad_id,
-                           action_masks=None if agent is None else
-                           [e.action_mask for e in episodes])
-        # 3. Experience: the engine sleeps while the trainer holds the memory.
-        mem.to_train()
-        with timer("experience"):
-            batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
-        # 4. Train.
-        with timer("train"):
-            fault_point("train")
-            train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
-        # 5. Weight sync: wake vLLM's weights, load the new ones (KV cache wakes at rollout).
-        with timer("weight_sync"):
-            fault_point("weight_sync")
-            mem.sync(policy_weights(strategy, models.actor))
-        if "kl/mean" in exp_metrics:
-            kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
-        metrics = {**exp_metrics, **train_metrics, **_rollout_metrics(batch, episodes),
-                   **collect_metrics, "kl/coef": kl_ctl.value}
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and reward_source is not None:
-            with timer("eval"):
-                mem.to_rollout()
-                metrics["eval/reward"] = _evaluate(cfg, engine, reward_source, tok, eval_prompts,
-                                                   rank, world)
-        metrics.update(timer.pop())
-        metrics.update(mem.metrics())
-        metrics["train/zero_stage"] = strategy.zero_stage  # the stage that ran, not the asked
-        metrics["time/step"] = time.perf_counter() - t0
-        metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(
-            metrics["time/rollout"], 1e-9)
-        metrics = collectives.mean_metrics(metrics)
         logger.log(step + 1, metrics)
-
-        # 6. Checkpoint: on schedule, at the end, or when SLURM warned us (then requeue).
-        stop = agreed_stop_vote() > 0  # MAX over ranks: 0 go on, 1 SIGTERM, 2 warned (requeue)
-        done = step + 1 == cfg.train.num_steps
-        every = cfg.checkpoint.save_every
-        if stop or (every and (step + 1) % every == 0) or done:
-            mem.to_train()  # DeepSpeed states resident for the save
-            strategy.save_checkpoint(ckpt_dir, step + 1, engines,
-                                     {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
-                                     keep_last=cfg.checkpoint.keep_last)
-        if stop and not done:
-            if rank == 0:
-                how = requeue_after_stop(run_dir, cfg.launch.requeue)  # not after scancel
-                print(f"[rl] checkpointed at step {step + 1} on a signal "
-                      f"{received_signals()}; {how}", flush=True)
+        if _checkpoint_or_stop(run, step, run_dir):
             logger.close()
             return
     logger.close()
     exported = None
     if cfg.checkpoint.export_hf:
         from hpc_rlhf.rl.components import export_actor
-        mem.to_train()
+        run.mem.to_train()
         exported = export_actor(strategy, models, run_dir / "export", rank)
     if rank == 0:
         print(summary(run_dir, exported), flush=True)
+
+
+def _step(run: _Run, step: int) -> tuple[dict, list]:
+    """One RL step: rollout and rewards, experience, train, weight sync; (metrics averaged
+    over the ranks, rank 0's sample records)."""
+    cfg, models, mem, timer = run.cfg, run.models, run.mem, run.timer
+    t0 = time.perf_counter()
+    mem.to_rollout()
+    # 1-2. Rollout (n samples per prompt, or agent episodes) and rewards; with dynamic
+    # filtering, groups whose rewards are all equal are replaced by fresh prompts.
+    episodes, rewards, collect_metrics, records = _collect_step(
+        cfg, run.engine, models.tokenizer, run.prompts, run.reward_source, run.agent, run.rank,
+        run.world, step, timer)
+    batch = make_batch([e.prompt_ids for e in episodes], [e.response_ids for e in episodes],
+                       [e.logprobs for e in episodes], rewards, models.pad_id,
+                       action_masks=None if run.agent is None else
+                       [e.action_mask for e in episodes])
+    # 3. Experience: the engine sleeps while the trainer holds the memory.
+    mem.to_train()
+    with timer("experience"):
+        batch, exp_metrics = make_experience(cfg, run.s, models, batch, run.kl_ctl.value)
+    # 4. Train.
+    with timer("train"):
+        fault_point("train")
+        train_metrics = train_on_batch(cfg, run.s, run.strategy, models, batch,
+                                       run.kl_ctl.value, step)
+    # 5. Weight sync: wake vLLM's weights, load the new ones (KV cache wakes at rollout).
+    with timer("weight_sync"):
+        fault_point("weight_sync")
+        mem.sync(policy_weights(run.strategy, models.actor))
+    if "kl/mean" in exp_metrics:
+        run.kl_ctl.update(exp_metrics["kl/mean"], run.s.samples_per_step)
+    metrics = {**exp_metrics, **train_metrics, **_rollout_metrics(batch, episodes),
+               **collect_metrics, "kl/coef": run.kl_ctl.value}
+    if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and run.reward_source is not None:
+        with timer("eval"):
+            metrics["eval/reward"] = run.evaluate()
+    metrics.update(timer.pop())
+    metrics.update(mem.metrics())
+    metrics["train/zero_stage"] = run.strategy.zero_stage  # the stage that ran, not the asked
+    metrics["time/step"] = time.perf_counter() - t0
+    metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(
+        metrics["time/rollout"], 1e-9)
+    return collectives.mean_metrics(metrics), records
+
+
+def _checkpoint_or_stop(run: _Run, step: int, run_dir: Path) -> bool:
+    """6. Checkpoint on schedule, at the end, or when SLURM warned us (then requeue); True
+    when the run stops here on a signal."""
+    cfg = run.cfg
+    stop = agreed_stop_vote() > 0  # MAX over ranks: 0 go on, 1 SIGTERM, 2 warned (requeue)
+    done = step + 1 == cfg.train.num_steps
+    every = cfg.checkpoint.save_every
+    if stop or (every and (step + 1) % every == 0) or done:
+        run.mem.to_train()  # DeepSpeed states resident for the save
+        run.strategy.save_checkpoint(run_dir / "checkpoints", step + 1, run.engines,
+                                     {"prompts": run.prompts.state_dict(),
+                                      "kl_coef": run.kl_ctl.value},
+                                     keep_last=cfg.checkpoint.keep_last)
+    if not stop or done:
+        return False
+    if run.rank == 0:
+        how = requeue_after_stop(run_dir, cfg.launch.requeue)  # not after scancel
+        print(f"[rl] checkpointed at step {step + 1} on a signal {received_signals()}; {how}",
+              flush=True)
+    return True
 
 
 def summary(run_dir: Path, exported: Path | None = None) -> str:
