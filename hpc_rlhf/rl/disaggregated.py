@@ -20,6 +20,7 @@ worlds are laid out by the topology but not driven by this recipe yet (config re
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -116,89 +117,53 @@ def _receive_start(job) -> int:
 
 
 # ---- trainer ranks --------------------------------------------------------------------------
+@dataclass
+class _Trainer:
+    """What every step of an actor rank uses (built once by `_train`)."""
+    cfg: object
+    s: object              # config.Sizes
+    strategy: object
+    models: object
+    reward_source: object  # None with an agent
+    kl_ctl: object
+    sender: object         # BroadcastSender on the actor world's rank 0, else None
+    job: object            # the group of every rank of the job (engines included)
+    prompts: PromptStream
+    engines: dict          # what a checkpoint saves: actor (+ critic)
+    rank0: bool
+    timer: Timer = field(default_factory=Timer)
+
+
 def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket: int) -> None:
     strategy = build_strategy(cfg, s)
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
     setup_rl_ring(cfg, topo)  # train.ring_attn_size > 1: the topology's ring groups
     models = build_models(cfg, strategy)
     from hpc_rlhf.rewards.base import build_reward_source
-    reward_source = None if cfg.reward.source == "agent" else build_reward_source(cfg)
-    a = cfg.algorithm
-    kl_ctl = make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon)
-    rank0 = topo.rank == 0
-    dp_rank, dp = strategy.dp_rank, strategy.dp_size
-    ckpt_dir = run_dir / "checkpoints"
+    a, rank0 = cfg.algorithm, topo.rank == 0
     engines = {"actor": models.actor} | ({"critic": models.critic} if models.critic else {})
-    start = restore_rl(cfg, strategy, ckpt_dir, engines, prompts, kl_ctl)
+    t = _Trainer(cfg, s, strategy, models,
+                 None if cfg.reward.source == "agent" else build_reward_source(cfg),
+                 make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon),
+                 # Buckets live where the sync group's backend needs them (CUDA for NCCL).
+                 BroadcastSender(sync, 0, bucket_bytes=bucket,
+                                 verify=cfg.rollout.weight_sync_verify) if sync is not None
+                 else None, job, prompts, engines, rank0)
+    start = restore_rl(cfg, strategy, run_dir / "checkpoints", engines, prompts, t.kl_ctl)
     collectives.reduce_values([start if rank0 else 0], "sum", job, torch.long)
-    # Buckets live where the sync group's backend needs them (CUDA for NCCL; see transport).
-    sender = (BroadcastSender(sync, 0, bucket_bytes=bucket, verify=cfg.rollout.weight_sync_verify)
-              if sync is not None else None)
     if start:
-        _send_weights(strategy, models, sender)
+        _send_weights(strategy, models, t.sender)
     logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
                            wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
                            progress_total=cfg.train.num_steps, progress_bar=cfg.logging.progress_bar,
                            config=to_dict(redacted(cfg)), start_step=start,
                            print_every=cfg.logging.log_every)
-    timer = Timer()
-    n = cfg.rollout.n_samples_per_prompt
     for step in range(start, cfg.train.num_steps):
-        t0 = time.perf_counter()
-        step_prompts = prompts.next_step()
-        with timer("rollout"):  # trainers wait here while the engines generate
-            gathered = [x for x in collectives.gather_objects(None, job) if x is not None]
-        gathered.sort(key=lambda x: x[0])
-        rollouts = [r for _, _, rs in gathered for r in rs]  # prompt-major over all engines
-        gen_time = max(x[1] for x in gathered)
-        staleness = step - min(r.version for r in rollouts)
-        mine = shard(step_prompts, dp_rank, dp)
-        per = len(mine) * n
-        local = rollouts[dp_rank * per:(dp_rank + 1) * per]
-        for k, r in enumerate(local):  # prompt_index relative to this rank's prompts
-            r.prompt_index = k // n
-        with timer("reward"):
-            rewards, _, reward_logs = score_rollouts(cfg, reward_source, models.tokenizer,
-                                                     mine, local)
-        if rank0 and cfg.logging.samples_per_step:
-            logger.samples(step + 1, sample_records(models.tokenizer, mine, local, rewards,
-                                                    cfg.logging.samples_per_step))
-        batch = make_batch([r.prompt_ids for r in local], [r.response_ids for r in local],
-                           [r.logprobs for r in local], rewards, models.pad_id,
-                           action_masks=None if reward_source is not None else
-                           [r.action_mask for r in local])
-        with timer("experience"):
-            batch, exp_metrics = make_experience(cfg, s, models, batch, kl_ctl.value)
-        with timer("train"):
-            fault_point("train")
-            train_metrics = train_on_batch(cfg, s, strategy, models, batch, kl_ctl.value, step)
-            train_metrics["train/zero_stage"] = strategy.zero_stage
-        with timer("weight_sync"):
-            fault_point("weight_sync")
-            sync_stats = _send_weights(strategy, models, sender)
-        if "kl/mean" in exp_metrics:
-            kl_ctl.update(exp_metrics["kl/mean"], s.samples_per_step)
-        lengths = batch.action_mask.sum(1).float()
-        metrics = {**exp_metrics, **train_metrics, **timer.pop(), "kl/coef": kl_ctl.value,
-                   "reward/mean": rewards.mean().item(), "rollout/response_len": lengths.mean().item(),
-                   "rollout/generate_s": gen_time, "rollout/staleness": float(staleness),
-                   "time/step": time.perf_counter() - t0,
-                   **collectives.mean_present_metrics(reward_logs)}
-        if sync_stats is not None:
-            metrics.update(sync_stats.as_metrics())
-        keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))
-        metrics.update(collectives.mean_metrics({k: metrics[k] for k in keys}))
+        metrics, records = _trainer_step(t, step)
+        if records:
+            logger.samples(step + 1, records)
         logger.log(step + 1, metrics)
-        stop = agreed_stop_vote(job) > 0  # MAX over the job group: 0 go on, 1 SIGTERM, 2 warned
-        done = step + 1 == cfg.train.num_steps
-        every = cfg.checkpoint.save_every
-        if stop or done or (every and (step + 1) % every == 0):
-            strategy.save_checkpoint(ckpt_dir, step + 1, engines,
-                                     {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
-                                     keep_last=cfg.checkpoint.keep_last)
-        if stop and not done:
-            if rank0:
-                requeue_after_stop(run_dir, cfg.launch.requeue)
+        if _checkpoint_or_stop(t, step, run_dir):
             logger.close()
             return
     logger.close()
@@ -209,6 +174,82 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     if rank0:
         from hpc_rlhf.rl.loop import summary
         print(summary(run_dir, exported), flush=True)
+
+
+def _my_rollouts(t: _Trainer, step: int) -> tuple:
+    """(this rank's prompts, their rollouts, generation seconds, staleness in steps): the
+    engines' rollouts of this step, gathered over the job group, this rank's share kept."""
+    n, dp_rank, dp = t.cfg.rollout.n_samples_per_prompt, t.strategy.dp_rank, t.strategy.dp_size
+    step_prompts = t.prompts.next_step()
+    with t.timer("rollout"):  # trainers wait here while the engines generate
+        gathered = [x for x in collectives.gather_objects(None, t.job) if x is not None]
+    gathered.sort(key=lambda x: x[0])
+    rollouts = [r for _, _, rs in gathered for r in rs]  # prompt-major over all engines
+    mine = shard(step_prompts, dp_rank, dp)
+    per = len(mine) * n
+    local = rollouts[dp_rank * per:(dp_rank + 1) * per]
+    for k, r in enumerate(local):  # prompt_index relative to this rank's prompts
+        r.prompt_index = k // n
+    return (mine, local, max(x[1] for x in gathered),
+            step - min(r.version for r in rollouts))
+
+
+def _trainer_step(t: _Trainer, step: int) -> tuple[dict, list]:
+    """Rewards, experience, train and weight sync of one step; (metrics averaged over the
+    actor ranks, sample records on rank 0)."""
+    cfg, models, timer = t.cfg, t.models, t.timer
+    t0 = time.perf_counter()
+    mine, local, gen_time, staleness = _my_rollouts(t, step)
+    with timer("reward"):
+        rewards, _, reward_logs = score_rollouts(cfg, t.reward_source, models.tokenizer,
+                                                 mine, local)
+    records = (sample_records(models.tokenizer, mine, local, rewards,
+                              cfg.logging.samples_per_step)
+               if t.rank0 and cfg.logging.samples_per_step else [])
+    batch = make_batch([r.prompt_ids for r in local], [r.response_ids for r in local],
+                       [r.logprobs for r in local], rewards, models.pad_id,
+                       action_masks=None if t.reward_source is not None else
+                       [r.action_mask for r in local])
+    with timer("experience"):
+        batch, exp_metrics = make_experience(cfg, t.s, models, batch, t.kl_ctl.value)
+    with timer("train"):
+        fault_point("train")
+        train_metrics = train_on_batch(cfg, t.s, t.strategy, models, batch, t.kl_ctl.value, step)
+        train_metrics["train/zero_stage"] = t.strategy.zero_stage
+    with timer("weight_sync"):
+        fault_point("weight_sync")
+        sync_stats = _send_weights(t.strategy, models, t.sender)
+    if "kl/mean" in exp_metrics:
+        t.kl_ctl.update(exp_metrics["kl/mean"], t.s.samples_per_step)
+    lengths = batch.action_mask.sum(1).float()
+    metrics = {**exp_metrics, **train_metrics, **timer.pop(), "kl/coef": t.kl_ctl.value,
+               "reward/mean": rewards.mean().item(), "rollout/response_len": lengths.mean().item(),
+               "rollout/generate_s": gen_time, "rollout/staleness": float(staleness),
+               "time/step": time.perf_counter() - t0,
+               **collectives.mean_present_metrics(reward_logs)}
+    if sync_stats is not None:
+        metrics.update(sync_stats.as_metrics())
+    keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))
+    metrics.update(collectives.mean_metrics({k: metrics[k] for k in keys}))
+    return metrics, records
+
+
+def _checkpoint_or_stop(t: _Trainer, step: int, run_dir: Path) -> bool:
+    """Checkpoint on schedule, at the end or on a signal; True when the run stops here."""
+    cfg = t.cfg
+    stop = agreed_stop_vote(t.job) > 0  # MAX over the job group: 0 go on, 1 SIGTERM, 2 warned
+    done = step + 1 == cfg.train.num_steps
+    every = cfg.checkpoint.save_every
+    if stop or done or (every and (step + 1) % every == 0):
+        t.strategy.save_checkpoint(run_dir / "checkpoints", step + 1, t.engines,
+                                   {"prompts": t.prompts.state_dict(),
+                                    "kl_coef": t.kl_ctl.value},
+                                   keep_last=cfg.checkpoint.keep_last)
+    if not stop or done:
+        return False
+    if t.rank0:
+        requeue_after_stop(run_dir, cfg.launch.requeue)
+    return True
 
 
 def _send_weights(strategy, models, sender):
