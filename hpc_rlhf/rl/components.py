@@ -191,3 +191,15 @@ def restore_rl(cfg: JobConfig, strategy, ckpt_dir: Path, engines: dict, prompts,
     prompts.load_state_dict(extra["prompts"])
     kl_ctl.value = extra["kl_coef"]
     return start
+
+
+def rl_logger(cfg: JobConfig, run_dir: Path, enabled: bool, start: int):
+    """The RL recipes' metrics logger (rank 0 writes), resuming at step `start`."""
+    from hpc_rlhf.config import to_dict
+    from hpc_rlhf.launch.rundir import redacted
+    from hpc_rlhf.metrics.logger import MetricsLogger
+    return MetricsLogger(run_dir, enabled=enabled, tensorboard=cfg.logging.tensorboard,
+                         wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
+                         progress_total=cfg.train.num_steps,
+                         progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
+                         start_step=start, print_every=cfg.logging.log_every)

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-from hpc_rlhf.config import JobConfig, sizes, to_dict
+from hpc_rlhf.config import JobConfig, sizes
 from hpc_rlhf.launch.faults import fault_point
-from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import agreed_stop_vote, requeue_after_stop
-from hpc_rlhf.metrics.logger import MetricsLogger, Timer
+from hpc_rlhf.metrics.logger import Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
-                                    restore_rl, rollout_sampling)
+                                    restore_rl, rl_logger, rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent
 from hpc_rlhf.rl.experience import make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
@@ -153,11 +152,7 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
     collectives.reduce_values([start if rank0 else 0], "sum", job, torch.long)
     if start:
         _send_weights(strategy, models, t.sender)
-    logger = MetricsLogger(run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
-                           wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
-                           progress_total=cfg.train.num_steps, progress_bar=cfg.logging.progress_bar,
-                           config=to_dict(redacted(cfg)), start_step=start,
-                           print_every=cfg.logging.log_every)
+    logger = rl_logger(cfg, run_dir, rank0, start)
     for step in range(start, cfg.train.num_steps):
         metrics, records = _trainer_step(t, step)
         if records:

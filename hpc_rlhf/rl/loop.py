@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hpc_rlhf.config import JobConfig, sizes, to_dict
+from hpc_rlhf.config import JobConfig, sizes
 from hpc_rlhf.launch.faults import fault_point
-from hpc_rlhf.launch.rundir import redacted
 from hpc_rlhf.launch.signals import agreed_stop_vote, received_signals, requeue_after_stop
 from hpc_rlhf.memory.schedule import ColocatedMemory
-from hpc_rlhf.metrics.logger import MetricsLogger, Timer
+from hpc_rlhf.metrics.logger import Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
-                                    local_prompts, policy_weights, restore_rl, rollout_sampling)
+                                    local_prompts, policy_weights, restore_rl, rl_logger,
+                                    rollout_sampling)
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.evaluate import held_out_prompts, held_out_reward
 from hpc_rlhf.rl.experience import Batch, make_batch
@@ -90,11 +90,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
     start = restore_rl(cfg, strategy, run_dir / "checkpoints", engines, run.prompts, run.kl_ctl)
     if start:
         run.mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
-    logger = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                           wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
-                           progress_total=cfg.train.num_steps,
-                           progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
-                           start_step=start, print_every=cfg.logging.log_every)
+    logger = rl_logger(cfg, run_dir, rank == 0, start)
     if cfg.eval.every and start == 0 and run.reward_source is not None:  # the baseline
         logger.log(0, {"eval/reward": run.evaluate()})
     for step in range(start, cfg.train.num_steps):
