@@ -198,3 +198,10 @@ def test_a_missing_distillation_teacher_is_refused(capsys, tmp_path):
     line = one_problem(capsys, SFT, "train.trainer=kd", f"train.teacher_path={tmp_path / 't'}",
                        f"data.prompts={data}", "data.eval_prompts=")
     assert line.startswith(f"train.teacher_path='{tmp_path / 't'}' does not exist")
+
+
+def test_csft_rows_need_a_numeric_score(capsys, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r", "score": 8},
+                                              {"prompt": "p", "response": "r", "score": "high"}])
+    line = one_problem(capsys, str(REPO / "configs" / "csft_tiny.yaml"), f"data.prompts={data}")
+    assert "d.jsonl line 2 field 'score': is 'high', expected a number" in line
