@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 import textwrap
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ def _prologue(s: SbatchSpec, config_arg: str, overrides: str) -> str:
     config_var = f'CONFIG=${{CONFIG:-{s.config}}}\n' if s.config else ""
     setup = "".join(f"{line}\n" for line in s.setup)
     setup = f"# launch.setup: run before anything else.\n{setup}" if setup else ""
-    env = "".join(f"export {k}={v}\n" for k, v in s.extra_env)
+    env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in s.extra_env)
     check = ""
     if s.check_config and s.module == "hpc_rlhf.launch.main":
         check = f"""

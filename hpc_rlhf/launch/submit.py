@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -294,7 +295,8 @@ def submitit_params(cfg: JobConfig, run_dir: Path) -> dict:
                   srun_args=srun_args, additional_parameters=extra, dependency="singleton",
                   setup=[f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}",
                          f"export {ENV_RUN_DIR}={run_dir}", *lc.setup,
-                         *(f"export {item}" for item in lc.env)])
+                         *(f"export {k}={shlex.quote(v)}" for k, v in
+                           (item.split("=", 1) for item in lc.env))])
     if gpus:
         params.update(gpus_per_node=gpus, exclusive=True)
     if lc.cpus_per_node:

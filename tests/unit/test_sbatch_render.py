@@ -126,8 +126,9 @@ LAUNCH_FIELDS = {
     "signal_lead_s": (420, "--signal=B:USR1@420", "--signal=USR2@420"),
     "requeue": (False, "--no-requeue", "--no-requeue"),
     "setup": (["module load cuda/12"], "\nmodule load cuda/12\n", "\nmodule load cuda/12\n"),
-    "env": (["NCCL_SOCKET_IFNAME=ib0"], "export NCCL_SOCKET_IFNAME=ib0",
-            "export NCCL_SOCKET_IFNAME=ib0"),
+    "env": (["NCCL_SOCKET_IFNAME=ib0", "NCCL_DEBUG_SUBSYS=INIT ENV"],
+            "export NCCL_SOCKET_IFNAME=ib0\nexport NCCL_DEBUG_SUBSYS='INIT ENV'",
+            "export NCCL_SOCKET_IFNAME=ib0\nexport NCCL_DEBUG_SUBSYS='INIT ENV'"),
     "max_restarts": (3, "--max-restarts 3", "--max-restarts 3"),
 }
 
