@@ -112,7 +112,9 @@ def run_state(run_dir: Path, job: str, info: dict | None) -> str:
     failed = failure_line(run_dir)
     if failed:
         return f"{failed}; rerun the same command to resume from the {last}"
-    return (f"stopped: {last}" + (f" of {steps}" if steps else "")
+    ended = f"SLURM job {job} ended {info['JobState']}, " if info and info.get(
+        "JobState") not in (None, "COMPLETED") else ""
+    return (f"{ended}stopped: {last}" + (f" of {steps}" if steps else "")
             + "; rerun the same command to resume")
 
 
