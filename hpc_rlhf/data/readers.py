@@ -131,18 +131,23 @@ def data_files(path: str | Path) -> list[Path]:
     return files
 
 
+def hub_cache_root() -> Path:
+    """Where `huggingface_hub` keeps downloads: HF_HUB_CACHE, else HF_HOME/hub, else
+    ~/.cache/huggingface/hub."""
+    import os
+    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+    return Path(os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub")))
+
+
 def hub_cache_snapshot(name: str) -> Path | None:
     """The local hub cache's snapshot directory of dataset `name` ('org/dataset', optionally
     ':split'; what `huggingface_hub` downloads to HF_HUB_CACHE, default HF_HOME/hub or
     ~/.cache/huggingface/hub), or None. The revision `refs/main` names is used, else the
     newest snapshot."""
-    import os
     parts = name.split(":", 1)[0].strip("/").split("/")
     if len(parts) != 2 or not all(parts) or Path(name).suffix in _READERS:
         return None
-    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    root = Path(os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub")))
-    repo = root / f"datasets--{parts[0]}--{parts[1]}"
+    repo = hub_cache_root() / f"datasets--{parts[0]}--{parts[1]}"
     ref = repo / "refs" / "main"
     if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
         return repo / "snapshots" / ref.read_text().strip()

@@ -89,9 +89,8 @@ def _environment_refs(cfg: JobConfig, out: Findings) -> None:
 # ---- models -------------------------------------------------------------------------------
 def hub_cache_model(name: str) -> Path | None:
     """The local hub cache's snapshot of model `name` holding a config.json, or None."""
-    home = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-    root = Path(os.environ.get("HF_HUB_CACHE", str(Path(home) / "hub")))
-    snapshots = root / f"models--{name.replace('/', '--')}" / "snapshots"
+    from hpc_rlhf.data.readers import hub_cache_root
+    snapshots = hub_cache_root() / f"models--{name.replace('/', '--')}" / "snapshots"
     found = sorted(snapshots.glob("*/config.json")) if snapshots.is_dir() else []
     return found[-1].parent if found else None
 

@@ -370,9 +370,8 @@ def wait_sbatch_job(job_id: str, log: Path, run_dir: Path, poll_s: float = 0.5) 
     while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True,
                          text=True).stdout.strip():
         time.sleep(poll_s)
-    info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                          text=True).stdout
-    state = next((w.split("=", 1)[1] for w in info.split() if w.startswith("JobState=")), "?")
+    from .jobs import slurm_job
+    state = (slurm_job(job_id) or {}).get("JobState", "?")
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else ""
     print(f"[submit] job {job_id} ended {state}; log tail ({log}):\n{tail}", flush=True)
     if state == "COMPLETED":
