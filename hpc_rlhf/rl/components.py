@@ -203,3 +203,17 @@ def rl_logger(cfg: JobConfig, run_dir: Path, enabled: bool, start: int):
                          progress_total=cfg.train.num_steps,
                          progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
                          start_step=start, print_every=cfg.logging.log_every)
+
+
+def save_when_due(cfg: JobConfig, strategy, run_dir: Path, step: int, engines: dict, prompts,
+                  kl_ctl, stop: bool, before_save=None) -> None:
+    """After step `step` (0-based): checkpoint on schedule, at the end, or on an agreed stop,
+    with what a resume needs besides the engines (prompt position, KL coefficient).
+    `before_save` runs first (colocated: put the DeepSpeed states back)."""
+    every = cfg.checkpoint.save_every
+    if stop or step + 1 == cfg.train.num_steps or (every and (step + 1) % every == 0):
+        if before_save is not None:
+            before_save()
+        strategy.save_checkpoint(run_dir / "checkpoints", step + 1, engines,
+                                 {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
+                                 keep_last=cfg.checkpoint.keep_last)

@@ -30,7 +30,7 @@ from hpc_rlhf.launch.faults import fault_point
 from hpc_rlhf.launch.signals import agreed_stop_vote, requeue_after_stop
 from hpc_rlhf.metrics.logger import Timer
 from hpc_rlhf.rl.components import (build_models, build_strategy, close_engine, policy_weights,
-                                    restore_rl, rl_logger, rollout_sampling)
+                                    restore_rl, rl_logger, rollout_sampling, save_when_due)
 from hpc_rlhf.rl.collect import collect, load_agent
 from hpc_rlhf.rl.experience import make_batch
 from hpc_rlhf.rl.kl import make_kl_controller
@@ -233,14 +233,8 @@ def _checkpoint_or_stop(t: _Trainer, step: int, run_dir: Path) -> bool:
     """Checkpoint on schedule, at the end or on a signal; True when the run stops here."""
     cfg = t.cfg
     stop = agreed_stop_vote(t.job) > 0  # MAX over the job group: 0 go on, 1 SIGTERM, 2 warned
-    done = step + 1 == cfg.train.num_steps
-    every = cfg.checkpoint.save_every
-    if stop or done or (every and (step + 1) % every == 0):
-        t.strategy.save_checkpoint(run_dir / "checkpoints", step + 1, t.engines,
-                                   {"prompts": t.prompts.state_dict(),
-                                    "kl_coef": t.kl_ctl.value},
-                                   keep_last=cfg.checkpoint.keep_last)
-    if not stop or done:
+    save_when_due(cfg, t.strategy, run_dir, step, t.engines, t.prompts, t.kl_ctl, stop)
+    if not stop or step + 1 == cfg.train.num_steps:
         return False
     if t.rank0:
         requeue_after_stop(run_dir, cfg.launch.requeue)

@@ -23,7 +23,7 @@ from hpc_rlhf.memory.schedule import ColocatedMemory
 from hpc_rlhf.metrics.logger import Timer
 from hpc_rlhf.rl.components import (build_engine, build_models, build_strategy, close_engine,
                                     local_prompts, policy_weights, restore_rl, rl_logger,
-                                    rollout_sampling)
+                                    rollout_sampling, save_when_due)
 from hpc_rlhf.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.rl.evaluate import held_out_prompts, held_out_reward
 from hpc_rlhf.rl.experience import Batch, make_batch
@@ -159,15 +159,10 @@ def _checkpoint_or_stop(run: _Run, step: int, run_dir: Path) -> bool:
     when the run stops here on a signal."""
     cfg = run.cfg
     stop = agreed_stop_vote() > 0  # MAX over ranks: 0 go on, 1 SIGTERM, 2 warned (requeue)
-    done = step + 1 == cfg.train.num_steps
-    every = cfg.checkpoint.save_every
-    if stop or (every and (step + 1) % every == 0) or done:
-        run.mem.to_train()  # DeepSpeed states resident for the save
-        run.strategy.save_checkpoint(run_dir / "checkpoints", step + 1, run.engines,
-                                     {"prompts": run.prompts.state_dict(),
-                                      "kl_coef": run.kl_ctl.value},
-                                     keep_last=cfg.checkpoint.keep_last)
-    if not stop or done:
+    # DeepSpeed states resident for the save
+    save_when_due(cfg, run.strategy, run_dir, step, run.engines, run.prompts, run.kl_ctl, stop,
+                  before_save=run.mem.to_train)
+    if not stop or step + 1 == cfg.train.num_steps:
         return False
     if run.rank == 0:
         how = requeue_after_stop(run_dir, cfg.launch.requeue)  # not after scancel
