@@ -80,10 +80,10 @@ def _child_env(**env: str):
 
 def _rank_main(rank: int, fn, *args) -> None:
     """A spawned rank: dies with its parent (PR_SET_PDEATHSIG), so a killed pytest leaves no
-    orphaned ranks; runs fn; then destroys the process groups fn left behind. A gloo group
-    alive at interpreter exit can abort the process (SIGABRT, "terminate called without an
-    active exception") after fn succeeded: its worker threads still hold async work whose
-    tensors are freed during finalization."""
+    orphaned ranks; runs fn; then ends as a launched rank does (collectives.end_process: the
+    groups fn left destroyed, no interpreter finalization). A gloo group alive at interpreter
+    exit can abort a rank (SIGABRT, "terminate called without an active exception") or hang it
+    after fn succeeded."""
     import ctypes
     import signal
     try:
@@ -91,9 +91,8 @@ def _rank_main(rank: int, fn, *args) -> None:
     except (OSError, AttributeError):
         pass
     fn(rank, *args)
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    from hpc_rlhf.topology.collectives import end_process
+    end_process(0)  # as a launched rank ends (launch/main.entry)
 
 
 def spawn(fn, world: int, args: tuple, timeout_s: float) -> None:

@@ -155,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from hpc_rlhf.topology.collectives import end_process
+
     # record: an exception's traceback goes to torchrun's error file, which its failure
-    # summary prints with the rank that raised it.
-    sys.exit(record(main)())
+    # summary prints with the rank that raised it. A returned rank ends through end_process:
+    # no interpreter finalization, where a leftover gloo group can abort or hang a finished
+    # rank.
+    end_process(record(main)())
 
 
 if __name__ == "__main__":
