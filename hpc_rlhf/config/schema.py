@@ -253,7 +253,8 @@ class LaunchConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     tensorboard: bool = opt(True, "write tensorboard event files to the run directory")
-    wandb_project: str = opt("", "wandb project ('' = off; needs wandb installed)")
+    wandb_project: str = opt("", "wandb project ('' = off; needs wandb installed); a resumed run "
+                                   "rewinds the same wandb run to its checkpoint")
     log_every: int = opt(0, "print a line of metrics every N steps (0 = none: the progress bar; "
                          "metrics.jsonl and tensorboard get every step)", ge=0)
     progress_bar: bool = opt(True, "show a progress bar on rank 0")

@@ -6,6 +6,7 @@ Only global rank 0 writes; other ranks get a logger whose calls do nothing.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,14 +55,7 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1
                                      if start_step else 0)
         if wandb_project:
-            try:
-                import wandb  # the only place wandb is imported
-            except ImportError:
-                print("[metrics] logging.wandb_project is set but wandb is not installed; "
-                      "logging to tensorboard only (pip install wandb)", flush=True)
-            else:
-                self._wandb = wandb.init(project=wandb_project, name=run_name, config=config,
-                                         resume="allow")
+            self._wandb = _wandb_run(run_dir, wandb_project, run_name, config, start_step)
         if progress_bar and progress_total:
             from tqdm import tqdm
             self._bar = tqdm(total=progress_total, initial=start_step, desc=run_name or "steps",
@@ -115,6 +109,36 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _wandb_run(run_dir: Path, project: str, name: str, config: dict | None, start_step: int):
+    """One wandb run per run directory, across requeues and reruns: its id is kept in
+    <run_dir>/wandb_run_id, and a later attempt rewinds that run to `start_step` (wandb's
+    resume_from `<id>?_step=<k>`), so the steps after the checkpoint that an interrupted attempt
+    logged are replaced, not kept beside the new ones (as metrics.jsonl and tensorboard are
+    truncated). wandb files go under <run_dir>/wandb. None when wandb is not installed."""
+    try:
+        import wandb  # the only place wandb is imported
+    except ImportError:
+        print("[metrics] logging.wandb_project is set but wandb is not installed; "
+              "logging to tensorboard only (pip install wandb)", flush=True)
+        return None
+    id_file = run_dir / WANDB_ID_FILE
+    common = dict(project=project, name=name or None, config=config, dir=str(run_dir))
+    if not id_file.exists():
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        return wandb.init(id=run_id, **common)
+    run_id = id_file.read_text().strip()
+    try:
+        return wandb.init(resume_from=f"{run_id}?_step={start_step}", **common)
+    except Exception as e:  # a server without rewind: keep the run, steps may repeat
+        print(f"[metrics] wandb could not rewind run {run_id} to step {start_step} ({e}); "
+              f"continuing it as it is", flush=True)
+        return wandb.init(id=run_id, resume="allow", **common)
 
 
 def truncate_jsonl(path: Path, last_step: int) -> int:

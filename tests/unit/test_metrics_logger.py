@@ -51,3 +51,28 @@ def test_truncate_drops_a_torn_last_line(tmp_path):
     assert truncate_jsonl(path, 2) == 1
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert truncate_jsonl(path, 2) == 0
+
+
+def test_wandb_keeps_one_run_per_run_dir_and_rewinds_it_to_the_checkpoint(tmp_path,
+                                                                           monkeypatch):
+    import wandb  # the `track` extra; offline: the run is written under the run directory
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def attempt(start: int, stop: int):
+        log = MetricsLogger(tmp_path, enabled=True, tensorboard=False, progress_bar=False,
+                            wandb_project="hpc-rlhf-test", run_name="grpo", start_step=start)
+        run = log._wandb
+        seen = (run.id, run.settings.resume_from)
+        for step in range(start + 1, stop + 1):
+            log.log(step, {"loss": float(step)})
+        log.close()
+        return seen
+
+    run_id, rewind = attempt(0, 6)           # killed after step 6, checkpoint at step 3
+    assert rewind is None and (tmp_path / "wandb_run_id").read_text().strip() == run_id
+    again, rewind = attempt(3, 8)            # the requeued attempt resumes from 3
+    assert again == run_id                   # the same wandb run, not a second one
+    assert (rewind.run, rewind.metric, rewind.value) == (run_id, "_step", 3)
+    assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert wandb.run is None                 # finished: a later run in the process starts clean
