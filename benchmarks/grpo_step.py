@@ -89,7 +89,7 @@ def trl_worker(args, result: Path) -> None:
     from hpc_rlhf.config import load_config
     from hpc_rlhf.data.tasks import task_reward
     from hpc_rlhf.models.resolve import resolve_model_path
-    from hpc_rlhf.rl.prompts import load_prompts
+    from hpc_rlhf.recipes.rl.prompts import load_prompts
 
     cfg = load_config(str(CONFIG), [f"model.path={args.model}"])
     path = resolve_model_path(args.model)

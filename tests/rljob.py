@@ -64,7 +64,7 @@ def run_rl(run_dir: Path, overrides: list[str] = (), fault: str = "", timeout: f
         rc, t_exit = out.wait(timeout)
     finally:
         kill_tree(proc)
-    t_fault = out.first("HPC_RLHF_FAULT: injecting")   # hpc_rlhf/launch/faults.py prints it
+    t_fault = out.first("HPC_RLHF_FAULT: injecting")   # hpc_rlhf/faults.py prints it
     return rc, out.text, None if t_fault is None else t_exit - t_fault
 
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from hpc_rlhf.checkpoint.layout import (MARKER, STEP_DIR, describe_start,  # noqa: F401
                                         latest_checkpoint, list_checkpoints, resume_source,
                                         step_dir_name)
-from hpc_rlhf.launch.faults import fault_point
+from hpc_rlhf.faults import fault_point
 from hpc_rlhf.topology import collectives
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import dataclasses
 import sys
 import typing
 
-from . import ConfigError, JobConfig, config_from_dict, load_config, sizes, to_yaml
+from hpc_rlhf.config import ConfigError, JobConfig, config_from_dict, load_config, sizes, to_yaml
 
 
 def _docs(section: str | None = None) -> str:
@@ -30,7 +30,7 @@ def _from_openrlhf(argv: list[str]) -> int:
     """Write the config of an OpenRLHF command line; list what did not map; check it."""
     import yaml
 
-    from .openrlhf import convert, to_nested
+    from hpc_rlhf.config.openrlhf import convert, to_nested
     out_path = None
     if argv[:1] == ["-o"] and len(argv) > 1:
         out_path, argv = argv[1], argv[2:]

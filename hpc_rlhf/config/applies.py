@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
-from .schema import TRAINERS, JobConfig
+from hpc_rlhf.config.schema import TRAINERS, JobConfig
 
 ALL = TRAINERS
 GENERATING = ("rl", "rejection_sampling", "iterative_dpo")  # trainers that roll out

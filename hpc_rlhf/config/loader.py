@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .schema import JobConfig
+from hpc_rlhf.config.schema import JobConfig
 
 # Fields that existed and were accepted without effect: why they are gone, and what to do.
 REMOVED = {
@@ -50,7 +50,7 @@ def _all_keys(cls: type = JobConfig, prefix: str = "") -> list[str]:
 def _suggest(key: str, section_keys: list[str]) -> str:
     """' (did you mean X?)': the closest field name, in this section first, else anywhere; for
     an OpenRLHF flag or TRL config name, the field that does its job (config/peers.py)."""
-    from .peers import peer_hint
+    from hpc_rlhf.config.peers import peer_hint
     hint = peer_hint(key)
     if hint:
         return hint
@@ -170,7 +170,7 @@ def merge_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def config_from_dict(data: dict, source: str = "config") -> JobConfig:
-    from .rules import validate  # rules imports schema only; no cycle at import time
+    from hpc_rlhf.config.rules import validate  # rules imports schema only; no cycle at import time
 
     errors: list[str] = []
     cfg = _build(JobConfig, data or {}, "", errors)

@@ -17,9 +17,9 @@ import shlex
 import typing
 from pathlib import Path
 
-from .loader import _field_hint
-from .peers import PEER_NAMES
-from .schema import JobConfig
+from hpc_rlhf.config.loader import _field_hint
+from hpc_rlhf.config.peers import PEER_NAMES
+from hpc_rlhf.config.schema import JobConfig
 
 TRAINERS = {"train_ppo_ray": "rl", "train_ppo": "rl", "train_sft": "sft", "train_dpo": "dpo",
             "train_rm": "rm", "train_kto": "kto", "train_kd": "kd", "train_prm": "prm"}

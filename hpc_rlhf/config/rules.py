@@ -9,15 +9,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fields import field_errors
-from .schema import JobConfig
+from hpc_rlhf.config.fields import field_errors
+from hpc_rlhf.config.schema import JobConfig
 
 GROUP_ALGORITHMS = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
 GENERATING_TRAINERS = ("rl", "rejection_sampling", "iterative_dpo")
 EMBEDDED_MODELS = ("embedded:smollm2-135m",)
 TINY_MODELS = ("tiny:llama", "tiny:qwen2", "tiny:mixtral", "tiny:qwen2_moe",
                "tiny:qwen3_moe")
-# trainers with a RingAttention path (hpc_rlhf/train/ring_common.py); the others would train
+# trainers with a RingAttention path (hpc_rlhf/engine/ring_common.py); the others would train
 # without it (and with the wrong grad_accum), so the config refuses ring_attn_size > 1 there
 RING_TRAINERS = ("sft", "dpo", "rm", "kto", "rl")
 AUX_LOSS_TRAINERS = ("sft", "dpo", "rl")  # trainers that add train.aux_loss_coef x aux_loss
@@ -70,7 +70,7 @@ def validate(cfg: JobConfig) -> list[str]:
                  _reward_rules, _launch_rules):
         errors.extend(rule(cfg))
     # fields without effect for this trainer / setting, unless a rule above already named them
-    from .applies import unused_fields
+    from hpc_rlhf.config.applies import unused_fields
     errors.extend(e for e in unused_fields(cfg)
                   if not any(f"{e.split('=')[0]}=" in other for other in errors))
     return errors

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .fields import opt
+from hpc_rlhf.config.fields import opt
 
 DTYPES = ("float32", "bfloat16", "float16")
 ALGORITHMS = ("ppo", "reinforce", "reinforce_baseline", "grpo", "dr_grpo", "rloo")

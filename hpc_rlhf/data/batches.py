@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .packing import TokenBatch, collate
-from .samples import KTOSample, PairSample, PRMSample, SFTSample
+from hpc_rlhf.data.packing import TokenBatch, collate
+from hpc_rlhf.data.samples import KTOSample, PairSample, PRMSample, SFTSample
 
 
 def sft_batch(samples: Sequence[SFTSample], *, pad_id: int, packing: bool = False,

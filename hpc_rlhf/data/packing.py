@@ -106,15 +106,13 @@ def collate(seqs: Sequence[Sequence[int]], loss_masks: Sequence[Sequence[int]] |
     return TokenBatch(ids, pos, attn, lmask, seg, len(seqs))
 
 
-def token_logprobs(logits: torch.Tensor, batch: TokenBatch, temperature: float = 1.0) -> torch.Tensor:
-    """log p(input_ids[:, t] | earlier tokens of its sample): [b, T] float32, 0 at column 0.
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them: [b, T].
 
-    logits: [b, T, v] from a forward on `batch.model_inputs()`. Entries where loss_mask is 0
-    (sample starts, padding) are meaningless and must be masked by the caller.
+    Pad positions get 0 (their outputs are masked anyway); the first real token gets 0.
     """
-    from hpc_rlhf.train.logprobs import logprobs_from_logits
-    lp = logprobs_from_logits(logits[:, :-1], batch.input_ids[:, 1:], temperature)  # [b, T-1]
-    return torch.nn.functional.pad(lp, (1, 0))
+    positions = attention_mask.long().cumsum(-1) - 1        # [b, T]
+    return positions.clamp_(min=0)
 
 
 def segment_sum(values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .rows import DataError
+from hpc_rlhf.data.rows import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .chat import ChatFormat, TemplateError, as_messages
-from .readers import Row, read_rows
-from .rows import (DataError, DataStats, get_bool, get_field, get_float, get_messages, get_text,
-                   get_text_or_messages)
+from hpc_rlhf.data.chat import ChatFormat, TemplateError, as_messages
+from hpc_rlhf.data.readers import Row, read_rows
+from hpc_rlhf.data.rows import (DataError, DataStats, get_bool, get_field, get_float, get_messages,
+                                get_text, get_text_or_messages)
 
 # Optional per-pair reward margin for the Bradley-Terry RM loss (no config key yet).
 MARGIN_KEY = "margin"

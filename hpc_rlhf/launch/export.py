@@ -14,8 +14,8 @@ def export_checkpoint(source: str, out: str | None = None) -> Path:
     from hpc_rlhf.checkpoint.export import export_hf
     from hpc_rlhf.checkpoint.layout import branch_source, step_dir_name
     from hpc_rlhf.config import load_config
-    from hpc_rlhf.train.deepspeed_strategy import consolidated_state
-    from hpc_rlhf.train.recipe_common import load_causal_lm, load_tokenizer
+    from hpc_rlhf.engine.deepspeed_strategy import consolidated_state
+    from hpc_rlhf.recipes.common import load_causal_lm, load_tokenizer
     try:
         root, step = branch_source(source)
     except ValueError as e:

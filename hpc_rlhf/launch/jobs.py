@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .rundir import OWNER_FILE, failure_line
+from hpc_rlhf.launch.rundir import OWNER_FILE, failure_line
 
 LAUNCHER_PID = "launcher.pid"  # in <run dir>/logs: "<pid> <host>" while `submit --local` runs
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig
-from . import plan as planlib
-from .rundir import ENV_RUN_DIR, failure_line
+from hpc_rlhf.launch import plan as planlib
+from hpc_rlhf.launch.rundir import ENV_RUN_DIR, failure_line
 
 
 def run_local(cfg: JobConfig, args, run_dir: Path, shutdown_timeout_s: int) -> int:
@@ -28,7 +28,7 @@ def run_local(cfg: JobConfig, args, run_dir: Path, shutdown_timeout_s: int) -> i
     env = {**os.environ, ENV_RUN_DIR: str(run_dir), "PYTHONUNBUFFERED": "1"}
     if args.program:
         env["HPC_RLHF_PROGRAM"] = args.program
-    from .console import ConsoleFilter, open_console_log
+    from hpc_rlhf.launch.console import ConsoleFilter, open_console_log
     log = open_console_log(run_dir)
     log.write(f"[submit] local: {planlib.shell_join(argv)}\n")
     console = ConsoleFilter(sys.stdout, log, verbose=cfg.logging.verbose)
@@ -64,7 +64,7 @@ class LocalJob:
     STOP = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self, argv: list, env: dict, run_dir: Path, console):
-        from .console import pump
+        from hpc_rlhf.launch.console import pump
         self.run_dir, self.stops, self.console = run_dir, [], console
         self.t0 = time.time()  # failure files older than this belong to an earlier attempt
         read, write = os.pipe()
@@ -73,7 +73,7 @@ class LocalJob:
         os.close(write)
         self.pump = pump(read, console)  # the job's output -> console.log, filtered console
         # `submit status|cancel RUN_DIR` find this launcher here
-        from .jobs import LAUNCHER_PID
+        from hpc_rlhf.launch.jobs import LAUNCHER_PID
         self.pid_file = run_dir / "logs" / LAUNCHER_PID
         self.pid_file.write_text(f"{os.getpid()} {os.uname().nodename}\n")
 

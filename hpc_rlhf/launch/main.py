@@ -15,7 +15,7 @@ torch.distributed workload for launcher tests (launch/smoke_roles.py).
 Contract for programs: once per step call `signals.agreed_stop_vote()` on every rank (the MAX
 of `stop_vote()` over the ranks; it calls `stop_agreed` itself); when it is non-zero save, have
 global rank 0 call `signals.request_requeue(run_dir)` (it decides whether a requeue is
-wanted), pass a barrier, return (rl/loop.py and train/recipe_common.StepCheckpoints are the
+wanted), pass a barrier, return (rl/loop.py and runtime.StepCheckpoints are the
 models). Resume from run_dir on start. Raise on errors (do not sys.exit): torchrun's error
 summary then names the rank and shows the traceback.
 """
@@ -29,20 +29,20 @@ import sys
 import time
 from typing import Callable
 
-from . import signals
+from hpc_rlhf.runtime import signals
 
 PROGRAMS: dict[str, str] = {
-    "rl": "hpc_rlhf.rl.loop:run",
-    "sft": "hpc_rlhf.train.sft:run",
-    "rm": "hpc_rlhf.train.rm:run",
-    "prm": "hpc_rlhf.train.prm:run",
-    "dpo": "hpc_rlhf.train.dpo:run",
-    "kto": "hpc_rlhf.train.kto:run",
-    "kd": "hpc_rlhf.train.kd:run",
-    "csft": "hpc_rlhf.train.csft:run",
-    "rejection_sampling": "hpc_rlhf.rl.rejection_sampling:run",
-    "iterative_dpo": "hpc_rlhf.rl.iterative_dpo:run",
-    "eval": "hpc_rlhf.rl.evaluate:run",
+    "rl": "hpc_rlhf.recipes.rl.loop:run",
+    "sft": "hpc_rlhf.recipes.sft:run",
+    "rm": "hpc_rlhf.recipes.rm:run",
+    "prm": "hpc_rlhf.recipes.prm:run",
+    "dpo": "hpc_rlhf.recipes.dpo:run",
+    "kto": "hpc_rlhf.recipes.kto:run",
+    "kd": "hpc_rlhf.recipes.kd:run",
+    "csft": "hpc_rlhf.recipes.csft:run",
+    "rejection_sampling": "hpc_rlhf.recipes.rejection_sampling:run",
+    "iterative_dpo": "hpc_rlhf.recipes.iterative_dpo:run",
+    "eval": "hpc_rlhf.recipes.rl.evaluate:run",
     "smoke": "hpc_rlhf.launch.smoke_roles:run",
 }
 ENV_PROGRAM = "HPC_RLHF_PROGRAM"
@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     program = resolve_program(name)
 
     from hpc_rlhf.config.rules import GENERATING_TRAINERS
+    from hpc_rlhf.launch.rundir import (RerunRefused, check_rerun, claim_run_dir, clear_failure,
+                                        prepare_run_dir, record_failure, resolve_run_dir,
+                                        tee_rank_logs)
     from hpc_rlhf.topology import Topology
-    from .rundir import (RerunRefused, check_rerun, claim_run_dir, clear_failure,
-                         prepare_run_dir, record_failure, resolve_run_dir, tee_rank_logs)
     first = os.environ.get("RANK", "0") == "0"
     try:  # the same verdict on every rank (they read the same files): no world needed
         if first:  # one job per run directory (rank 0 decides; torchrun stops the others)

@@ -79,7 +79,7 @@ def _hf_config(path: str) -> dict | None:
     """config.json of a model directory, or of a hub name's snapshot in the local hub cache."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file() and path and not Path(path).exists():
-        from .preflight import hub_cache_model
+        from hpc_rlhf.launch.preflight import hub_cache_model
         snapshot = hub_cache_model(path) if "/" in path else None
         cfg_file = snapshot / "config.json" if snapshot else cfg_file
     if not cfg_file.is_file():

@@ -181,7 +181,7 @@ def row_reader(cfg: JobConfig):
         return partial(s.prm_sample, fmt=fmt, input_key=d.input_key, output_key=d.output_key,
                        label_key=d.label_key, step_tag_id=1, step_tag=d.prm_step_tag)
     if trainer == "csft":  # the recipe's own reader (the score range only scales the tag)
-        from hpc_rlhf.train.csft import csft_sample
+        from hpc_rlhf.recipes.csft import csft_sample
         return partial(csft_sample, fmt=fmt, input_key=d.input_key, output_key=d.output_key,
                        label_key=d.label_key, lo=0.0, hi=1.0)
     raise ValueError(f"train.trainer={trainer!r} has no row reader in preflight")

@@ -21,12 +21,12 @@ job finds its checkpoints.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig, to_dict, to_yaml
+from hpc_rlhf.runtime.redact import redacted
 
 ENV_RUN_DIR = "HPC_RLHF_RUN_DIR"
 
@@ -34,16 +34,6 @@ ENV_RUN_DIR = "HPC_RLHF_RUN_DIR"
 def resolve_run_dir(cfg: JobConfig) -> Path:
     env = os.environ.get(ENV_RUN_DIR)
     return Path(env) if env else Path(cfg.launch.run_dir.format(name=cfg.launch.name))
-
-
-def redacted(cfg: JobConfig) -> JobConfig:
-    """`cfg` with the password and query values of reward.remote_url masked ('***'); for
-    everything written to the run directory or sent to trackers (wandb, tensorboard)."""
-    from hpc_rlhf.rewards.remote import mask_urls
-    if not cfg.reward.remote_url:
-        return cfg
-    return dataclasses.replace(cfg, reward=dataclasses.replace(
-        cfg.reward, remote_url=mask_urls(cfg.reward.remote_url)))
 
 
 def prepare_run_dir(cfg: JobConfig, layout_text: str, rank: int) -> Path:

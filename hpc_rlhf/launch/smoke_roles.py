@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import signals
+from hpc_rlhf.runtime import signals
 
 
 def expected_total(steps: int, world: int) -> int:

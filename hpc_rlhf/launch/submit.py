@@ -40,12 +40,12 @@ from pathlib import Path
 
 from hpc_rlhf.config import ConfigError, JobConfig, load_config
 from hpc_rlhf.config.rules import GENERATING_TRAINERS
+from hpc_rlhf.launch import plan as planlib
+from hpc_rlhf.launch.preflight import format_findings, preflight
+from hpc_rlhf.launch.rundir import (ENV_RUN_DIR, RerunRefused, check_rerun, failure_line,
+                                    resolve_run_dir)
+from hpc_rlhf.runtime.signals import REQUEUE_FILE
 from hpc_rlhf.topology.layout import Layout, build_layout
-from . import plan as planlib
-from .preflight import format_findings, preflight
-from .rundir import (ENV_RUN_DIR, RerunRefused, check_rerun, failure_line,
-                     resolve_run_dir)
-from .signals import REQUEUE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def shutdown_timeout_s(cfg: JobConfig) -> int:
 def sbatch_spec(cfg: JobConfig, config_path: str | None, overrides: list, program: str | None,
                 run_dir: Path, output: str = "%x-%j.out"):
     """The plain-sbatch job of `cfg` (ValueError when overrides cannot be baked into a script)."""
-    from .sbatch import SbatchSpec
+    from hpc_rlhf.launch.sbatch import SbatchSpec
 
     lc = cfg.launch
     env = tuple(tuple(item.split("=", 1)) for item in lc.env)
@@ -94,7 +94,7 @@ def sbatch_spec(cfg: JobConfig, config_path: str | None, overrides: list, progra
 def sbatch_text(cfg: JobConfig, config_path: str | None, overrides: list, program: str | None,
                 run_dir: Path) -> str:
     """The equivalent plain-sbatch script (hpc_rlhf/launch/sbatch.py renders it)."""
-    from .sbatch import render_sbatch
+    from hpc_rlhf.launch.sbatch import render_sbatch
     try:
         return render_sbatch(sbatch_spec(cfg, config_path, overrides, program, run_dir))
     except ValueError as e:
@@ -327,7 +327,7 @@ def torchrun_task(cfg: JobConfig, args, run_dir: Path) -> TorchrunTask:
 
 def submit_sbatch(cfg: JobConfig, args, run_dir: Path) -> int:
     """`--sbatch`: render the job script (checked config, header from it) and `sbatch` it."""
-    from .sbatch import render_sbatch
+    from hpc_rlhf.launch.sbatch import render_sbatch
     logs = run_dir / "logs"
     config = str(Path(args.config).resolve()) if args.config else None
     try:
@@ -370,7 +370,7 @@ def wait_sbatch_job(job_id: str, log: Path, run_dir: Path, poll_s: float = 0.5) 
     while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True,
                          text=True).stdout.strip():
         time.sleep(poll_s)
-    from .jobs import slurm_job
+    from hpc_rlhf.launch.jobs import slurm_job
     state = (slurm_job(job_id) or {}).get("JobState", "?")
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:]) if log.exists() else ""
     print(f"[submit] job {job_id} ended {state}; log tail ({log}):\n{tail}", flush=True)
@@ -442,10 +442,10 @@ def wait_job(job, run_dir: Path | None = None, poll_s: float = 0.5) -> int:
 def _subcommand(argv: list) -> int | None:
     """status / logs / cancel / export / plot: the programs about an existing run."""
     if argv[:1] and argv[0] in ("status", "logs", "cancel"):
-        from .jobs import main as jobs_main
+        from hpc_rlhf.launch.jobs import main as jobs_main
         return jobs_main(argv)
     if argv[:1] == ["export"]:
-        from .export import main as export_main
+        from hpc_rlhf.launch.export import main as export_main
         return export_main(argv[1:])
     if argv[:1] == ["plot"]:
         from hpc_rlhf.metrics.plot import main as plot_main
@@ -463,7 +463,7 @@ def _checked(args) -> tuple:
         print(e, file=sys.stderr)
         return 2
     if args.program:
-        from .main import PROGRAMS
+        from hpc_rlhf.launch.main import PROGRAMS
         if args.program not in PROGRAMS:
             print(f"--program {args.program!r} is unknown; choose one of {sorted(PROGRAMS)}",
                   file=sys.stderr)
@@ -499,7 +499,7 @@ def _start(cfg: JobConfig, layout: Layout, args, run_dir: Path, text: str) -> in
         print(f"{head.splitlines()[0]}\n== {layout.describe().splitlines()[0].strip()}; run "
               f"directory {run_dir} (plan: logs/plan.txt, full output: logs/console.log)",
               flush=True)
-        from .local import run_local
+        from hpc_rlhf.launch.local import run_local
         return run_local(cfg, args, run_dir, shutdown_timeout_s(cfg))
     print(head, flush=True)
     import shutil

@@ -17,8 +17,8 @@ import os
 import torch
 from torch import nn
 
+from hpc_rlhf.data.packing import position_ids_from_mask
 from hpc_rlhf.models.lora import LoraSpec, apply_lora, quantization_config
-from hpc_rlhf.train.logprobs import position_ids_from_mask
 
 
 class ValueModel(nn.Module):

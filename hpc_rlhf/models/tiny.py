@@ -75,7 +75,7 @@ def build_tiny_model(out_dir: str | os.PathLike, arch: str = "llama", seed: int 
     arch: a dense one (tiny_config) or a mixture-of-experts one in MOE_ARCHS (tiny_moe_config;
     `output_router_logits=True` on its forward returns the load-balancing `aux_loss`).
     """
-    from .cache import in_world, run_clean
+    from hpc_rlhf.models.cache import in_world, run_clean
     if in_world():  # save_pretrained writes nothing on a rank that is not 0: build outside
         run_clean("hpc_rlhf.models.tiny", out_dir, "--arch", arch, "--seed", str(seed),
                   "--config-json", json.dumps(config_kwargs))
@@ -107,7 +107,7 @@ def ensure_tiny_model(cache_dir: str | os.PathLike, arch: str = "llama", seed: i
     """Build the tiny model (dense or MoE) into `cache_dir/tiny-<arch>-<seed>-<key>` once; later
     calls reuse it (hpc_rlhf.models.cache: locked, checked to load, keyed by this file).
     """
-    from .cache import build_key, cached_build
+    from hpc_rlhf.models.cache import build_key, cached_build
     key = build_key(__file__)
     out = Path(cache_dir) / f"tiny-{arch}-{seed}-{key}"
     return cached_build(out, key, lambda tmp: build_tiny_model(tmp, arch=arch, seed=seed))

@@ -7,7 +7,7 @@ Logprob convention (the one the trainer must recompute to compare): the logprob 
 sampled token under the distribution it was *sampled from*, i.e. log_softmax(logits /
 temperature) restricted to the top-k / top-p set and renormalised. With top_k=-1 and
 top_p=1 (the RL default) that is exactly `log_softmax(logits / temperature)[token]`, what
-`hpc_rlhf.train.logprobs.logprobs_from_logits(logits, labels, temperature)` computes. With
+`hpc_rlhf.engine.logprobs.logprobs_from_logits(logits, labels, temperature)` computes. With
 temperature 0 (greedy) it is log_softmax(logits) (temperature 1).
 """
 from __future__ import annotations

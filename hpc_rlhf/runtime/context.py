@@ -61,7 +61,7 @@ class StepLog:
 
 class StepCheckpoints:
     """Resume and save for a step loop, with the stop-vote protocol of the RL loops
-    (hpc_rlhf.launch.signals): the loop's batches must be a pure function of the step
+    (hpc_rlhf.runtime.signals): the loop's batches must be a pure function of the step
     (data.step_indices), so the step counter, the engines and the RNG are the whole state.
 
     A loop with more state (a prompt stream's cursor, ...) passes it as
@@ -95,7 +95,7 @@ class StepCheckpoints:
     def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
         """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
         a signal; True when the loop must stop now (a signal before the last step)."""
-        from hpc_rlhf.launch.signals import agreed_stop_vote, requeue_after_stop
+        from hpc_rlhf.runtime.signals import agreed_stop_vote, requeue_after_stop
         vote = agreed_stop_vote()  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
         done = done_steps == self.num_steps
         every = self.c.save_every
@@ -122,7 +122,7 @@ class RunContext:
     def __init__(self, cfg, strategy, run_dir: Path | None, *, name: str,
                  total_steps: int | None = None):
         from hpc_rlhf.config import to_dict
-        from hpc_rlhf.launch.rundir import redacted
+        from hpc_rlhf.runtime.redact import redacted
         self.cfg, self.strategy, self.name = cfg, strategy, name
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.rank = strategy.rank

@@ -2,7 +2,7 @@
 
 `layout` is torch-free (the planner imports it); `groups` (Topology) imports torch lazily.
 """
-from .layout import ROLES, Layout, RankInfo, build_layout
+from hpc_rlhf.topology.layout import ROLES, Layout, RankInfo, build_layout
 
 __all__ = ["ROLES", "CollectiveError", "Layout", "RankInfo", "Topology", "build_layout",
            "free_port"]
@@ -10,6 +10,6 @@ __all__ = ["ROLES", "CollectiveError", "Layout", "RankInfo", "Topology", "build_
 
 def __getattr__(name):
     if name in ("CollectiveError", "Topology", "free_port"):
-        from . import groups
+        from hpc_rlhf.topology import groups
         return getattr(groups, name)
     raise AttributeError(name)

@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.config import JobConfig
-from . import collectives
-from .layout import Layout, RankInfo, build_layout
+from hpc_rlhf.topology import collectives
+from hpc_rlhf.topology.layout import Layout, RankInfo, build_layout
 
 
 PEER_FAILURE_MESSAGES = ("Connection closed by peer", "Connection reset by peer",

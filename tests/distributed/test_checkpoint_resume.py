@@ -37,7 +37,7 @@ def _resume_worker(rank, world, port, model_path, out_dir, phase):
     init_rank(rank, world, port)
     from transformers import AutoModelForCausalLM
 
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
     strat = DeepSpeedStrategy(StrategyConfig(zero_stage=3, micro_batch_size=2, lr=3e-3,
                                              warmup_steps=2, scheduler="linear", total_steps=20,
                                              weight_decay=0.01))
@@ -98,7 +98,7 @@ KILLED_SAVE = textwrap.dedent("""
     from pathlib import Path
     from transformers import AutoModelForCausalLM
     import hpc_rlhf.checkpoint.store as store
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
     model_path, root, marker = sys.argv[1:4]
     torch.set_num_threads(1)
     strat = DeepSpeedStrategy(StrategyConfig(zero_stage=2, micro_batch_size=2, lr=1e-2))
@@ -143,7 +143,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tiny_path, tmp_path, in_proc
     from transformers import AutoModelForCausalLM
 
     from hpc_rlhf.checkpoint.store import latest_checkpoint, list_checkpoints
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
     root, marker = tmp_path / "ckpt", tmp_path / "marker"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tiny_path), str(root),

@@ -14,8 +14,8 @@ def _offload_worker(rank, world, port, model_path, out_dir):
     init_rank(rank, world, port)
     from transformers import AutoModelForCausalLM
 
-    from hpc_rlhf.memory.offload import offload_train_states, reload_train_states
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.offload import offload_train_states, reload_train_states
     results = {}
     for stage in (2, 3):
         strat = DeepSpeedStrategy(StrategyConfig(zero_stage=stage, micro_batch_size=2, lr=1e-2))

@@ -56,7 +56,7 @@ def _trajectory_worker(rank, world, port, model_path, out_dir):
     init_rank(rank, world, port)
     from transformers import AutoModelForCausalLM
 
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
     results = {}
     for name, (stage, mb, ga, tp, ckpt) in CASES.items():
         cfg = StrategyConfig(zero_stage=stage, micro_batch_size=mb, grad_accum=ga, autotp_size=tp,

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from hpc_rlhf.train.deepspeed_strategy import (StrategyConfig, build_ds_config,
-                                              effective_zero_stage, lr_factor)
-from hpc_rlhf.train.op_cache import clear_stale_locks, ensure_extensions_dir
+from hpc_rlhf.engine.deepspeed_strategy import (StrategyConfig, build_ds_config,
+                                                effective_zero_stage, lr_factor)
+from hpc_rlhf.engine.op_cache import clear_stale_locks, ensure_extensions_dir
 
 pytestmark = pytest.mark.unit
 

@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     for name, data in (("sft", "sft_train.jsonl"), ("dpo", "pairs_train.jsonl"),
                        ("rm", "pairs_train.jsonl")):
         cfg = load_config(tmp / f"{name}.yaml", [*LOCAL, f"data.prompts={tmp / data}"])
-        module = __import__(f"hpc_rlhf.train.{cfg.train.trainer}", fromlist=["run"])
+        module = __import__(f"hpc_rlhf.recipes.{cfg.train.trainer}", fromlist=["run"])
         module.run(cfg, None, tmp / f"run_{name}")
 
 

@@ -31,11 +31,11 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     tmp = Path(tmp)
     common = ["rollout.engine=hf", "logging.log_every=1000"]
     jobs = [  # (name, module, config, overrides)
-        ("rs", "hpc_rlhf.rl.rejection_sampling", "rs_tiny",
+        ("rs", "hpc_rlhf.recipes.rejection_sampling", "rs_tiny",
          [*common, f"train.num_steps={RS_ROUNDS}", "train.actor_lr=1e-2"]),
-        ("idpo", "hpc_rlhf.rl.iterative_dpo", "iterative_dpo_tiny",
+        ("idpo", "hpc_rlhf.recipes.iterative_dpo", "iterative_dpo_tiny",
          [*common, f"train.num_steps={DPO_ROUNDS}"]),
-        ("csft", "hpc_rlhf.train.csft", "csft_tiny",
+        ("csft", "hpc_rlhf.recipes.csft", "csft_tiny",
          ["logging.log_every=1000", f"data.prompts={tmp / 'csft.jsonl'}",
           "checkpoint.export_hf=true"]),
     ]
@@ -78,8 +78,8 @@ def _show(name: str, rows: list[dict], run_dir: Path, keys: tuple[str, ...]) -> 
 # ---- pure pieces against plain references ---------------------------------------------------
 @pytest.mark.unit
 def test_best_per_prompt_and_pairs_match_reference():
-    from hpc_rlhf.rl.iterative_dpo import best_worst
-    from hpc_rlhf.rl.rejection_sampling import best_per_prompt
+    from hpc_rlhf.recipes.iterative_dpo import best_worst
+    from hpc_rlhf.recipes.rejection_sampling import best_per_prompt
     g = torch.Generator().manual_seed(0)
     n, p = 4, 50
     rewards = torch.randint(0, 3, (p * n,), generator=g).float()   # many ties on purpose
@@ -98,7 +98,7 @@ def test_csft_tags_and_samples():
     from hpc_rlhf.data import ChatFormat
     from hpc_rlhf.data.readers import Row
     from hpc_rlhf.models.tiny import build_tokenizer
-    from hpc_rlhf.train.csft import conditioned_prompt, csft_sample, normalize
+    from hpc_rlhf.recipes.csft import conditioned_prompt, csft_sample, normalize
     assert conditioned_prompt("Repeat a", normalize(6, 0, 8)) == "Repeat a\n<rm_score>: 0.8"
     assert normalize(-3, 0, 8) == 0.0 and normalize(9, 0, 8) == 1.0
     chat = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]
@@ -152,9 +152,9 @@ def test_csft_top_tag_gives_better_responses(runs):
     tagged with the bottom score (greedy, held-out task seed)."""
     from hpc_rlhf.data import ChatFormat
     from hpc_rlhf.data.tasks import make_task, repeat_reward
+    from hpc_rlhf.recipes.common import load_tokenizer
+    from hpc_rlhf.recipes.csft import conditioned_prompt_ids
     from hpc_rlhf.rollout import HFEngine, SamplingConfig
-    from hpc_rlhf.train.csft import conditioned_prompt_ids
-    from hpc_rlhf.train.recipe_common import load_tokenizer
     from transformers import AutoModelForCausalLM
     rows = read_metrics(runs / "csft")
     _show("csft (first and last step)", [rows[0], rows[-1]], runs / "csft", ("loss",))

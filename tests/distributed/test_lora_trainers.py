@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
             f"model.lora_rank={RANK}", "model.lora_alpha=8", "train.actor_lr=2e-2",
             f"train.num_steps={STEPS}", "checkpoint.export_hf=true",
             "logging.tensorboard=true", "logging.progress_bar=false"])
-        __import__(f"hpc_rlhf.train.{name}", fromlist=["run"]).run(cfg, None, Path(tmp) / name)
+        __import__(f"hpc_rlhf.recipes.{name}", fromlist=["run"]).run(cfg, None, Path(tmp) / name)
     dist.destroy_process_group()
 
 

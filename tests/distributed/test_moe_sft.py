@@ -42,7 +42,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from hpc_rlhf.train import sft
+    from hpc_rlhf.recipes import sft
     for name, coef in (("coef0", 0.0), ("coef", COEF)):
         t0 = time.time()
         sft.run(_cfg(Path(tmp), coef), None, Path(tmp) / name)
@@ -54,9 +54,9 @@ def _reference(tmp: Path, coef: float) -> tuple[list[float], list[float]]:
     """(SFT loss per step, aux loss per step), each the mean over the step's micro-batches."""
     from transformers import AutoModelForCausalLM
 
+    from hpc_rlhf.algos.losses_sft import sft_loss
     from hpc_rlhf.data import load_samples, rank_micro_batches, sft_batch, sft_sample, step_indices
-    from hpc_rlhf.train.losses_sft import sft_loss
-    from hpc_rlhf.train.recipe_common import chat_format, load_tokenizer
+    from hpc_rlhf.recipes.common import chat_format, load_tokenizer
     cfg = _cfg(tmp, coef)
     tok = load_tokenizer(cfg.model.path)
     d = cfg.data

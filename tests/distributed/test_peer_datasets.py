@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     from hpc_rlhf.config import load_config
     tmp = Path(tmp)
     for name, (trainer, config, kind) in RUNS.items():
-        module = __import__(f"hpc_rlhf.train.{trainer}", fromlist=["run"])
+        module = __import__(f"hpc_rlhf.recipes.{trainer}", fromlist=["run"])
         for form, data in (("plain", tmp / f"{kind}_train.jsonl"), ("peer", tmp / f"{kind}_dd")):
             cfg = load_config(ROOT / "configs" / config, [
                 f"train.trainer={trainer}", f"data.prompts={data}", "data.eval_prompts=",
@@ -87,7 +87,7 @@ def _prm_worker(rank: int, world: int, port: int, tmp: str) -> None:
     import torch
     torch.set_num_threads(1)
     from hpc_rlhf.config import load_config
-    from hpc_rlhf.train import prm
+    from hpc_rlhf.recipes import prm
     cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", [
         "train.trainer=prm", f"data.prompts={Path(tmp) / 'prm.jsonl'}", "data.eval_prompts=",
         "data.input_key=input", "data.label_key=value", "data.prm_step_tag=#",

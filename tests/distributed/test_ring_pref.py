@@ -50,7 +50,7 @@ def _worker(rank, world, tmp, jobs):
     tmp = Path(tmp)
     walls = {}
     for trainer, ring, name in jobs:
-        module = __import__(f"hpc_rlhf.train.{trainer}", fromlist=["run"])
+        module = __import__(f"hpc_rlhf.recipes.{trainer}", fromlist=["run"])
         t0 = time.time()
         module.run(_cfg(tmp, trainer, ring), None, tmp / name)
         walls[name] = round(time.time() - t0, 1)

@@ -50,7 +50,7 @@ def _cfg(ring: int, procs: int):
 
 def _synthetic_batch(step: int, rows: slice):
     """Rollouts of RL step `step` (the same on every rank), restricted to `rows`."""
-    from hpc_rlhf.rl.experience import make_batch
+    from hpc_rlhf.recipes.rl.experience import make_batch
     g = torch.Generator().manual_seed(100 + step)
     prompts = [torch.randint(3, 120, (int(torch.randint(2, 12, (1,), generator=g)),),
                              generator=g).tolist() for _ in range(ROWS)]
@@ -64,8 +64,8 @@ def _synthetic_batch(step: int, rows: slice):
 
 
 def _run(cfg, s, rows_of_rank: slice) -> dict:
-    from hpc_rlhf.rl.components import build_models, build_strategy
-    from hpc_rlhf.rl.step import make_experience, train_on_batch
+    from hpc_rlhf.recipes.rl.components import build_models, build_strategy
+    from hpc_rlhf.recipes.rl.step import make_experience, train_on_batch
     strategy = build_strategy(cfg, s)
     strategy.setup_distributed(timeout_s=120)
     torch.manual_seed(0)  # the critic's fresh value head

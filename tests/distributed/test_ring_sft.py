@@ -47,8 +47,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                       HPC_RLHF_CACHE=str(Path(tmp) / "cache"))
     torch.set_num_threads(1)
     from hpc_rlhf.config import load_config
+    from hpc_rlhf.recipes import sft
     from hpc_rlhf.topology import Topology
-    from hpc_rlhf.train import sft
 
     def cfg(ring, *extra):
         return load_config(ROOT / "configs" / "sft_tiny.yaml",
@@ -80,7 +80,7 @@ def _naive_step0_loss(tmp: Path) -> float:
     from hpc_rlhf.config import load_config
     from hpc_rlhf.data import load_samples, sft_sample, step_indices
     from hpc_rlhf.models.resolve import resolve_model_path
-    from hpc_rlhf.train.recipe_common import chat_format, load_tokenizer
+    from hpc_rlhf.recipes.common import chat_format, load_tokenizer
     cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", _overrides(tmp, 1))
     tok = load_tokenizer(cfg.model.path)
     d = cfg.data
@@ -153,8 +153,8 @@ def test_ring_groups_and_data_ranks_match_the_topology_layout(tp, ring, n):
     """Without a Topology the trainer builds ring groups itself: same members and data-parallel
     coordinates as the topology's layout (which the launcher uses)."""
     from hpc_rlhf.config import load_config
+    from hpc_rlhf.engine.ring_sft import ring_dp_coords, ring_group_ranks
     from hpc_rlhf.topology.layout import build_layout
-    from hpc_rlhf.train.ring_sft import ring_dp_coords, ring_group_ranks
     cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", [
         f"topology.procs_per_node={n}", f"train.autotp_size={tp}", f"train.ring_attn_size={ring}",
         "train.zero_stage=2", "train.micro_batch_size=1", f"train.batch_size={n}"])
@@ -169,14 +169,14 @@ def test_one_row_packing_and_labels_follow_the_batch_convention():
     """The ring path's one packed row + next-token labels select the same (position, target)
     pairs as the padded batch's loss_mask, written out by hand here."""
     from hpc_rlhf.data.samples import SFTSample
-    from hpc_rlhf.train.ring_sft import next_token_labels, one_row_batch
+    from hpc_rlhf.engine.ring_sft import next_token_labels, one_row_batch
     samples = [SFTSample([5, 6, 7, 8], [0, 0, 1, 1]), SFTSample([9, 10, 11], [0, 1, 1])]
     batch, cu = one_row_batch(samples, pad_id=0)
     assert cu == [0, 4, 7] and batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11]]
     # targets: 7 after 6, 8 after 7 (sample 0); 10 after 9, 11 after 10 (sample 1)
     assert next_token_labels(batch).tolist() == [[-100, 7, 8, -100, 10, 11, -100]]
     with pytest.raises(ValueError, match="ring_attn_size=2 x train.autotp_size=1 must divide"):
-        from hpc_rlhf.train.ring_sft import ring_group_ranks
+        from hpc_rlhf.engine.ring_sft import ring_group_ranks
         ring_group_ranks(3, 2, 1)
 
 
@@ -187,7 +187,7 @@ _WORLD_OF_3 = """
 import sys
 import torch.distributed as dist
 from hpc_rlhf.config import load_config
-from hpc_rlhf.train.recipe_common import make_strategy
+from hpc_rlhf.recipes.common import make_strategy
 assert not dist.is_initialized()
 cfg = load_config(sys.argv[1], ["train.ring_attn_size=2"])
 try:

@@ -23,7 +23,7 @@ def rank_batch(rank: int):
     """Rank 0: short rows; rank 1: long rows (so its budget split has more micro-batches)."""
     import random
 
-    from hpc_rlhf.rl.experience import make_batch
+    from hpc_rlhf.recipes.rl.experience import make_batch
     rng = random.Random(rank)
     longest = 6 if rank == 0 else 20
     prompts = [[rng.randrange(3, 100) for _ in range(rng.randint(2, 8))] for _ in range(ROWS)]
@@ -35,8 +35,8 @@ def rank_batch(rank: int):
 
 
 def micro_loss(model, mb, adv):
-    from hpc_rlhf.rl.losses import policy_loss
-    from hpc_rlhf.train.logprobs import logprobs_from_logits, response_logits
+    from hpc_rlhf.algos.losses import policy_loss
+    from hpc_rlhf.engine.logprobs import logprobs_from_logits, response_logits
     r = mb.response_len
     logits = response_logits(model, mb.input_ids, mb.attention_mask, r)
     logp = logprobs_from_logits(logits, mb.input_ids[:, -r:])
@@ -49,8 +49,8 @@ def _worker(rank, world, port, model_path, out_dir):
     from deepspeed.utils import safe_get_full_grad
     from transformers import AutoModelForCausalLM
 
-    from hpc_rlhf.rl.micro import budget_split, real_lengths, train_steps
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.recipes.rl.micro import budget_split, real_lengths, train_steps
     strat = DeepSpeedStrategy(StrategyConfig(zero_stage=3, micro_batch_size=ROWS, grad_accum=1,
                                              lr=1e-3, max_grad_norm=0.0))
     strat.setup_distributed()

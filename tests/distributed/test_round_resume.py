@@ -28,8 +28,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.deepspeed]
 
 ROUNDS, WARN_AT, TIMEOUT_S = 3, 1, 240
 RECIPES = {  # name: (module, config, overrides)
-    "rs": ("hpc_rlhf.rl.rejection_sampling", "rs_tiny", ["train.actor_lr=1e-2"]),
-    "idpo": ("hpc_rlhf.rl.iterative_dpo", "iterative_dpo_tiny", ["train.actor_lr=3e-3"]),
+    "rs": ("hpc_rlhf.recipes.rejection_sampling", "rs_tiny", ["train.actor_lr=1e-2"]),
+    "idpo": ("hpc_rlhf.recipes.iterative_dpo", "iterative_dpo_tiny", ["train.actor_lr=3e-3"]),
 }
 SMALL = ["rollout.engine=hf", f"train.num_steps={ROUNDS}", "rollout.prompts_per_step=8",
          "train.rs_candidates=8", "train.batch_size=8", "train.micro_batch_size=4",
@@ -46,7 +46,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, recipe: str, runs: tuple
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from hpc_rlhf.config import load_config
-    from hpc_rlhf.launch import signals
+    from hpc_rlhf.runtime import signals
     from hpc_rlhf.runtime import StepCheckpoints
     module, config, extra = RECIPES[recipe]
     original = StepCheckpoints.after_step
@@ -116,7 +116,7 @@ def _vote_worker(rank: int, world: int, port: int, tmp: str) -> None:
     from datetime import timedelta
 
     import torch.distributed as dist
-    from hpc_rlhf.launch import signals
+    from hpc_rlhf.runtime import signals
     signals.install(grace_s=GRACE_S)  # SIGTERM: hard exit unless agreed
     dist.init_process_group("gloo", rank=rank, world_size=world)
     # a standalone group on a PrefixStore of the job's store, as topology/groups builds its job

@@ -1,5 +1,5 @@
 """Supervised trainers' checkpoint/resume with the stop-vote protocol
-(train/recipe_common.StepCheckpoints), SFT, DPO, RM, KTO, KD, PRM and CSFT, 2 CPU ranks,
+(runtime.StepCheckpoints), SFT, DPO, RM, KTO, KD, PRM and CSFT, 2 CPU ranks,
 ZeRO-3, tiny Llama:
 
 - an uninterrupted 4-step run;
@@ -49,8 +49,8 @@ def _worker(rank: int, world: int, port: int, tmp: str, trainer: str, name: str,
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from hpc_rlhf.config import load_config
-    from hpc_rlhf.launch import signals
-    module = __import__(f"hpc_rlhf.train.{trainer}", fromlist=["run"])
+    from hpc_rlhf.runtime import signals
+    module = __import__(f"hpc_rlhf.recipes.{trainer}", fromlist=["run"])
     from hpc_rlhf.runtime import StepCheckpoints
     if warn_at and rank == 1:  # only rank 1 hears the warning, during step `warn_at`
         original = StepCheckpoints.after_step

@@ -30,7 +30,7 @@ def _worker(rank: int, world: int, port: int, tmp: str, trainers: tuple[str, ...
     from hpc_rlhf.config import load_config
     data = Path(tmp) / "data"
     for name in trainers:
-        module = __import__(f"hpc_rlhf.train.{name}", fromlist=["run"])
+        module = __import__(f"hpc_rlhf.recipes.{name}", fromlist=["run"])
         kind = "sft" if name == "sft" else "pairs"
         cfg = load_config(ROOT / "configs" / f"{name}_tiny.yaml", [
             f"data.prompts={data / f'{kind}_train.jsonl'}",

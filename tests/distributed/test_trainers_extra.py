@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         ("kd", "sft", [f"train.teacher_path={tmp / 'sft' / 'export'}", "train.num_steps=10"]),
     ]
     for name, kind, extra in jobs:
-        module = __import__(f"hpc_rlhf.train.{name}", fromlist=["run"])
+        module = __import__(f"hpc_rlhf.recipes.{name}", fromlist=["run"])
         cfg = load_config(ROOT / "configs" / "sft_tiny.yaml", [
             f"train.trainer={name}", f"data.prompts={data / f'{kind}_train.jsonl'}",
             f"data.eval_prompts={data / f'{kind}_eval.jsonl'}", "logging.log_every=100",

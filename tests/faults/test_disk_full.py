@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     from hpc_rlhf.checkpoint.store import list_checkpoints
     from hpc_rlhf.models.tiny import ensure_tiny_model
-    from hpc_rlhf.train.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
     root, mode, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     torch.set_num_threads(1)
     torch.manual_seed(0)

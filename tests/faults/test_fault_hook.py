@@ -1,7 +1,7 @@
 """The injection hook itself: spec parsing, rank/phase/count matching, no-op when unset."""
 import pytest
 
-from hpc_rlhf.launch import faults
+from hpc_rlhf import faults
 
 pytestmark = pytest.mark.unit
 

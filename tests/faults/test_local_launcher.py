@@ -131,7 +131,7 @@ def test_an_unreachable_reward_server_ends_the_job_before_any_model_loads(tmp_pa
                            f"connection within 2 s to http://127.0.0.1:{port}/score"), last
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert "nothing was loaded yet" in log and "(in probe_servers, remote.py" in last
-    assert "hpc_rlhf/rl/" not in log, log[-2000:]  # the RL program never started
+    assert "hpc_rlhf/algos/" not in log, log[-2000:]  # the RL program never started
 
 
 def _jobs(*args) -> subprocess.CompletedProcess:

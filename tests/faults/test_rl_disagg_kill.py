@@ -1,8 +1,9 @@
-"""A rollout-only rank SIGKILLed in disaggregated mode (hpc_rlhf/rl/disaggregated.py): rank 0
-trains (DeepSpeed ZeRO-3, HF-engine GRPO on the tiny Llama), rank 1 only serves rollouts. The
-kill lands in the rollout rank's generation of step 3 (fault point "rollout" in `_serve`). The
-job must end non-zero within 60 s with torchrun naming rank 1 and SIGKILL, and the newest
-complete checkpoint must load: the resumed job reproduces an uninterrupted disaggregated run."""
+"""A rollout-only rank SIGKILLed in disaggregated mode (hpc_rlhf/recipes/rl/disaggregated.py):
+rank 0 trains (DeepSpeed ZeRO-3, HF-engine GRPO on the tiny Llama), rank 1 only serves
+rollouts. The kill lands in the rollout rank's generation of step 3 (fault point "rollout" in
+`_serve`). The job must end non-zero within 60 s with torchrun naming rank 1 and SIGKILL, and
+the newest complete checkpoint must load: the resumed job reproduces an uninterrupted
+disaggregated run."""
 import json
 
 import pytest

@@ -1,6 +1,6 @@
 """SIGTERM alone (no SIGUSR1 first), as SLURM sends it on preemption, scancel or the time
 limit: SIGCONT+SIGTERM to every process of the step (torchrun and the ranks), SIGKILL after
-GraceTime / KillWait. Behaviour (hpc_rlhf/launch/signals.py):
+GraceTime / KillWait. Behaviour (hpc_rlhf/runtime/signals.py):
   - ranks that reach the next step boundary within HPC_RLHF_TERM_GRACE_S agree to stop,
     checkpoint (the watchdog is disarmed once they agreed) and exit; no REQUEUE marker outside
     a SLURM preemption (a scancel must not come back);

@@ -1,4 +1,4 @@
-"""The SIGTERM watchdog of hpc_rlhf/launch/signals.py in a real process: SIGTERM arms a hard
+"""The SIGTERM watchdog of hpc_rlhf/runtime/signals.py in a real process: SIGTERM arms a hard
 exit (143, stacks on stderr) that `stop_agreed()` disarms; only warning signals (USR1/USR2) or
 a SLURM preemption make `request_requeue` write the REQUEUE marker."""
 import os
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys, time
-    from hpc_rlhf.launch import signals
+    from hpc_rlhf.runtime import signals
     signals.install(grace_s=float(sys.argv[1]))
     names = sys.argv[3].split(",")
     for name in names:

@@ -1,5 +1,5 @@
 """A colocated GRPO run on CUDA: tiny Llama in bf16, ZeRO-3, the HF rollout engine, DeepSpeed
-states offloaded while the engine generates (hpc_rlhf.memory.schedule). The offload must free
+states offloaded while the engine generates (hpc_rlhf.engine.memory_schedule). The offload must free
 the GPU memory it claims to move, and training must stay finite."""
 import json
 import math

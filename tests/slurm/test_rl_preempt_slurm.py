@@ -10,7 +10,7 @@ of a running job kills it after KillWait (2 s here) with no grace to save.
 Trap this test pins (SLURM 22.05): a preempted job that checkpoints and exits inside GraceTime
 ends COMPLETED and is NOT requeued by SLURM. So rank 0 asks `scontrol show job` whether the job
 was preempted (PreemptTime set) and writes REQUEUE; submitit's task then runs
-`scontrol requeue` (hpc_rlhf/launch/signals.py, hpc_rlhf/launch/submit.py).
+`scontrol requeue` (hpc_rlhf/runtime/signals.py, hpc_rlhf/launch/submit.py).
 
 The job: configs/grpo_tiny.yaml on 1 node x 2 ranks (HF engine, DeepSpeed ZeRO-3, gloo), the
 fault suite's settings, so its metrics must equal an uninterrupted local run's."""

@@ -27,12 +27,13 @@ from hpc_rlhf.config.schema import TRAINERS
 pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parents[2] / "hpc_rlhf"
-ENTRY = {t: f"hpc_rlhf.train.{t}" for t in ("sft", "rm", "prm", "dpo", "kto", "kd", "csft")}
-ENTRY.update(rl="hpc_rlhf.rl.loop", rejection_sampling="hpc_rlhf.rl.rejection_sampling",
-             iterative_dpo="hpc_rlhf.rl.iterative_dpo")
+ENTRY = {t: f"hpc_rlhf.recipes.{t}" for t in ("sft", "rm", "prm", "dpo", "kto", "kd", "csft")}
+ENTRY.update(rl="hpc_rlhf.recipes.rl.loop",
+             rejection_sampling="hpc_rlhf.recipes.rejection_sampling",
+             iterative_dpo="hpc_rlhf.recipes.iterative_dpo")
 # read by every trainer's job around the recipe (not followed: main dispatches to all recipes)
 LAUNCHER = ("launch/main.py", "launch/submit.py", "launch/local.py", "launch/plan.py",
-            "launch/sbatch.py", "launch/rundir.py", "launch/signals.py")
+            "launch/sbatch.py", "launch/rundir.py", "runtime/signals.py")
 
 
 def _file_of(module: str) -> Path | None:

@@ -136,7 +136,7 @@ def test_save_to_disk_dataset_and_datasetdict(tmp_path):
 
 
 def test_max_samples_keeps_the_first_usable_prompts(tmp_path):
-    from hpc_rlhf.rl.prompts import config_prompts
+    from hpc_rlhf.recipes.rl.prompts import config_prompts
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"q{i}", "label": str(i)}) + "\n"
                             for i in range(10)))
@@ -206,7 +206,7 @@ def test_prm_openrlhf_one_text_form_equals_the_steps_form(fmt):
 
 def test_prm_soft_label_loss_is_cross_entropy_against_p():
     import torch
-    from hpc_rlhf.train.losses_pref import prm_loss
+    from hpc_rlhf.algos.losses_pref import prm_loss
     logits = torch.tensor([[0.3, 1.2], [2.0, -1.0]])
     p = torch.tensor([0.25, 1.0])
     logq = torch.log_softmax(logits.double(), -1)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from hpc_rlhf.train.logprobs import (entropy_from_logits, logprobs_from_logits,
-                                     position_ids_from_mask, response_logprobs)
+from hpc_rlhf.engine.logprobs import (entropy_from_logits, logprobs_from_logits,
+                                      position_ids_from_mask, response_logprobs)
 
 pytestmark = pytest.mark.unit
 
@@ -108,7 +108,7 @@ def test_response_len_validated(tiny_lm):
 @pytest.mark.parametrize("temperature,chunk_rows", [(1.0, 1024), (0.7, 3), (1.3, 5)])
 def test_fused_logprobs_and_entropy_match_separate_functions_with_gradient(dtype, temperature,
                                                                            chunk_rows):
-    from hpc_rlhf.train.logprobs import logprobs_and_entropy
+    from hpc_rlhf.engine.logprobs import logprobs_and_entropy
     g = torch.Generator().manual_seed(7)
     full = (torch.randn(3, 9, 50, generator=g) * 3).to(dtype)
     labels = torch.randint(0, 50, (3, 7), generator=g)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpc_rlhf.data import PairSample, SFTSample, pair_batch, sft_batch, segment_sum, token_logprobs
-from hpc_rlhf.train.losses_pref import preference_loss
-from hpc_rlhf.train.losses_sft import sft_loss
+from hpc_rlhf.algos.losses_pref import preference_loss
+from hpc_rlhf.algos.losses_sft import sft_loss
+from hpc_rlhf.data import PairSample, SFTSample, pair_batch, segment_sum, sft_batch
+from hpc_rlhf.engine.logprobs import token_logprobs
 
 pytestmark = pytest.mark.unit
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from hpc_rlhf.train.losses_pref import (bradley_terry_loss, kd_forward_kl, kto_loss, prm_loss,
+from hpc_rlhf.algos.losses_pref import (bradley_terry_loss, kd_forward_kl, kto_loss, prm_loss,
                                         preference_loss)
-from hpc_rlhf.train.losses_sft import sft_loss
+from hpc_rlhf.algos.losses_sft import sft_loss
 
 pytestmark = pytest.mark.unit
 TOL = dict(rtol=1e-5, atol=1e-6)

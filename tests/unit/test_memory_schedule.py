@@ -1,9 +1,9 @@
-"""The colocated memory schedule's order (hpc_rlhf.memory.schedule) through one RL step with an
-evaluation and a checkpoint, on the real HF engine and a real torch model's optimizer states."""
+"""The colocated memory schedule's order (hpc_rlhf.engine.memory_schedule) through one RL step
+with an evaluation and a checkpoint, on the real HF engine and a real torch model's optimizer states."""
 import pytest
 import torch
 
-from hpc_rlhf.memory.schedule import ColocatedMemory
+from hpc_rlhf.engine.memory_schedule import ColocatedMemory
 from hpc_rlhf.rollout.hf_engine import HFEngine
 
 pytestmark = pytest.mark.unit
@@ -20,8 +20,8 @@ class _Trainer:
 
 
 def test_schedule_order_and_accounting():
-    from hpc_rlhf.models.tiny import ensure_tiny_model
     from hpc_rlhf.models.cache import cache_dir
+    from hpc_rlhf.models.tiny import ensure_tiny_model
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(cache_dir() / "models"))
     engine = HFEngine(model, eos_token_ids=[2], pad_token_id=0)
@@ -44,8 +44,8 @@ def test_schedule_order_and_accounting():
 
 
 def test_disabled_schedule_keeps_deepspeed_resident():
-    from hpc_rlhf.models.tiny import ensure_tiny_model
     from hpc_rlhf.models.cache import cache_dir
+    from hpc_rlhf.models.tiny import ensure_tiny_model
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(cache_dir() / "models"))
     mem = ColocatedMemory(HFEngine(model, eos_token_ids=[2], pad_token_id=0), [_Trainer()],

@@ -1,4 +1,4 @@
-"""MoE auxiliary (router load-balancing) loss pass-through: hpc_rlhf.train.moe.
+"""MoE auxiliary (router load-balancing) loss pass-through: hpc_rlhf.engine.moe.
 
 The aux term our helper hands to the trainers is checked against the Switch-Transformer
 load-balancing loss recomputed naively (loops, float64) from the same forward's router logits,
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hpc_rlhf.config import ConfigError, load_config
-from hpc_rlhf.train.moe import RouterAuxLoss, attach_router_aux_loss, check_moe_model
+from hpc_rlhf.engine.moe import RouterAuxLoss, attach_router_aux_loss, check_moe_model
 
 pytestmark = pytest.mark.unit
 TOL = 1e-6
@@ -60,7 +60,7 @@ def _batch():
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_aux_term_equals_naive_recomputation_and_loss_adds_coef_times_it(moe_paths, arch):
-    from hpc_rlhf.train.logprobs import logprobs_from_logits, response_logits
+    from hpc_rlhf.engine.logprobs import logprobs_from_logits, response_logits
     model = _load(moe_paths[arch]).train()
     cfg = model.config
     num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
@@ -142,7 +142,7 @@ def test_sft_trainer_refuses_coef_on_a_dense_model_before_training():
     from types import SimpleNamespace
 
     from hpc_rlhf.models.tiny import tiny_config
-    from hpc_rlhf.train.sft import train_sft
+    from hpc_rlhf.recipes.sft import train_sft
     from transformers import AutoModelForCausalLM
     dense = AutoModelForCausalLM.from_config(tiny_config("llama"))
     cfg = load_config(None, ["train.trainer=sft", "train.aux_loss_coef=0.01"]).train

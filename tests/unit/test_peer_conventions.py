@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
+from hpc_rlhf.algos.losses import LOG_RATIO_CLAMP, policy_loss
+from hpc_rlhf.algos.losses_pref import kd_forward_kl
 from hpc_rlhf.data import SFTSample
 from hpc_rlhf.models.tiny import tiny_config
-from hpc_rlhf.rl.losses import LOG_RATIO_CLAMP, policy_loss
-from hpc_rlhf.train.kd import kd_batch_loss
-from hpc_rlhf.train.losses_pref import kd_forward_kl
+from hpc_rlhf.recipes.kd import kd_batch_loss
 
 pytestmark = pytest.mark.unit
 
@@ -128,7 +128,7 @@ def test_dynamic_filtering_range_keeps_groups_whose_mean_is_inside():
     """OpenRLHF's --dynamic_filtering_reward_range: keep a group when low < mean score < high
     (here also: not all equal), checked against that naive rule."""
     from hpc_rlhf.config import config_from_dict
-    from hpc_rlhf.rl.collect import varied_groups
+    from hpc_rlhf.recipes.rl.collect import varied_groups
     scores = torch.tensor([0., 1., 1., 1.,  0., 0., 0., 1.,  0., 1., 0., 1.,  1., 1., 1., 1.])
     low, high = 0.3, 0.7
     naive = [low < float(g.mean()) < high and float(g.max()) != float(g.min())
@@ -144,7 +144,7 @@ def test_dynamic_filtering_range_keeps_groups_whose_mean_is_inside():
 def test_reward_clip_after_baseline_as_openrlhf(estimator):
     """algorithm.reward_clip_stage=shaped: OpenRLHF clips the group-shaped reward (its
     compute_reward runs after the baseline); ours by default clips the raw reward."""
-    from hpc_rlhf.rl.advantages import compute_advantages
+    from hpc_rlhf.algos.advantages import compute_advantages
     rewards = torch.tensor([5.0, -3.0, 0.5, 9.0, 1.0, 1.5], dtype=torch.float64)
     mask = torch.ones(6, 3)
     clip = (-1.0, 1.0)

@@ -13,9 +13,9 @@ import torch
 
 from hpc_rlhf.config import config_from_dict
 from hpc_rlhf.models.tiny import build_tokenizer
+from hpc_rlhf.recipes.rl.prompts import Prompt
+from hpc_rlhf.recipes.rl.step import score_rollouts
 from hpc_rlhf.rewards import FuncReward, RewardBatch, RewardError, reward_batch
-from hpc_rlhf.rl.prompts import Prompt
-from hpc_rlhf.rl.step import score_rollouts
 
 pytestmark = pytest.mark.unit
 

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from hpc_rlhf.rl.advantages import (
+from hpc_rlhf.algos.advantages import (
     ESTIMATORS,
     compute_advantages,
     discounted_returns,

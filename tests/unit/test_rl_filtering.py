@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from hpc_rlhf.rl.filtering import dynamic_filter_groups, overlong_penalty
+from hpc_rlhf.algos.filtering import dynamic_filter_groups, overlong_penalty
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hpc_rlhf.rl.kl import (
+from hpc_rlhf.algos.kl import (
     AdaptiveKLController,
     FixedKLController,
     kl_estimate,

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from hpc_rlhf.rl.losses import (
+from hpc_rlhf.algos.losses import (
     aggregate_loss,
     entropy_from_logits,
     masked_mean,

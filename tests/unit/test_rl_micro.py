@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from hpc_rlhf.rl.experience import make_batch
-from hpc_rlhf.rl.losses import LOSS_AGGS, aggregate_loss, policy_loss
-from hpc_rlhf.rl.micro import budget_split, split_to_count, train_steps
+from hpc_rlhf.algos.losses import LOSS_AGGS, aggregate_loss, policy_loss
+from hpc_rlhf.recipes.rl.experience import make_batch
+from hpc_rlhf.recipes.rl.micro import budget_split, split_to_count, train_steps
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from hpc_rlhf.rl.experience import make_batch
-from hpc_rlhf.rl.shared_prompt import prompt_runs, shared_layout, shared_response_logits
-from hpc_rlhf.train.logprobs import logprobs_from_logits, response_logits
+from hpc_rlhf.engine.logprobs import logprobs_from_logits, response_logits
+from hpc_rlhf.recipes.rl.experience import make_batch
+from hpc_rlhf.recipes.rl.shared_prompt import prompt_runs, shared_layout, shared_response_logits
 
 pytestmark = pytest.mark.unit
 
@@ -88,11 +88,11 @@ def test_shared_logprobs_equal_padded_logprobs_entropy_and_gradient(tiny_path, h
     head_alone=False: the model's own forward with logits_to_keep (models that scale logits)."""
     from transformers import AutoModelForCausalLM
 
-    from hpc_rlhf.rl import shared_prompt
-    from hpc_rlhf.rl.shared_prompt import shared_logprobs
+    from hpc_rlhf.recipes.rl import shared_prompt
+    from hpc_rlhf.recipes.rl.shared_prompt import shared_logprobs
     if not head_alone:
         monkeypatch.setattr(shared_prompt, "_decoder_and_head", lambda model: None)
-    from hpc_rlhf.train.logprobs import entropy_from_logits
+    from hpc_rlhf.engine.logprobs import entropy_from_logits
     model = AutoModelForCausalLM.from_pretrained(tiny_path, attn_implementation="eager")
     batch = _batch()
     R, mask = batch.response_len, batch.action_mask

@@ -1,0 +1,219 @@
+"""Building blocks of the RL recipe: strategy, models, rollout engine, prompt sharding, sampling,
+weight sync and export. Each is small; loop.py reads as the recipe that uses them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hpc_rlhf.config import JobConfig, Sizes
+from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
+from hpc_rlhf.rollout.protocol import SamplingConfig
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Models:
+    actor: object                 # DeepSpeed engine (policy)
+    ref: object | None            # frozen reference engine (when a KL term is used)
+    critic: object | None         # DeepSpeed engine of the value model (PPO)
+    tokenizer: object
+    model_path: str               # resolved HF directory of the policy
+    pad_id: int
+
+
+def build_strategy(cfg: JobConfig, s: Sizes, lr: float | None = None):
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
+    t = cfg.train
+    total = s.optimizer_steps_per_step * t.num_steps
+    return DeepSpeedStrategy(StrategyConfig(
+        zero_stage=t.zero_stage, bf16=cfg.model.dtype == "bfloat16",
+        micro_batch_size=t.micro_batch_size, grad_accum=s.grad_accum,
+        max_grad_norm=t.max_grad_norm, lr=lr or t.actor_lr, betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * total),
+        scheduler=t.lr_scheduler, total_steps=total, offload_optimizer=t.offload_optimizer,
+        offload_params=t.offload_params, ref_offload=t.ref_offload, autotp_size=t.autotp_size,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=t.seed))
+
+
+def uses_reference(cfg: JobConfig) -> bool:
+    return cfg.algorithm.kl_coef > 0 or cfg.algorithm.kl_target > 0
+
+
+def load_causal_lm(path: str, cfg: JobConfig):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation(
+            cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code)
+
+
+def build_models(cfg: JobConfig, strategy) -> Models:
+    from transformers import AutoTokenizer
+    path = resolve_model_path(cfg.model.path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    policy = load_causal_lm(path, cfg)
+    lora = _lora_spec(cfg)
+    if lora is not None:
+        from hpc_rlhf.models.lora import apply_lora
+        policy = apply_lora(policy, lora)
+    actor = strategy.prepare_model(policy)
+    ref = None
+    if uses_reference(cfg):
+        ref_path = resolve_model_path(cfg.model.ref_path or cfg.model.path)
+        ref = strategy.prepare_eval_model(load_causal_lm(ref_path, cfg))
+    critic = None
+    if cfg.algorithm.name == "ppo":
+        from hpc_rlhf.models.heads import load_value_model
+        critic_path = resolve_model_path(cfg.model.critic_path or cfg.model.path)
+        critic_strategy = build_strategy(cfg, _sizes_of(cfg), lr=cfg.train.critic_lr)
+        critic = critic_strategy.prepare_model(load_value_model(
+            critic_path, lora=lora,
+            attn_implementation=attn_implementation(cfg.model.attn_implementation)))
+    return Models(actor, ref, critic, tok, path, pad_id)
+
+
+def _lora_spec(cfg: JobConfig):
+    """model.lora_* as a LoraSpec (actor and critic alike), or None without LoRA."""
+    from hpc_rlhf.models.lora import LoraSpec
+    return LoraSpec.of(cfg.model)
+
+
+def _sizes_of(cfg):
+    from hpc_rlhf.config import sizes
+    return sizes(cfg)
+
+
+AGENT_FEEDBACK_TOKENS = 64  # budget per environment turn when rollout.max_model_len=0
+
+
+def default_max_model_len(cfg: JobConfig) -> int:
+    """Prompt + response budget; multi-turn agents add every turn and its feedback."""
+    r = cfg.rollout
+    if cfg.reward.source == "agent":
+        turns = cfg.reward.max_turns
+        return cfg.data.max_prompt_len + turns * (r.max_new_tokens + AGENT_FEEDBACK_TOKENS)
+    return cfg.data.max_prompt_len + r.max_new_tokens
+
+
+def build_engine(cfg: JobConfig, model_path: str, tokenizer):
+    """This rank's rollout engine (or its TP slice of one); HF serves a plain model replica
+    that weight syncs overwrite, like vLLM's copy."""
+    r = cfg.rollout
+    if r.engine == "hf":
+        from hpc_rlhf.rollout.hf_engine import HFEngine
+        replica = load_causal_lm(model_path, cfg).eval().requires_grad_(False)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return HFEngine(replica, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad,
+                        tokenizer=tokenizer)
+    from hpc_rlhf.rollout.vllm_engine import VLLMEngine
+    max_len = r.max_model_len or default_max_model_len(cfg)
+    backend = "external_launcher" if torch.distributed.is_initialized() else None
+    return VLLMEngine(model_path, tensor_parallel_size=r.tensor_parallel_size,
+                      dtype=cfg.model.dtype, max_model_len=max_len, seed=cfg.train.seed,
+                      gpu_memory_utilization=r.gpu_memory_utilization,
+                      enable_sleep=r.enable_sleep, distributed_executor_backend=backend)
+
+
+def close_engine(engine) -> None:
+    """Shut a vLLM engine down while the process groups it used still exist (its own
+    at-exit cleanup would run after the topology destroyed them, and fail)."""
+    llm = getattr(engine, "llm", None)
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
+
+
+def local_prompts(step_prompts: list, rank: int, world: int, tp: int) -> tuple[list, slice]:
+    """(prompts this rank's engine generates, the slice of them this rank trains on).
+
+    Ranks of one TP group share an engine, which must receive identical requests (vLLM's
+    external_launcher): they all generate their engine's share, then each keeps its own
+    contiguous part of the groups for training. With tp == 1 both are the rank's share.
+    """
+    from hpc_rlhf.recipes.rl.prompts import shard
+    engine_prompts = shard(step_prompts, rank // tp, world // tp)
+    per = len(engine_prompts) // tp
+    if per * tp != len(engine_prompts):
+        raise ValueError(f"{len(engine_prompts)} prompts per engine cannot be split over its "
+                         f"{tp} tensor-parallel ranks")
+    part = rank % tp
+    return engine_prompts, slice(part * per, (part + 1) * per)
+
+
+def rollout_sampling(cfg: JobConfig, seed: int) -> SamplingConfig:
+    r = cfg.rollout
+    return SamplingConfig(n=r.n_samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                          temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                          stop=tuple(r.stop), seed=seed)
+
+
+def policy_weights(strategy, actor, alloc=None):
+    """(HF name, full tensor) of the policy as a rollout engine loads it (LoRA merged).
+    alloc: a weight-sync sender's `alloc` (gathered weights land in its buckets); not used
+    with LoRA, whose merge keeps every gathered tensor until the end."""
+    from hpc_rlhf.weight_sync.tied import with_tied_outputs
+    module = getattr(actor, "module", actor)
+    if hasattr(module, "peft_config"):  # engines serve W + BA merged, under base names
+        from hpc_rlhf.checkpoint.export import hf_state
+        named = iter(hf_state(actor, strategy.gathered_state(actor)).items())
+    else:
+        named = strategy.gathered_state(actor, alloc=alloc)
+    return with_tied_outputs(named, actor)
+
+
+def sync_weights(strategy, actor, engine) -> None:
+    """Colocated weight sync, in-process: gather ZeRO-3 shards, load them in the engine."""
+    engine.wake(("weights",))
+    engine.load_weights(policy_weights(strategy, actor))
+    engine.wake(("kv_cache",))
+
+
+def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> Path | None:
+    """The final policy as a plain HF directory (safetensors + config + tokenizer); the
+    directory on global rank 0, None elsewhere."""
+    from hpc_rlhf.checkpoint.export import export_hf
+    return export_hf(models.actor, out_dir, models.tokenizer, strategy=strategy)
+
+
+def restore_rl(cfg: JobConfig, strategy, ckpt_dir: Path, engines: dict, prompts, kl_ctl) -> int:
+    """The RL step to start from: that of the newest complete checkpoint in `ckpt_dir`, else of
+    checkpoint.resume_from (its engines, prompt-stream cursor and KL coefficient restored),
+    else 0. Rank 0 says which."""
+    from hpc_rlhf.checkpoint.store import start_run
+    if not cfg.checkpoint.resume:
+        return 0
+    restored = start_run(strategy, ckpt_dir, engines, cfg.checkpoint.resume_from, tag="rl")
+    if restored is None:
+        return 0
+    start, extra = restored
+    prompts.load_state_dict(extra["prompts"])
+    kl_ctl.value = extra["kl_coef"]
+    return start
+
+
+def rl_logger(cfg: JobConfig, run_dir: Path, enabled: bool, start: int):
+    """The RL recipes' metrics logger (rank 0 writes), resuming at step `start`."""
+    from hpc_rlhf.config import to_dict
+    from hpc_rlhf.metrics.logger import MetricsLogger
+    from hpc_rlhf.runtime.redact import redacted
+    return MetricsLogger(run_dir, enabled=enabled, tensorboard=cfg.logging.tensorboard,
+                         wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
+                         progress_total=cfg.train.num_steps,
+                         progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
+                         start_step=start, print_every=cfg.logging.log_every)
+
+
+def save_when_due(cfg: JobConfig, strategy, run_dir: Path, step: int, engines: dict, prompts,
+                  kl_ctl, stop: bool, before_save=None) -> None:
+    """After step `step` (0-based): checkpoint on schedule, at the end, or on an agreed stop,
+    with what a resume needs besides the engines (prompt position, KL coefficient).
+    `before_save` runs first (colocated: put the DeepSpeed states back)."""
+    every = cfg.checkpoint.save_every
+    if stop or step + 1 == cfg.train.num_steps or (every and (step + 1) % every == 0):
+        if before_save is not None:
+            before_save()
+        strategy.save_checkpoint(run_dir / "checkpoints", step + 1, engines,
+                                 {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
+                                 keep_last=cfg.checkpoint.keep_last)

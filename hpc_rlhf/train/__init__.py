@@ -1,1 +1,0 @@
-"""Training engine: DeepSpeed strategy, logprob utilities, losses and trainers."""
