@@ -15,7 +15,8 @@ def export_checkpoint(source: str, out: str | None = None) -> Path:
     from hpc_rlhf.checkpoint.layout import branch_source, step_dir_name
     from hpc_rlhf.config import load_config
     from hpc_rlhf.engine.deepspeed_strategy import consolidated_state
-    from hpc_rlhf.recipes.common import load_causal_lm, load_tokenizer
+    from hpc_rlhf.models.actor import load_causal_lm
+    from hpc_rlhf.recipes.common import load_tokenizer
     try:
         root, step = branch_source(source)
     except ValueError as e:

@@ -1,6 +1,8 @@
-"""Pieces every supervised / preference recipe shares: model + tokenizer loading, the strategy
-config derived from the job config (the forwards on a TokenBatch are in
-hpc_rlhf.engine.logprobs). The run-time parts (metrics log, checkpoints, export) are hpc_rlhf.runtime.
+"""Pieces the recipes share: the tokenizer, the value model, the chat format, and the strategy
+config derived from the job config (one builder for every recipe, RL included). Causal LMs load
+through hpc_rlhf.models.actor.load_causal_lm; the forwards on a TokenBatch are in
+hpc_rlhf.engine.logprobs; the run-time parts (metrics log, checkpoints, export) are
+hpc_rlhf.runtime.
 
 Recipes (sft.py, rm.py, dpo.py, ...) are loops read top to bottom over these.
 """
@@ -11,6 +13,7 @@ import os
 import torch
 
 from hpc_rlhf.data import ChatFormat
+from hpc_rlhf.models.actor import load_causal_lm
 
 
 # ---- models -------------------------------------------------------------------------------
@@ -24,40 +27,15 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _dtype(model_cfg) -> torch.dtype:
-    dtype = getattr(torch, model_cfg.dtype)
-    if dtype == torch.bfloat16 and not torch.cuda.is_available():
-        dtype = torch.float32  # CPU: the supervised trainers run fp32 (the RL recipe honours bf16)
-    return dtype
-
-
-def load_causal_lm(path: str, model_cfg, *, trained: bool = False):
-    """An HF causal LM from a config path ('tiny:llama', 'embedded:...', a directory).
-    trained=True: the model this recipe trains, LoRA-wrapped when model.lora_rank > 0 (only
-    the adapters train; the export merges them). Frozen models (reference, teacher) never are."""
-    from transformers import AutoModelForCausalLM
-
-    from hpc_rlhf.models.lora import LoraSpec, apply_lora, quantization_config
-    from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
-    lora = LoraSpec.of(model_cfg) if trained else None
-    extra = {}
-    if lora is not None and lora.qlora:  # raises a clear error on CPU
-        extra["quantization_config"] = quantization_config(lora)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(path), dtype=_dtype(model_cfg),
-        attn_implementation=attn_implementation(model_cfg.attn_implementation),
-        trust_remote_code=model_cfg.trust_remote_code, **extra)
-    return apply_lora(model, lora) if lora is not None else model
-
-
 def load_value_model_for(cfg, path: str):
     """The reward model this recipe trains (models.heads: an HF *ForSequenceClassification,
     one value per token), LoRA-wrapped when model.lora_rank > 0."""
+    from hpc_rlhf.models.actor import config_dtype
     from hpc_rlhf.models.heads import load_value_model
     from hpc_rlhf.models.lora import LoraSpec
     from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
     m = cfg.model
-    return load_value_model(resolve_model_path(path), dtype=_dtype(m), lora=LoraSpec.of(m),
+    return load_value_model(resolve_model_path(path), dtype=config_dtype(m), lora=LoraSpec.of(m),
                             attn_implementation=attn_implementation(m.attn_implementation),
                             trust_remote_code=m.trust_remote_code)
 
@@ -79,16 +57,22 @@ def grad_accum(train_cfg, dp_size: int) -> int:
     return train_cfg.batch_size // per_step
 
 
-def strategy_config(cfg, dp_size: int, **overrides):
-    """StrategyConfig from a JobConfig (train.* and model.*)."""
+def strategy_config(cfg, *, grad_accum: int, total_steps: int | None = None,
+                    cpu_bf16: bool = False, **overrides):
+    """StrategyConfig from a JobConfig (train.* and model.*): the one builder of every recipe.
+    total_steps: the run's optimizer steps (default train.num_steps; the RL recipe and the
+    round-based ones step the optimizer several times per step); the learning-rate warm-up is
+    train.lr_warmup_ratio of them. bf16 follows model.dtype on CUDA; on a machine without it
+    only where cpu_bf16 (the RL recipe; the supervised ones train fp32 there)."""
     from hpc_rlhf.engine.deepspeed_strategy import StrategyConfig
     t = cfg.train
+    total = total_steps or t.num_steps
     kw = dict(zero_stage=t.zero_stage,
-              bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
-              micro_batch_size=t.micro_batch_size, grad_accum=grad_accum(t, dp_size),
+              bf16=cfg.model.dtype == "bfloat16" and (cpu_bf16 or torch.cuda.is_available()),
+              micro_batch_size=t.micro_batch_size, grad_accum=grad_accum,
               max_grad_norm=t.max_grad_norm, lr=t.actor_lr, betas=(t.adam_beta1, t.adam_beta2),
-              weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * t.num_steps),
-              scheduler=t.lr_scheduler, total_steps=t.num_steps,
+              weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * total),
+              scheduler=t.lr_scheduler, total_steps=total,
               offload_optimizer=t.offload_optimizer, offload_params=t.offload_params,
               ref_offload=t.ref_offload, autotp_size=t.autotp_size,
               gradient_checkpointing=cfg.model.gradient_checkpointing, seed=t.seed)
@@ -96,7 +80,7 @@ def strategy_config(cfg, dp_size: int, **overrides):
     return StrategyConfig(**kw)
 
 
-def make_strategy(cfg, *, ring: bool = False, **overrides):
+def make_strategy(cfg, *, ring: bool = False, total_steps: int | None = None):
     """A DeepSpeedStrategy on the already-initialised default world (or a world of one).
 
     ring=True: the recipe implements train.ring_attn_size (engine/ring_common.py), so the
@@ -120,7 +104,8 @@ def make_strategy(cfg, *, ring: bool = False, **overrides):
                          f"{t.ring_attn_size} = {per_replica} must divide the {world} training "
                          "ranks; change one of them or the number of ranks")
     dp_size = world // per_replica
-    strategy = DeepSpeedStrategy(strategy_config(cfg, dp_size, **overrides))
+    strategy = DeepSpeedStrategy(strategy_config(cfg, grad_accum=grad_accum(t, dp_size),
+                                                 total_steps=total_steps))
     strategy.setup_distributed(timeout_s=cfg.topology.timeout_s)
     return strategy
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from hpc_rlhf.data import load_samples, read_rows, sft_sample
 from hpc_rlhf.data.readers import Row
 from hpc_rlhf.data.rows import DataError, get_float, get_text_or_messages
-from hpc_rlhf.recipes.common import chat_format, load_causal_lm, load_tokenizer, make_strategy
+from hpc_rlhf.models.actor import load_causal_lm
+from hpc_rlhf.recipes.common import chat_format, load_tokenizer, make_strategy
 from hpc_rlhf.recipes.sft import train_sft
 from hpc_rlhf.runtime import RunContext
 

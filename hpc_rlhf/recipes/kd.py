@@ -23,7 +23,8 @@ from hpc_rlhf.algos.losses_sft import sft_loss
 from hpc_rlhf.data import sft_batch, sft_sample
 from hpc_rlhf.engine.logprobs import logprobs_from_logits
 from hpc_rlhf.engine.logprobs import forward_logits
-from hpc_rlhf.recipes.common import load_causal_lm, setup_dataset_recipe
+from hpc_rlhf.models.actor import load_causal_lm
+from hpc_rlhf.recipes.common import setup_dataset_recipe
 from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.runtime.loop import step_loop
 

@@ -20,8 +20,8 @@ import torch
 from hpc_rlhf.algos.losses_pref import prm_loss
 from hpc_rlhf.data import prm_batch, prm_sample
 from hpc_rlhf.engine.logprobs import forward_logits
-from hpc_rlhf.recipes.common import (chat_format, load_causal_lm, load_tokenizer, load_train_eval,
-                                     make_strategy)
+from hpc_rlhf.models.actor import load_causal_lm
+from hpc_rlhf.recipes.common import chat_format, load_tokenizer, load_train_eval, make_strategy
 from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.runtime.loop import step_loop
 

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.data import SFTSample
-from hpc_rlhf.recipes.common import load_causal_lm, load_tokenizer, make_strategy
+from hpc_rlhf.models.actor import load_causal_lm
+from hpc_rlhf.recipes.common import load_tokenizer, make_strategy
 from hpc_rlhf.recipes.rl.components import (build_engine, close_engine, rollout_sampling,
                                             sync_weights)
 from hpc_rlhf.recipes.rl.prompts import Prompt, PromptStream, prompt_stream, shard
@@ -197,8 +198,7 @@ def round_setup(cfg):
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_round_sizes(cfg, world)
     total = cfg.train.num_steps * steps_per_round(cfg.train, cfg.rollout.prompts_per_step)
-    strategy = make_strategy(cfg, total_steps=total,
-                             warmup_steps=int(cfg.train.lr_warmup_ratio * total))
+    strategy = make_strategy(cfg, total_steps=total)
     from hpc_rlhf.rewards.base import build_reward_source
     reward_source = build_reward_source(cfg)
     tokenizer = load_tokenizer(cfg.model.path)

@@ -22,7 +22,8 @@ from hpc_rlhf.data import load_samples, pretrain_sample, sft_batch, sft_sample
 from hpc_rlhf.engine.logprobs import forward_token_logprobs
 from hpc_rlhf.engine.moe import attach_router_aux_loss
 from hpc_rlhf.engine.ring_sft import RingSFT, ring_sft_loss, ring_sft_setup
-from hpc_rlhf.recipes.common import chat_format, load_causal_lm, load_tokenizer, make_strategy
+from hpc_rlhf.models.actor import load_causal_lm
+from hpc_rlhf.recipes.common import chat_format, load_tokenizer, make_strategy
 from hpc_rlhf.ring_attn import enable_ring_attention
 from hpc_rlhf.runtime import RunContext, StepCheckpoints, StepLog
 from hpc_rlhf.runtime.loop import step_loop

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hpc_rlhf.config import JobConfig, Sizes
+from hpc_rlhf.models.actor import load_causal_lm
 from hpc_rlhf.models.resolve import attn_implementation, resolve_model_path
 from hpc_rlhf.rollout.protocol import SamplingConfig
 
@@ -25,28 +26,18 @@ class Models:
 
 
 def build_strategy(cfg: JobConfig, s: Sizes, lr: float | None = None):
-    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy, StrategyConfig
-    t = cfg.train
-    total = s.optimizer_steps_per_step * t.num_steps
-    return DeepSpeedStrategy(StrategyConfig(
-        zero_stage=t.zero_stage, bf16=cfg.model.dtype == "bfloat16",
-        micro_batch_size=t.micro_batch_size, grad_accum=s.grad_accum,
-        max_grad_norm=t.max_grad_norm, lr=lr or t.actor_lr, betas=(t.adam_beta1, t.adam_beta2),
-        weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * total),
-        scheduler=t.lr_scheduler, total_steps=total, offload_optimizer=t.offload_optimizer,
-        offload_params=t.offload_params, ref_offload=t.ref_offload, autotp_size=t.autotp_size,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, seed=t.seed))
+    """The actor's (or, with lr=train.critic_lr, the critic's) strategy: bf16 follows
+    model.dtype on CPU too; the run's optimizer steps are optimizer_steps_per_step x
+    train.num_steps."""
+    from hpc_rlhf.engine.deepspeed_strategy import DeepSpeedStrategy
+    from hpc_rlhf.recipes.common import strategy_config
+    return DeepSpeedStrategy(strategy_config(
+        cfg, grad_accum=s.grad_accum, total_steps=s.optimizer_steps_per_step * cfg.train.num_steps,
+        cpu_bf16=True, lr=lr or cfg.train.actor_lr))
 
 
 def uses_reference(cfg: JobConfig) -> bool:
     return cfg.algorithm.kl_coef > 0 or cfg.algorithm.kl_target > 0
-
-
-def load_causal_lm(path: str, cfg: JobConfig):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation=attn_implementation(
-            cfg.model.attn_implementation), trust_remote_code=cfg.model.trust_remote_code)
 
 
 def build_models(cfg: JobConfig, strategy) -> Models:
@@ -54,23 +45,21 @@ def build_models(cfg: JobConfig, strategy) -> Models:
     path = resolve_model_path(cfg.model.path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    policy = load_causal_lm(path, cfg)
-    lora = _lora_spec(cfg)
-    if lora is not None:
-        from hpc_rlhf.models.lora import apply_lora
-        policy = apply_lora(policy, lora)
+    # fp32 weights: DeepSpeed casts to bf16 where model.dtype asks for it
+    policy = load_causal_lm(path, cfg.model, trained=True, dtype=torch.float32)
     actor = strategy.prepare_model(policy)
     ref = None
     if uses_reference(cfg):
         ref_path = resolve_model_path(cfg.model.ref_path or cfg.model.path)
-        ref = strategy.prepare_eval_model(load_causal_lm(ref_path, cfg))
+        ref = strategy.prepare_eval_model(load_causal_lm(ref_path, cfg.model,
+                                                         dtype=torch.float32))
     critic = None
     if cfg.algorithm.name == "ppo":
         from hpc_rlhf.models.heads import load_value_model
         critic_path = resolve_model_path(cfg.model.critic_path or cfg.model.path)
         critic_strategy = build_strategy(cfg, _sizes_of(cfg), lr=cfg.train.critic_lr)
         critic = critic_strategy.prepare_model(load_value_model(
-            critic_path, lora=lora,
+            critic_path, lora=_lora_spec(cfg),
             attn_implementation=attn_implementation(cfg.model.attn_implementation)))
     return Models(actor, ref, critic, tok, path, pad_id)
 
@@ -104,7 +93,8 @@ def build_engine(cfg: JobConfig, model_path: str, tokenizer):
     r = cfg.rollout
     if r.engine == "hf":
         from hpc_rlhf.rollout.hf_engine import HFEngine
-        replica = load_causal_lm(model_path, cfg).eval().requires_grad_(False)
+        replica = load_causal_lm(model_path, cfg.model, dtype=torch.float32)
+        replica = replica.eval().requires_grad_(False)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return HFEngine(replica, eos_token_ids=[tokenizer.eos_token_id], pad_token_id=pad,
                         tokenizer=tokenizer)
