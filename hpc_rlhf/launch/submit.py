@@ -356,13 +356,18 @@ def submit_sbatch(cfg: JobConfig, args, run_dir: Path) -> int:
 
 
 def _waiting(job_id, wait) -> int:
-    """`--wait`: Ctrl-C stops the waiting, not the job (it says how to follow or stop it)."""
+    """`--wait`: Ctrl-C (SIGINT) stops the waiting, not the job (it says how to follow or stop
+    it). SIGINT is handled even when the submitter started with it ignored (nohup, a background
+    job of a script), as the local launcher handles it."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return wait()
     except KeyboardInterrupt:
         print(f"\n[submit] stopped waiting; job {job_id} keeps running: python -m "
               f"hpc_rlhf.submit status {job_id} (or logs / cancel {job_id})", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def wait_sbatch_job(job_id: str, log: Path, run_dir: Path, poll_s: float = 0.5) -> int:
