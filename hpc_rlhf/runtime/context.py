@@ -1,4 +1,4 @@
-"""RunContext: what every supervised / preference / round-based recipe shares at run time.
+"""RunContext: what every recipe (RL, supervised, preference, round-based) shares at run time.
 
     run  = RunContext(cfg, strategy, run_dir, name="sft")
     ckpt = run.checkpoints({"model": engine})          # resume, save, stop vote, requeue
@@ -9,7 +9,7 @@
             break
     run.finish(engine, tokenizer, ckpt)                 # export/ (unless stopped), summary
 
-The log is the same MetricsLogger the RL loops use: metrics.jsonl, tensorboard, wandb when
+The log is a MetricsLogger: metrics.jsonl (and samples.jsonl), tensorboard, wandb when
 configured, a progress bar, and a printed line every `logging.log_every` steps.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ class StepLog:
     """Callable `log(step, metrics)` with the loop's 0-based step (-1: before training, e.g. a
     baseline evaluation); records it as step + 1, so step k of the file is the state after k
     optimizer steps (or rounds), as in the RL loops. `history` holds every record on every rank;
-    only rank 0 with a run directory writes."""
+    only rank 0 with a run directory writes. `name` (the run's launch.name) labels the progress
+    bar, the printed lines and the wandb run."""
 
     def __init__(self, run_dir: Path | None, rank: int, logging_cfg=None, *, name: str = "",
                  total_steps: int = 0, start_step=lambda: 0, config: dict | None = None):
@@ -54,6 +55,13 @@ class StepLog:
             self.logger = self._logger()
         self.logger.log(step + 1, {k: v for k, v in rec.items() if k != "step"})
 
+    def samples(self, step: int, records: list[dict]) -> None:
+        """Sample records (text and numbers) of the 0-based `step`, to samples.jsonl."""
+        if records:
+            if self.logger is None:
+                self.logger = self._logger()
+            self.logger.samples(step + 1, records)
+
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
@@ -69,7 +77,8 @@ class StepCheckpoints:
     `resume()` (an empty dict when nothing was restored).
     """
 
-    def __init__(self, cfg, strategy, engines: dict, run_dir: Path | None):
+    def __init__(self, cfg, strategy, engines: dict, run_dir: Path | None, *, tag: str = "train",
+                 vote_group=None):
         self.c, self.num_steps, self.strategy, self.engines = (cfg.checkpoint,
                                                                cfg.train.num_steps, strategy,
                                                                engines)
@@ -79,6 +88,9 @@ class StepCheckpoints:
         self.stopped = False  # True once the loop stopped early on a signal
         self.extra: dict = {}  # the caller's extra_state of the restored checkpoint
         self.start = 0        # the step resume() returned
+        # vote_group: the ranks that vote on a stop (default: the world; the disaggregated RL
+        # recipe: its job group, rollout ranks included). tag: the recipe's name in its lines.
+        self.tag, self.vote_group = tag, vote_group
 
     def resume(self) -> int:
         """The step to start from: that of the newest complete checkpoint (or of
@@ -86,29 +98,37 @@ class StepCheckpoints:
         from hpc_rlhf.checkpoint.store import start_run
         if self.dir is None or not self.c.resume:
             return 0
-        restored = start_run(self.strategy, self.dir, self.engines, self.c.resume_from)
+        restored = start_run(self.strategy, self.dir, self.engines, self.c.resume_from,
+                             tag=self.tag)
         if restored is None:
             return 0
         self.start, self.extra = restored
         return self.start
 
-    def after_step(self, done_steps: int, extra_state: dict | None = None) -> bool:
-        """Collective. Save (with `extra_state`) on schedule, at the end, or when any rank got
-        a signal; True when the loop must stop now (a signal before the last step)."""
-        from hpc_rlhf.runtime.signals import agreed_stop_vote, requeue_after_stop
-        vote = agreed_stop_vote()  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
+    def after_step(self, done_steps: int, extra_state: dict | None = None,
+                   before_save=None) -> bool:
+        """Collective. Save (with `extra_state`; `before_save()` first, e.g. put offloaded
+        states back) on schedule, at the end, or when any rank got a signal; True when the loop
+        must stop now (a signal before the last step)."""
+        from hpc_rlhf.runtime.signals import (agreed_stop_vote, received_signals,
+                                              requeue_after_stop)
+        vote = agreed_stop_vote(self.vote_group)  # 0 go on, 1 SIGTERM only, 2 warned (requeue)
         done = done_steps == self.num_steps
         every = self.c.save_every
         if self.dir is None or not (vote or done or (every and done_steps % every == 0)):
             return False
+        if before_save is not None:
+            before_save()
         self.strategy.save_checkpoint(self.dir, done_steps, self.engines, extra_state,
                                       keep_last=self.c.keep_last)
         if not vote or done:
             return False
         if self.strategy.rank == 0:
-            how = requeue_after_stop(self.run_dir, self.requeue)
-            print(f"[train] checkpointed at step {done_steps} on a signal; {how}", flush=True)
-        collectives.barrier()
+            how = requeue_after_stop(self.run_dir, self.requeue)  # not after a scancel
+            print(f"[{self.tag}] checkpointed at step {done_steps} on a signal "
+                  f"{received_signals()}; {how}", flush=True)
+        if self.vote_group is None:  # the REQUEUE marker exists before any rank exits
+            collectives.barrier()
         self.stopped = True
         return True
 
@@ -132,15 +152,17 @@ class RunContext:
         self._ckpt: StepCheckpoints | None = None
         self._config = to_dict(redacted(cfg))
 
-    def checkpoints(self, engines: dict) -> StepCheckpoints:
-        self._ckpt = StepCheckpoints(self.cfg, self.strategy, engines, self.run_dir)
+    def checkpoints(self, engines: dict, vote_group=None) -> StepCheckpoints:
+        self._ckpt = StepCheckpoints(self.cfg, self.strategy, engines, self.run_dir,
+                                     tag=self.name, vote_group=vote_group)
         return self._ckpt
 
     @property
     def log(self) -> StepLog:
         """The step log (its files open at the first record, after resume)."""
         if self._log is None:
-            self._log = StepLog(self.run_dir, self.rank, self.cfg.logging, name=self.name,
+            self._log = StepLog(self.run_dir, self.rank, self.cfg.logging,
+                                name=self.cfg.launch.name or self.name,
                                 total_steps=self._total, config=self._config,
                                 start_step=lambda: self._ckpt.start if self._ckpt else 0)
         return self._log
@@ -167,20 +189,32 @@ class RunContext:
             print(self.summary(exported, stopped), flush=True)
 
     def summary(self, exported: Path | None, stopped: bool) -> str:
-        history = self._log.history if self._log is not None else []
-        trained = [r for r in history if r["step"] > 0]
+        """What the run did, from its metrics file (earlier attempts of a resumed run
+        included): the headline metrics averaged over the first and last quarter of the
+        steps, the held-out evaluations, and where the results are."""
         tag = f"[{self.name}]"
+        history = self._log.history if self._log is not None else []
+        if self.run_dir is not None and (self.run_dir / "metrics.jsonl").is_file():
+            from hpc_rlhf.metrics.logger import read_metrics
+            history = read_metrics(self.run_dir)
+        trained = [r for r in history if r["step"] > 0]
         if not trained:
             return f"{tag} no steps run" + (f"; see {self.run_dir}" if self.run_dir else "")
-        first, last = trained[0], trained[-1]
-        shown = [k for k in ("loss", "reward/mean", "accuracy") if k in last]
-        change = ", ".join(f"{k} {first[k]:.4g} -> {last[k]:.4g}" for k in shown)
-        lines = [f"{tag} {'stopped at' if stopped else 'done:'} step {last['step']} of "
-                 f"{self._total} in {time.time() - self.t0:.0f} s" + (f"; {change}" if change
-                                                                      else "")]
-        evals = [(k, v) for k, v in history[-1].items() if k.startswith("eval")]
-        if evals:
-            lines.append(f"{tag} held-out: " + ", ".join(f"{k} {v:.4g}" for k, v in evals))
+        k = max(len(trained) // 4, 1)
+        change = []
+        for key in ("reward/mean", "loss", "accuracy"):
+            rows = [r[key] for r in trained if key in r]
+            if rows:
+                n = min(k, len(rows))
+                change.append(f"{key} {sum(rows[:n]) / n:.4g} -> {sum(rows[-n:]) / n:.4g}")
+        lines = [f"{tag} {'stopped at' if stopped else 'done:'} step {trained[-1]['step']} of "
+                 f"{self._total} in {time.time() - self.t0:.0f} s" + (
+                     f"; {', '.join(change)} (mean of the first / last {k} steps)"
+                     if change else "")]
+        for key in sorted({key for r in history for key in r if key.startswith("eval")}):
+            evals = [(r["step"], r[key]) for r in history if key in r]
+            shown = ", ".join(f"step {st}: {v:.4g}" for st, v in evals[-8:])
+            lines.append(f"{tag} held-out {key} ({len(evals)} evaluations): {shown}")
         if self.run_dir is not None:
             where = [f"metrics: {self.run_dir / 'metrics.jsonl'}"]
             if self.cfg.logging.tensorboard:

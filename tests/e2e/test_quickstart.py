@@ -24,7 +24,7 @@ def test_quickstart_config_runs_two_steps_and_exports(tmp_path):
     # Quiet by default: our lines only (the libraries' ~20 go to logs/console.log), at most
     # 10 before the closing summary.
     lines = [x for x in re.split(r"[\r\n]", out.stdout + out.stderr) if x.strip()]
-    end = next(k for k, x in enumerate(lines) if x.startswith("[rl] 2 steps in"))
+    end = next(k for k, x in enumerate(lines) if x.startswith("[rl] done: step 2 of 2 in "))
     assert len(lines[:end]) <= 10 and all(x.startswith(("== ", "[")) for x in lines), lines
     everything = (run_dir / "logs" / "console.log").read_text()
     assert "WARNING" in everything and "WARNING" not in out.stdout + out.stderr

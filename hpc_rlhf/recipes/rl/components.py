@@ -160,50 +160,13 @@ def sync_weights(strategy, actor, engine) -> None:
     engine.wake(("kv_cache",))
 
 
-def export_actor(strategy, models: Models, out_dir: Path, rank: int) -> Path | None:
-    """The final policy as a plain HF directory (safetensors + config + tokenizer); the
-    directory on global rank 0, None elsewhere."""
-    from hpc_rlhf.checkpoint.export import export_hf
-    return export_hf(models.actor, out_dir, models.tokenizer, strategy=strategy)
+def stream_state(prompts, kl_ctl) -> dict:
+    """What an RL checkpoint saves besides the engines: the prompt stream's position and the
+    KL coefficient (adaptive controllers move it)."""
+    return {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value}
 
 
-def restore_rl(cfg: JobConfig, strategy, ckpt_dir: Path, engines: dict, prompts, kl_ctl) -> int:
-    """The RL step to start from: that of the newest complete checkpoint in `ckpt_dir`, else of
-    checkpoint.resume_from (its engines, prompt-stream cursor and KL coefficient restored),
-    else 0. Rank 0 says which."""
-    from hpc_rlhf.checkpoint.store import start_run
-    if not cfg.checkpoint.resume:
-        return 0
-    restored = start_run(strategy, ckpt_dir, engines, cfg.checkpoint.resume_from, tag="rl")
-    if restored is None:
-        return 0
-    start, extra = restored
+def restore_stream_state(extra: dict, prompts, kl_ctl) -> None:
+    """Put back what stream_state saved (a resumed or branched run)."""
     prompts.load_state_dict(extra["prompts"])
     kl_ctl.value = extra["kl_coef"]
-    return start
-
-
-def rl_logger(cfg: JobConfig, run_dir: Path, enabled: bool, start: int):
-    """The RL recipes' metrics logger (rank 0 writes), resuming at step `start`."""
-    from hpc_rlhf.config import to_dict
-    from hpc_rlhf.metrics.logger import MetricsLogger
-    from hpc_rlhf.runtime.redact import redacted
-    return MetricsLogger(run_dir, enabled=enabled, tensorboard=cfg.logging.tensorboard,
-                         wandb_project=cfg.logging.wandb_project, run_name=cfg.launch.name,
-                         progress_total=cfg.train.num_steps,
-                         progress_bar=cfg.logging.progress_bar, config=to_dict(redacted(cfg)),
-                         start_step=start, print_every=cfg.logging.log_every)
-
-
-def save_when_due(cfg: JobConfig, strategy, run_dir: Path, step: int, engines: dict, prompts,
-                  kl_ctl, stop: bool, before_save=None) -> None:
-    """After step `step` (0-based): checkpoint on schedule, at the end, or on an agreed stop,
-    with what a resume needs besides the engines (prompt position, KL coefficient).
-    `before_save` runs first (colocated: put the DeepSpeed states back)."""
-    every = cfg.checkpoint.save_every
-    if stop or step + 1 == cfg.train.num_steps or (every and (step + 1) % every == 0):
-        if before_save is not None:
-            before_save()
-        strategy.save_checkpoint(run_dir / "checkpoints", step + 1, engines,
-                                 {"prompts": prompts.state_dict(), "kl_coef": kl_ctl.value},
-                                 keep_last=cfg.checkpoint.keep_last)

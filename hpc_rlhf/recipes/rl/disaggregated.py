@@ -32,12 +32,13 @@ from hpc_rlhf.faults import fault_point
 from hpc_rlhf.metrics.logger import Timer
 from hpc_rlhf.recipes.rl.collect import collect, load_agent
 from hpc_rlhf.recipes.rl.components import (build_models, build_strategy, close_engine,
-                                            policy_weights, restore_rl, rl_logger, rollout_sampling,
-                                            save_when_due)
+                                            policy_weights, restore_stream_state,
+                                            rollout_sampling, stream_state)
 from hpc_rlhf.recipes.rl.experience import make_batch
 from hpc_rlhf.recipes.rl.prompts import PromptStream, prompt_stream, shard
 from hpc_rlhf.recipes.rl.step import make_experience, sample_records, score_rollouts, train_on_batch
-from hpc_rlhf.runtime.signals import agreed_stop_vote, requeue_after_stop
+from hpc_rlhf.runtime import RunContext
+from hpc_rlhf.runtime.signals import agreed_stop_vote
 from hpc_rlhf.topology import collectives
 from hpc_rlhf.weight_sync import BroadcastReceiver, BroadcastSender
 
@@ -149,27 +150,22 @@ def _train(cfg, s, topo, prompts: PromptStream, job, sync, run_dir: Path, bucket
                  BroadcastSender(sync, 0, bucket_bytes=bucket,
                                  verify=cfg.rollout.weight_sync_verify) if sync is not None
                  else None, job, prompts, engines, rank0)
-    start = restore_rl(cfg, strategy, run_dir / "checkpoints", engines, prompts, t.kl_ctl)
+    # The RunContext of every recipe; the stop vote spans the job group (engines included).
+    ctx = RunContext(cfg, strategy, run_dir, name="rl")
+    ckpt = ctx.checkpoints(engines, vote_group=job)
+    start = ckpt.resume()
+    if start:
+        restore_stream_state(ckpt.extra, prompts, t.kl_ctl)
     collectives.reduce_values([start if rank0 else 0], "sum", job, torch.long)
     if start:
         _send_weights(strategy, models, t.sender)
-    logger = rl_logger(cfg, run_dir, rank0, start)
     for step in range(start, cfg.train.num_steps):
         metrics, records = _trainer_step(t, step)
-        if records:
-            logger.samples(step + 1, records)
-        logger.log(step + 1, metrics)
-        if _checkpoint_or_stop(t, step, run_dir):
-            logger.close()
-            return
-    logger.close()
-    exported = None
-    if cfg.checkpoint.export_hf:  # collective over the actor ranks; global rank 0 writes
-        from hpc_rlhf.recipes.rl.components import export_actor
-        exported = export_actor(strategy, models, run_dir / "export", topo.rank)
-    if rank0:
-        from hpc_rlhf.recipes.rl.loop import summary
-        print(summary(run_dir, exported), flush=True)
+        ctx.log.samples(step, records)
+        ctx.log(step, metrics)
+        if ckpt.after_step(step + 1, stream_state(prompts, t.kl_ctl)):
+            break
+    ctx.finish(models.actor, models.tokenizer, ckpt)  # export (actor ranks), summary
 
 
 def _my_rollouts(t: _Trainer, step: int) -> tuple:
@@ -228,18 +224,6 @@ def _trainer_step(t: _Trainer, step: int) -> tuple[dict, list]:
     keys = sorted(k for k in metrics if not k.startswith("weight_sync/"))
     metrics.update(collectives.mean_metrics({k: metrics[k] for k in keys}))
     return metrics, records
-
-
-def _checkpoint_or_stop(t: _Trainer, step: int, run_dir: Path) -> bool:
-    """Checkpoint on schedule, at the end or on a signal; True when the run stops here."""
-    cfg = t.cfg
-    stop = agreed_stop_vote(t.job) > 0  # MAX over the job group: 0 go on, 1 SIGTERM, 2 warned
-    save_when_due(cfg, t.strategy, run_dir, step, t.engines, t.prompts, t.kl_ctl, stop)
-    if not stop or step + 1 == cfg.train.num_steps:
-        return False
-    if t.rank0:
-        requeue_after_stop(run_dir, cfg.launch.requeue)
-    return True
 
 
 def _send_weights(strategy, models, sender):

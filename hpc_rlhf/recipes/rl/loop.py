@@ -4,7 +4,8 @@ every rank trains (DeepSpeed) and hosts a rollout engine slice (vLLM or HF), tim
 One step, top to bottom:
     prompts -> rollout (n samples each) -> rewards -> experience (old/ref logprobs, values, KL,
     advantages) -> train (PPO-clip policy loss [+ KL loss, entropy], critic) -> weight sync
-    -> metrics -> checkpoint (on schedule or on a preemption signal, then requeue)
+    -> metrics -> checkpoint (on schedule or on a preemption signal, then requeue), through
+    the RunContext every recipe uses (log, checkpoints and stop vote, export, summary)
 Disaggregated layouts run `hpc_rlhf.recipes.rl.disaggregated` instead (separate rollout ranks).
 """
 from __future__ import annotations
@@ -24,13 +25,13 @@ from hpc_rlhf.faults import fault_point
 from hpc_rlhf.metrics.logger import Timer
 from hpc_rlhf.recipes.rl.collect import collect, load_agent, varied_groups
 from hpc_rlhf.recipes.rl.components import (build_engine, build_models, build_strategy,
-                                            close_engine, local_prompts, policy_weights, restore_rl,
-                                            rl_logger, rollout_sampling, save_when_due)
+                                            close_engine, local_prompts, policy_weights,
+                                            restore_stream_state, rollout_sampling, stream_state)
 from hpc_rlhf.recipes.rl.evaluate import held_out_prompts, held_out_reward
 from hpc_rlhf.recipes.rl.experience import Batch, make_batch
 from hpc_rlhf.recipes.rl.prompts import prompt_stream
 from hpc_rlhf.recipes.rl.step import sample_records, make_experience, score_rollouts, train_on_batch
-from hpc_rlhf.runtime.signals import agreed_stop_vote, received_signals, requeue_after_stop
+from hpc_rlhf.runtime import RunContext
 from hpc_rlhf.topology import collectives
 
 
@@ -87,27 +88,25 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                prompt_stream(cfg, tok), None if agent is not None else build_reward_source(cfg),
                agent, make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon),
                _eval_prompts(cfg, tok), engines, rank, world)
-    start = restore_rl(cfg, strategy, run_dir / "checkpoints", engines, run.prompts, run.kl_ctl)
+    ctx = RunContext(cfg, strategy, run_dir, name="rl")
+    ckpt = ctx.checkpoints(engines)
+    start = ckpt.resume()
     if start:
+        restore_stream_state(ckpt.extra, run.prompts, run.kl_ctl)
         run.mem.sync(policy_weights(strategy, models.actor))  # the engine has step-0 weights
-    logger = rl_logger(cfg, run_dir, rank == 0, start)
     if cfg.eval.every and start == 0 and run.reward_source is not None:  # the baseline
-        logger.log(0, {"eval/reward": run.evaluate()})
+        ctx.log(-1, {"eval/reward": run.evaluate()})
     for step in range(start, cfg.train.num_steps):
         metrics, records = _step(run, step)
-        logger.samples(step + 1, records)
-        logger.log(step + 1, metrics)
-        if _checkpoint_or_stop(run, step, run_dir):
-            logger.close()
-            return
-    logger.close()
-    exported = None
-    if cfg.checkpoint.export_hf:
-        from hpc_rlhf.recipes.rl.components import export_actor
+        ctx.log.samples(step, records)
+        ctx.log(step, metrics)
+        # DeepSpeed's states resident for a save (before_save)
+        if ckpt.after_step(step + 1, stream_state(run.prompts, run.kl_ctl),
+                           before_save=run.mem.to_train):
+            break
+    if not ckpt.stopped and cfg.checkpoint.export_hf:
         run.mem.to_train()
-        exported = export_actor(strategy, models, run_dir / "export", rank)
-    if rank == 0:
-        print(summary(run_dir, exported), flush=True)
+    ctx.finish(models.actor, tok, ckpt)   # export/ unless stopped, the summary
 
 
 def _step(run: _Run, step: int) -> tuple[dict, list]:
@@ -152,48 +151,6 @@ def _step(run: _Run, step: int) -> tuple[dict, list]:
     metrics["throughput/tokens_per_s"] = metrics["rollout/tokens"] / max(
         metrics["time/rollout"], 1e-9)
     return collectives.mean_metrics(metrics), records
-
-
-def _checkpoint_or_stop(run: _Run, step: int, run_dir: Path) -> bool:
-    """6. Checkpoint on schedule, at the end, or when SLURM warned us (then requeue); True
-    when the run stops here on a signal."""
-    cfg = run.cfg
-    stop = agreed_stop_vote() > 0  # MAX over ranks: 0 go on, 1 SIGTERM, 2 warned (requeue)
-    # DeepSpeed states resident for the save
-    save_when_due(cfg, run.strategy, run_dir, step, run.engines, run.prompts, run.kl_ctl, stop,
-                  before_save=run.mem.to_train)
-    if not stop or step + 1 == cfg.train.num_steps:
-        return False
-    if run.rank == 0:
-        how = requeue_after_stop(run_dir, cfg.launch.requeue)  # not after scancel
-        print(f"[rl] checkpointed at step {step + 1} on a signal {received_signals()}; {how}",
-              flush=True)
-    return True
-
-
-def summary(run_dir: Path, exported: Path | None = None) -> str:
-    """What the run did, from its metrics file: reward at the start and end, evaluations."""
-    from hpc_rlhf.metrics.logger import read_metrics
-    everything = read_metrics(run_dir)
-    rows = [r for r in everything if "reward/mean" in r]
-    if not rows:
-        return f"[rl] no steps run; see {run_dir}"
-    k = max(len(rows) // 4, 1)
-    first = sum(r["reward/mean"] for r in rows[:k]) / k
-    last = sum(r["reward/mean"] for r in rows[-k:]) / k
-    evals = ", ".join(f"step {r['step']}: {r['eval/reward']:.3f}" for r in everything
-                      if "eval/reward" in r)
-    lines = [f"[rl] {len(rows)} steps in {run_dir}: mean reward {first:.3f} (first {k} steps) -> "
-             f"{last:.3f} (last {k} steps)"]
-    if evals:
-        lines.append(f"[rl] held-out reward ({len(evals.split(','))} evaluations): {evals}")
-    where = [f"metrics: {run_dir / 'metrics.jsonl'}"]
-    if (run_dir / "tensorboard").is_dir():
-        where.append(f"tensorboard --logdir {run_dir / 'tensorboard'}")
-    if exported is not None:
-        where.append(f"policy: {exported}")
-    lines.append("[rl] " + "; ".join(where))
-    return "\n".join(lines)
 
 
 MAX_FILTER_ROUNDS = 4  # dynamic filtering: generation rounds per step before giving up
