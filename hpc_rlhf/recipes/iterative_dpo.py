@@ -29,7 +29,6 @@ dpo/loss_last, and the chosen-minus-rejected reward margin beta * [(pi - ref)(ch
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,9 +37,8 @@ from hpc_rlhf.data import PairSample
 from hpc_rlhf.recipes.common import policy_and_reference
 from hpc_rlhf.recipes.dpo import train_dpo
 from hpc_rlhf.recipes.rejection_sampling import (Scored, all_gather_list, build_rollout_replica,
-                                                 generate_scored, mean_over_ranks, resume_round,
-                                                 round_done, round_sampling, round_setup,
-                                                 steps_per_round)
+                                                 mean_over_ranks, round_done, round_setup,
+                                                 scored_rounds)
 from hpc_rlhf.recipes.rl.components import close_engine, sync_weights
 from hpc_rlhf.recipes.rl.prompts import PromptStream
 from hpc_rlhf.runtime import RunContext, StepCheckpoints, StepLog
@@ -80,12 +78,8 @@ def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
     policy: DeepSpeed engine; ref: frozen engine of the initial policy; engine: a
     RolloutEngine holding the policy's current weights; ckpt: resume from / save per round
     (module doc). Returns the per-round history."""
-    rank, world = strategy.rank, strategy.world_size
-    dpo_cfg = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
-    for rnd in range(resume_round(ckpt, strategy, policy, engine, stream), cfg.train.num_steps):
-        scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
-                                 round_sampling(cfg, rnd, rank), rank, world,
-                                 cfg.rollout.tensor_parallel_size)
+    for rnd, dpo_cfg, scored in scored_rounds(cfg, strategy, policy, engine, reward_source,
+                                              tokenizer, stream, ckpt):
         pairs = all_gather_list(build_pairs(scored))   # identical on every rank
         grouped = scored.rewards.reshape(-1, scored.n)
         metrics = mean_over_ranks({"reward/best": grouped.max(1).values.mean().item(),
@@ -94,11 +88,9 @@ def train_iterative_dpo(policy, ref, strategy, engine, reward_source, tokenizer,
         metrics["pairs"] = len(pairs)
         if pairs:   # same decision on every rank (pairs are gathered)
             engine.sleep()
-            dpo_cfg = replace(dpo_cfg, seed=cfg.train.seed + rnd)
-            inner = StepLog(None, rank)
             history = train_dpo(policy, ref, strategy, pairs, train_cfg=dpo_cfg,
                                 packing=cfg.data.packing, pad_id=tokenizer.pad_token_id,
-                                log=inner, eval_samples=pairs)
+                                log=StepLog(None, strategy.rank), eval_samples=pairs)
             sync_weights(strategy, policy, engine)
             metrics.update({"dpo/loss_last": history[-1]["loss"],
                             "margin/before": history[0]["eval_reward_margin"],

@@ -155,6 +155,20 @@ def resume_round(ckpt: StepCheckpoints | None, strategy, policy, engine,
     return start
 
 
+def scored_rounds(cfg, strategy, policy, engine, reward_source, tokenizer,
+                  stream: PromptStream, ckpt: StepCheckpoints | None):
+    """Every round left after a resume: (round, the inner trainer's TrainConfig for it,
+    this rank's scored rollouts of the round's prompts). The caller trains, syncs the engine
+    and ends the round with round_done."""
+    rank, world = strategy.rank, strategy.world_size
+    inner = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
+    for rnd in range(resume_round(ckpt, strategy, policy, engine, stream), cfg.train.num_steps):
+        scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
+                                 round_sampling(cfg, rnd, rank), rank, world,
+                                 cfg.rollout.tensor_parallel_size)
+        yield rnd, replace(inner, seed=cfg.train.seed + rnd), scored
+
+
 def round_done(ckpt: StepCheckpoints | None, rnd: int, stream: PromptStream) -> bool:
     """Collective end of round `rnd`: save on schedule / at the end / on a signal; True when
     the loop must stop now (a signal before the last round)."""
@@ -169,21 +183,15 @@ def train_rejection_sampling(policy, strategy, engine, reward_source, tokenizer,
 
     policy: DeepSpeed engine; engine: a RolloutEngine holding the policy's current weights;
     ckpt: resume from / save per round (module doc). Returns the per-round metric history."""
-    rank, world = strategy.rank, strategy.world_size
-    sft_cfg = replace(cfg.train, num_steps=steps_per_round(cfg.train, cfg.rollout.prompts_per_step))
-    for rnd in range(resume_round(ckpt, strategy, policy, engine, stream), cfg.train.num_steps):
-        scored = generate_scored(engine, reward_source, tokenizer, stream.next_step(),
-                                 round_sampling(cfg, rnd, rank), rank, world,
-                                 cfg.rollout.tensor_parallel_size)
+    for rnd, sft_cfg, scored in scored_rounds(cfg, strategy, policy, engine, reward_source,
+                                              tokenizer, stream, ckpt):
         mine, best = kept_samples(scored)
         kept = all_gather_list(mine)            # identical on every rank: SFT reads by index
         metrics = mean_over_ranks({"reward/best": best.mean().item(),
                                    "reward/mean": scored.rewards.mean().item()})
         engine.sleep()
-        sft_cfg = replace(sft_cfg, seed=cfg.train.seed + rnd)
-        inner = StepLog(None, rank)
         history = train_sft(policy, strategy, kept, train_cfg=sft_cfg, packing=cfg.data.packing,
-                            pad_id=tokenizer.pad_token_id, log=inner)
+                            pad_id=tokenizer.pad_token_id, log=StepLog(None, strategy.rank))
         sync_weights(strategy, policy, engine)
         log(rnd, {**metrics, "kept": len(kept), "sft/loss_first": history[0]["loss"],
                   "sft/loss_last": history[-1]["loss"]})
