@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from hpc_rlhf.engine.deepspeed_strategy import begin_forward
 from hpc_rlhf.recipes.rl.experience import Batch
 
 
@@ -125,6 +126,7 @@ def _packed_logits(model, batch: Batch):
     parts = _decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
+        begin_forward(model)  # what engine(...) does first: ZeRO's micro-step bookkeeping
         out = decoder(**kwargs)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         logits = head(hidden.reshape(G * T, -1)[need.to(device)])        # [K, V]
