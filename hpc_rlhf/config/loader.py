@@ -103,6 +103,17 @@ def _coerce(value: Any, hint: Any, name: str, errors: list[str]) -> Any:
     return dataclasses.MISSING
 
 
+def _bool_choice(cls: type, key: str, value: Any) -> Any:
+    """YAML true/false (also yes/no/on/off) for a string field whose choices are
+    "auto"/"true"/"false" (train.shared_prompt) -> "true"/"false"."""
+    if isinstance(value, bool):
+        f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+        choices = f.metadata.get("choices") if f is not None else None
+        if choices and "true" in choices and "false" in choices:
+            return "true" if value else "false"
+    return value
+
+
 def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
     hints = _hints(cls)
     kwargs = {}
@@ -120,7 +131,7 @@ def _build(cls: type, data: dict, prefix: str, errors: list[str]) -> Any:
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value if value is not None else {}, full + ".", errors)
         else:
-            coerced = _coerce(value, hint, full, errors)
+            coerced = _coerce(_bool_choice(cls, key, value), hint, full, errors)
             if coerced is not dataclasses.MISSING:
                 kwargs[key] = coerced
     return cls(**kwargs)
@@ -138,8 +149,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     # A string field keeps the text as written (YAML would read 04:00:00 as a number).
     hint = _field_hint(key)
-    if hint is str:
-        value = raw
+    if hint is str:  # (true/false of an auto/true/false field: "true"/"false")
+        parent, _, name = key.rpartition(".")
+        owner = _field_hint(parent)
+        choice = _bool_choice(owner, name, value) if dataclasses.is_dataclass(owner) else value
+        value = choice if isinstance(value, bool) and isinstance(choice, str) else raw
     return key, value
 
 

@@ -176,8 +176,8 @@ def convert(argv: list[str]) -> Conversion:
                 continue
             if name == "ckpt_path" and "launch.run_dir" in out or name == "packing_samples":
                 why = ("checkpoints live in <launch.run_dir>/checkpoints" if name == "ckpt_path"
-                       else "RL micro-batches are padded here; train.max_tokens_per_micro_batch "
-                            "groups them by length")
+                       else "RL micro-batches are padded rows grouped by length under a token "
+                            "budget (train.max_tokens_per_micro_batch, auto by default)")
                 unmapped.append((name, " ".join(v), why))
                 continue
             if name in UNMAPPED or (name == "max_epochs" and trainer != "rl"):

@@ -37,6 +37,10 @@ class Sizes:
     samples_per_step: int   # prompts_per_step * n_samples_per_prompt
     grad_accum: int         # micro-batches per optimizer step on one rank
     optimizer_steps_per_step: int
+    # RL micro-batching as it runs (train.shared_prompt / max_tokens_per_micro_batch resolved):
+    shared_prompt: bool = False     # one packed row per prompt group
+    micro_tokens: int = 0           # token budget of a micro-batch (0: fixed micro_batch_size)
+    micro_response_tokens: int = 0  # and of its response (logit) positions (0: no cap)
 
 
 def sizes(cfg: JobConfig) -> Sizes:
@@ -57,7 +61,43 @@ def sizes(cfg: JobConfig) -> Sizes:
     grad_accum = max(tr.batch_size // max(tr.micro_batch_size * actor_dp, 1), 1)
     opt_steps = max(samples // tr.batch_size, 1) * tr.epochs_per_step
     return Sizes(world, rollout_ranks, engines, actor, critic, reward, actor_dp, samples,
-                 grad_accum, opt_steps)
+                 grad_accum, opt_steps, shared_prompt(cfg), *token_budget(cfg))
+
+
+def shared_prompt(cfg: JobConfig) -> bool:
+    """train.shared_prompt as it runs. auto: on where it is exact and cheaper: RL with groups
+    (n > 1) that fit one micro-batch (n <= micro_batch_size), no ring attention or MoE aux
+    loss, an attention kernel that takes 4-D masks (not flash_attention_2), and a packed row's
+    attention no costlier than its n separate rows', (P + n R)^2 <= n (P + R)^2 with P =
+    data.max_prompt_len and R = rollout.max_new_tokens, i.e. R <= P / sqrt(n): the packed row
+    always has fewer tokens, so then it costs less in every layer (short answers to long
+    prompts: RLVR maths, the quickstart). Long answers keep one row per sample."""
+    tr, r = cfg.train, cfg.rollout
+    if tr.shared_prompt != "auto":
+        return tr.shared_prompt == "true"
+    P, R, n = cfg.data.max_prompt_len, r.max_new_tokens, r.n_samples_per_prompt
+    return (tr.trainer == "rl" and 1 < n <= tr.micro_batch_size and tr.ring_attn_size == 1
+            and tr.aux_loss_coef == 0 and cfg.model.attn_implementation != "flash_attention_2"
+            and (P + n * R) ** 2 <= n * (P + R) ** 2)
+
+
+def token_budget(cfg: JobConfig) -> tuple[int, int]:
+    """(tokens, response tokens) per RL micro-batch, 0 = not bounded that way. A set
+    train.max_tokens_per_micro_batch bounds the padded tokens. auto (-1): what a full fixed
+    micro-batch may hold at the longest lengths, micro_batch_size x (P + R) padded tokens and
+    micro_batch_size x R response positions (logits), so a dynamic micro-batch never needs
+    more memory than a fixed one; short samples then share a forward instead of each micro-batch
+    padding to its longest. auto is off (0, 0) with ring attention (its own split) and with
+    algorithm.token_mean_scope=micro_batch (a mean per fixed micro-batch)."""
+    tr = cfg.train
+    if tr.trainer != "rl" or tr.max_tokens_per_micro_batch == 0:
+        return 0, 0
+    if tr.max_tokens_per_micro_batch > 0:
+        return tr.max_tokens_per_micro_batch, 0
+    if tr.ring_attn_size > 1 or cfg.algorithm.token_mean_scope == "micro_batch":
+        return 0, 0
+    P, R = cfg.data.max_prompt_len, cfg.rollout.max_new_tokens
+    return tr.micro_batch_size * (P + R), tr.micro_batch_size * R
 
 
 def validate(cfg: JobConfig) -> list[str]:
@@ -183,13 +223,22 @@ def _batch_rules(cfg: JobConfig) -> list[str]:
         errs.append(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                     f"actor data-parallel size {s.actor_dp} and of the {s.num_engines} rollout "
                     f"engines {world} (whole prompt groups per rank)")
-    if tr.shared_prompt and (tr.trainer != "rl" or tr.ring_attn_size > 1
-                             or tr.aux_loss_coef > 0):
-        errs.append(f"train.shared_prompt=True works for train.trainer='rl' without ring "
+    if tr.shared_prompt == "true" and (tr.trainer != "rl" or tr.ring_attn_size > 1
+                                       or tr.aux_loss_coef > 0):
+        errs.append(f"train.shared_prompt=true works for train.trainer='rl' without ring "
                     f"attention or an MoE aux loss (got trainer={tr.trainer!r}, ring_attn_size="
                     f"{tr.ring_attn_size}, aux_loss_coef={tr.aux_loss_coef}); set "
-                    "train.shared_prompt=false")
-    if tr.max_tokens_per_micro_batch and tr.trainer != "rl":
+                    "train.shared_prompt=auto (it turns itself off there)")
+    elif tr.shared_prompt == "true" and cfg.model.attn_implementation == "flash_attention_2":
+        errs.append("train.shared_prompt=true needs 4-D attention masks, which "
+                    "model.attn_implementation='flash_attention_2' does not take; set "
+                    "model.attn_implementation=sdpa or train.shared_prompt=auto")
+    if (tr.max_tokens_per_micro_batch > 0 and tr.trainer == "rl"
+            and cfg.algorithm.token_mean_scope == "micro_batch"):
+        errs.append(f"algorithm.token_mean_scope='micro_batch' averages fixed micro-batches, but "
+                    f"train.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch} cuts the "
+                    "step by tokens; set token_mean_scope=step or max_tokens_per_micro_batch=0")
+    if tr.max_tokens_per_micro_batch > 0 and tr.trainer != "rl":
         errs.append(f"train.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch} (dynamic "
                     f"micro-batches) is implemented for train.trainer='rl', not "
                     f"{tr.trainer!r}; set it to 0 and size micro-batches with "

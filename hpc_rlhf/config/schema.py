@@ -124,13 +124,18 @@ class TrainConfig:
     autotp_size: int = opt(1, "DeepSpeed AutoTP tensor-parallel size", gt=0)
     ring_attn_size: int = opt(1, "sequence-parallel ring size for long context", gt=0)
     max_tokens_per_micro_batch: int = opt(
-        0, "RL: dynamic micro-batches of similar lengths, padded size (rows x longest) at "
-           "most this many tokens, loss weighted by share (0 = off: micro_batch_size samples)",
-        ge=0)
-    shared_prompt: bool = opt(
-        False, "RL: run each prompt once per group of samples (one packed row: prompt + all "
-               "its responses, a 4-D attention mask); same logprobs and gradients, ~P x (n-1) "
-               "fewer tokens per group")
+        -1, "RL: dynamic micro-batches of similar lengths, padded size (rows x longest) at "
+            "most this many tokens, each loss weighted by its share of the step (-1 = auto: "
+            "micro_batch_size x (data.max_prompt_len + rollout.max_new_tokens) tokens and "
+            "micro_batch_size x max_new_tokens logit positions, never more memory than a fixed "
+            "micro-batch; 0 = off: micro_batch_size samples each)", ge=-1)
+    shared_prompt: str = opt(
+        "auto", "RL: run each prompt once per group of samples (one packed row: prompt + all "
+                "its responses, a 4-D attention mask); same logprobs and gradients, ~P x (n-1) "
+                "fewer tokens per group. auto: on where that is also cheaper (short answers: "
+                "max_new_tokens <= max_prompt_len / sqrt(n), n <= micro_batch_size, no ring "
+                "attention, MoE aux loss or flash_attention_2)",
+        choices=("auto", "true", "false"))
     seed: int = opt(42, "global seed")
     # Preference / distillation trainers.
     beta: float = opt(0.1, "DPO/IPO/KTO beta", gt=0.0)
@@ -157,11 +162,12 @@ class AlgorithmConfig:
     value_clip: float = opt(0.5, "PPO value-loss clip", gt=0.0)
     loss_agg: str = opt("token_mean", "how token losses become one number",
                         choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
-    token_mean_scope: str = opt("micro_batch", "token_mean over each micro-batch, averaged "
-                                "(micro_batch), or over all tokens of the optimizer step (step: "
-                                "OpenRLHF's and TRL dapo's convention); token budgets "
-                                "(train.max_tokens_per_micro_batch) always use step",
-                                choices=("micro_batch", "step"))
+    token_mean_scope: str = opt("step", "token_mean over all tokens of the optimizer step "
+                                "(step: OpenRLHF's and TRL dapo's convention; the gradient does "
+                                "not depend on how the step is cut into micro-batches), or over "
+                                "each micro-batch, then averaged (micro_batch: needs fixed "
+                                "micro-batches, train.max_tokens_per_micro_batch=0)",
+                                choices=("step", "micro_batch"))
     importance_level: str = opt("token", "PPO ratio per token or per sequence (GSPO)",
                                 choices=("token", "sequence"))
     kl_coef: float = opt(0.0, "KL(policy || reference) coefficient (initial, if adaptive)", ge=0.0)

@@ -18,7 +18,8 @@ LM head), tp = AutoTP size; bf16 mixed precision with fp32 Adam):
     activations of one micro-batch (the largest trained model; Korthikanti et al. 2022 with a
     flash kernel, so no attention matrix): 34 bytes x tokens x hidden per layer in bf16 (every
     layer without gradient checkpointing; with it, the layer inputs plus one layer), tokens =
-    micro_batch_size x sequence (or train.max_tokens_per_micro_batch), / ring_attn_size;
+    micro_batch_size x sequence (or RL's token budget, config/rules.token_budget), /
+    ring_attn_size;
     logits: tokens x vocab x (2 + 4 + 4) bytes (bf16 output, fp32 copy, its gradient).
     weight-sync staging: 2 buckets of rollout.weight_sync_bucket_mb on trainer and vLLM ranks.
     runtime: CUDA context, NCCL buffers and allocator slack, a flat RUNTIME_GIB.
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig
-from hpc_rlhf.config.rules import GENERATING_TRAINERS
+from hpc_rlhf.config.rules import GENERATING_TRAINERS, sizes
 from hpc_rlhf.topology.layout import Layout
 
 GIB = 1024 ** 3
@@ -146,7 +147,7 @@ def activation_bytes(shape: ModelShape, cfg: JobConfig, sp: int) -> dict:
     d, tr = cfg.data, cfg.train
     seq = (d.max_prompt_len + cfg.rollout.max_new_tokens
            if tr.trainer in GENERATING_TRAINERS else d.max_len)
-    tokens = (tr.max_tokens_per_micro_batch or tr.micro_batch_size * seq) / max(sp, 1)
+    tokens = (sizes(cfg).micro_tokens or tr.micro_batch_size * seq) / max(sp, 1)
     el = 4 if cfg.model.dtype == "float32" else 2
     per_layer = 17 * el * tokens * shape.hidden
     if cfg.model.gradient_checkpointing:

@@ -6,8 +6,10 @@ RLOO as a loss term (k3), REINFORCE++ inside the reward (k1, as OpenRLHF does). 
 update policy == reference, so step 1's KL is ~0; after updates it must be positive. Those two
 also run dynamic micro-batches under a token budget (more, smaller micro-batches than the
 fixed micro_batch_size gives; tests/distributed/test_rl_micro_grads.py checks their gradient).
-RLOO also runs shared-prompt forwards (one packed row per prompt group): its step-1 KL ~0 and
+RLOO forces shared-prompt forwards (one packed row per prompt group): its step-1 KL ~0 and
 the engine-vs-trainer gap < 1e-4 check those logprobs against the engine and the reference's.
+REINFORCE++ turns them off to see its budget alone; the others run the defaults (auto: shared
+prompts and a token budget derived from micro_batch_size, config/rules.py).
 
 The shipped example configs of these algorithms (configs/{dr_grpo,reinforce,reinforce_baseline,
 rloo}_tiny.yaml) also run as written, 2 steps on the HF engine: they must load and train.
@@ -28,8 +30,9 @@ COMMON = ("rollout.engine=hf", "train.actor_lr=5e-3", f"train.num_steps={STEPS}"
           "checkpoint.save_every=0")
 CASES = {
     "reinforce": ("algorithm.kl_coef=0.05", "algorithm.kl_in_reward=true",
-                  "algorithm.kl_estimator=k1", f"train.max_tokens_per_micro_batch={BUDGET}"),
-    "reinforce_baseline": (),
+                  "algorithm.kl_estimator=k1", f"train.max_tokens_per_micro_batch={BUDGET}",
+                  "train.shared_prompt=false"),
+    "reinforce_baseline": (),  # the defaults: shared prompts and a derived token budget
     "rloo": ("algorithm.kl_coef=0.1", "algorithm.kl_estimator=k3",
              f"train.max_tokens_per_micro_batch={BUDGET}", "train.shared_prompt=true"),
     "dr_grpo": ("algorithm.loss_agg=seq_mean_token_sum_norm",),

@@ -143,9 +143,13 @@ RULE_CASES = [
     (["train.offload_params=true", "train.zero_stage=2"], "offload_params=True needs"),
     (["rollout.max_model_len=100"], "exceeds rollout.max_model_len=100"),
     (["train.trainer=sft", "train.shared_prompt=true"],
-     "train.shared_prompt=True works for train.trainer='rl' without ring attention"),
+     "train.shared_prompt=true works for train.trainer='rl' without ring attention"),
     (["topology.procs_per_node=2", "train.ring_attn_size=2", "train.shared_prompt=true"],
-     "ring_attn_size=2, aux_loss_coef=0.0); set train.shared_prompt=false"),
+     "ring_attn_size=2, aux_loss_coef=0.0); set train.shared_prompt=auto"),
+    (["model.attn_implementation=flash_attention_2", "train.shared_prompt=true"],
+     "model.attn_implementation='flash_attention_2' does not take; set"),
+    (["algorithm.token_mean_scope=micro_batch", "train.max_tokens_per_micro_batch=512"],
+     "train.max_tokens_per_micro_batch=512 cuts the step by tokens; set token_mean_scope=step"),
     (["train.trainer=sft", "train.max_tokens_per_micro_batch=512"],
      "is implemented for train.trainer='rl', not 'sft'; set it to 0"),
     (["topology.procs_per_node=3", "rollout.prompts_per_step=16", "train.batch_size=48", "train.micro_batch_size=1", "rollout.n_samples_per_prompt=6"], "must be a multiple of the 3 ranks"),
@@ -207,6 +211,48 @@ def test_sizes_disaggregated():
     s = sizes(cfg)
     assert (s.world, s.rollout_ranks, s.actor_ranks, s.actor_dp) == (4, 1, 3, 3)
     assert s.samples_per_step == 96 and s.grad_accum == 4 and s.optimizer_steps_per_step == 2
+
+
+QUICK = ["data.max_prompt_len=96", "rollout.max_new_tokens=8", "rollout.n_samples_per_prompt=8",
+         "train.micro_batch_size=8", "train.batch_size=32", "rollout.prompts_per_step=4"]
+
+
+@pytest.mark.parametrize("overrides,shared,budget", [
+    # auto: packed groups where R <= P / sqrt(n) (8 <= 96 / 2.83), budget = what a full fixed
+    # micro-batch may hold: 8 x (96 + 8) tokens, 8 x 8 logit positions
+    ([], True, (832, 64)),
+    (["rollout.max_new_tokens=34"], False, (8 * 130, 8 * 34)),   # 34 > 96 / sqrt(8): off
+    (["rollout.max_new_tokens=33"], True, (8 * 129, 8 * 33)),
+    (["train.micro_batch_size=4", "train.batch_size=32"], False, (4 * 104, 4 * 8)),  # n > micro
+    (["rollout.n_samples_per_prompt=1", "rollout.prompts_per_step=32",
+      "algorithm.name=reinforce"], False, (832, 64)),
+    (["model.attn_implementation=flash_attention_2"], False, (832, 64)),
+    (["train.aux_loss_coef=0.01", "model.path=tiny:mixtral"], False, (832, 64)),
+    (["algorithm.token_mean_scope=micro_batch"], True, (0, 0)),  # fixed micro-batch means
+    (["train.max_tokens_per_micro_batch=0"], True, (0, 0)),
+    (["train.max_tokens_per_micro_batch=500"], True, (500, 0)),
+    (["train.shared_prompt=false"], False, (832, 64)),
+    (["train.shared_prompt=true", "rollout.max_new_tokens=64"], True, (8 * 160, 8 * 64)),
+])
+def test_rl_speedups_resolve_on_where_exact(overrides, shared, budget):
+    """train.shared_prompt=auto and max_tokens_per_micro_batch=-1 (the defaults) as they run:
+    config/rules.shared_prompt / token_budget."""
+    s = sizes(load_config(None, [*QUICK, *overrides]))
+    assert (s.shared_prompt, (s.micro_tokens, s.micro_response_tokens)) == (shared, budget)
+    sft = sizes(load_config(None, ["train.trainer=sft"]))  # off outside RL
+    assert (sft.shared_prompt, sft.micro_tokens, sft.micro_response_tokens) == (False, 0, 0)
+
+
+def test_shared_prompt_takes_yaml_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    for written, loaded in (("true", "true"), ("no", "false"), ("auto", "auto")):
+        path.write_text(f"train:\n  shared_prompt: {written}\n")
+        assert load_config(path).train.shared_prompt == loaded
+        assert load_config(None, [f"train.shared_prompt={written}"]).train.shared_prompt == loaded
+    with pytest.raises(ConfigError, match="train.shared_prompt='maybe' is not one of"):
+        load_config(None, ["train.shared_prompt=maybe"])
+    # other string fields keep YAML booleans' text as written (no "true" coercion)
+    assert load_config(None, ["launch.name=yes"]).launch.name == "yes"
 
 
 def test_parse_override_keeps_strings_verbatim():

@@ -42,6 +42,21 @@ def test_budget_split_covers_all_once_within_budget(budget):
     assert firsts == sorted(firsts, reverse=True)
 
 
+@pytest.mark.parametrize("cap", [8, 30, 90])
+def test_budget_split_response_cap(cap):
+    """The auto budget also caps rows x longest response (the logit positions), so short
+    prompts cannot pack more logit rows into a micro-batch than a fixed one holds."""
+    rng = random.Random(cap)
+    p = [rng.randint(1, 4) for _ in range(40)]    # short prompts: the token budget alone
+    r = [rng.randint(1, 10) for _ in range(40)]   # would put everything in one micro-batch
+    assert len(budget_split(p, r, 10_000)) == 1
+    groups = budget_split(p, r, 10_000, cap)
+    assert sorted(i for g in groups for i in g) == list(range(40))
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(r[i] for i in g) <= cap, (g, cap)
+    assert len(groups) >= sum(r) // cap   # the cap does bind
+
+
 def test_budget_split_refuses_zero():
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch=0"):
         budget_split([1], [1], 0)

@@ -8,8 +8,9 @@ Dynamic (budget > 0), one optimizer step at a time:
     chunk  = the next grad_accum * micro_batch_size samples of the shuffled order
     sort   = the chunk by response length, then prompt length (longest first)
     micros = greedy runs of the sorted chunk whose padded size (rows x (longest prompt +
-             longest response), what Batch.rows trims to) stays <= budget; a sample over the
-             budget gets a micro-batch of its own
+             longest response), what Batch.rows trims to) stays <= budget, and rows x longest
+             response (the logit positions) <= the response budget if one is set (auto, see
+             config/rules.token_budget); a sample over the budget gets a micro-batch of its own
     equal  = every rank splits its largest micro-batches until all ranks have the same count
              (ZeRO-3 forwards and backwards are collective: unequal counts would hang)
     weight = each micro-batch's share of the chunk under the loss aggregation (below), so
@@ -53,9 +54,11 @@ def real_lengths(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return prompt, response
 
 
-def budget_split(prompt_len: list[int], resp_len: list[int], max_tokens: int) -> list[list[int]]:
-    """Positions (into the given lists) grouped into micro-batches of padded size <= max_tokens,
-    similar lengths together (see the module doc)."""
+def budget_split(prompt_len: list[int], resp_len: list[int], max_tokens: int,
+                 max_response_tokens: int = 0) -> list[list[int]]:
+    """Positions (into the given lists) grouped into micro-batches of padded size <= max_tokens
+    and, if max_response_tokens > 0, rows x longest response <= max_response_tokens (the logit
+    positions), similar lengths together (see the module doc)."""
     if max_tokens <= 0:
         raise ValueError(f"train.max_tokens_per_micro_batch={max_tokens} must be > 0 here")
     order = sorted(range(len(resp_len)), key=lambda i: (-resp_len[i], -prompt_len[i], i))
@@ -64,7 +67,8 @@ def budget_split(prompt_len: list[int], resp_len: list[int], max_tokens: int) ->
     max_p = max_r = 0
     for i in order:
         p, r = max(max_p, prompt_len[i]), max(max_r, resp_len[i])
-        if cur and (len(cur) + 1) * (p + r) > max_tokens:
+        if cur and ((len(cur) + 1) * (p + r) > max_tokens
+                    or 0 < max_response_tokens < (len(cur) + 1) * r):
             groups.append(cur)
             cur, p, r = [], prompt_len[i], resp_len[i]
         cur.append(i)
@@ -111,12 +115,13 @@ def _shares(batch: Batch, groups: list[list[int]], loss_agg: str) -> list[float]
     return [float(amount[g].sum()) / total if total > 0 else 0.0 for g in groups]
 
 
-def budget_index_groups(batch: Batch, index: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+def budget_index_groups(batch: Batch, index: torch.Tensor, max_tokens: int,
+                        max_response_tokens: int = 0) -> list[torch.Tensor]:
     """Rows `index` of `batch` in token-budget micro-batches, the count equalised over the
     world (collective). Returns index tensors into `batch`."""
     prompt, resp = real_lengths(batch)
     p, r = prompt[index].tolist(), resp[index].tolist()
-    groups = budget_split(p, r, max_tokens)
+    groups = budget_split(p, r, max_tokens, max_response_tokens)
     target = _max_over_world([len(groups)])[0]
     if target > len(groups):
         groups = split_to_count(groups, target,
@@ -125,7 +130,7 @@ def budget_index_groups(batch: Batch, index: torch.Tensor, max_tokens: int) -> l
 
 
 def forward_groups(batch: Batch, micro_batch_size: int, max_tokens: int,
-                   group: int = 1) -> list[torch.Tensor]:
+                   group: int = 1, max_response_tokens: int = 0) -> list[torch.Tensor]:
     """Row groups for the no-grad forwards of the experience maker, in batch order (fixed) or
     by token budget over the whole batch (collective when max_tokens > 0); group > 1 keeps a
     prompt's consecutive samples together under a budget (shared-prompt forwards)."""
@@ -133,10 +138,10 @@ def forward_groups(batch: Batch, micro_batch_size: int, max_tokens: int,
     if max_tokens <= 0:
         return [index[s:s + micro_batch_size] for s in range(0, batch.size, micro_batch_size)]
     if group <= 1 or batch.size % group:
-        return budget_index_groups(batch, index, max_tokens)
+        return budget_index_groups(batch, index, max_tokens, max_response_tokens)
     prompt, resp = real_lengths(batch)
     p, r = prompt.tolist(), resp.tolist()
-    groups = _group_split(p, r, group, max_tokens)
+    groups = _group_split(p, r, group, max_tokens, max_response_tokens)
     target = _max_over_world([len(groups)])[0]
     groups = split_to_count(groups, target, padded_cost(p, r))
     return [torch.tensor(g, dtype=torch.long) for g in groups]
@@ -153,22 +158,26 @@ def _grouped_order(size: int, group: int, generator) -> torch.Tensor:
     return (groups[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
 
 
-def _group_split(prompt: list[int], resp: list[int], group: int, max_tokens: int):
+def _group_split(prompt: list[int], resp: list[int], group: int, max_tokens: int,
+                 max_response_tokens: int = 0):
     """budget_split over whole groups of `group` consecutive positions: a group costs its
     shared-prompt row (prompt + all its responses)."""
     units = [list(range(k, min(k + group, len(resp)))) for k in range(0, len(resp), group)]
     unit_groups = budget_split([prompt[u[0]] for u in units],
-                               [sum(resp[i] for i in u) for u in units], max_tokens)
+                               [sum(resp[i] for i in u) for u in units], max_tokens,
+                               max_response_tokens)
     return [[i for k in g for i in units[k]] for g in unit_groups]
 
 
 def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tokens: int,
                 loss_agg: str, generator: torch.Generator | None = None,
-                group: int = 1, step_shares: bool = False) -> list[list[Micro]]:
+                group: int = 1, step_shares: bool = False,
+                max_response_tokens: int = 0) -> list[list[Micro]]:
     """The optimizer steps of one epoch over `batch`, each a list of Micro (see module doc).
     group > 1 (shared-prompt forwards): a prompt's `group` consecutive samples stay together
     in one micro-batch, and under a token budget a group costs its shared row. Collective when
-    max_tokens > 0. step_shares (algorithm.token_mean_scope=step): fixed micro-batches are
+    max_tokens > 0; max_response_tokens > 0 also caps rows x longest response per micro-batch
+    (under a budget). step_shares (algorithm.token_mean_scope=step): fixed micro-batches are
     weighted by their share of the step too, so token_mean averages over the step's tokens (as
     OpenRLHF does) instead of averaging the micro-batches' means."""
     order = _grouped_order(batch.size, group, generator)
@@ -184,10 +193,11 @@ def train_steps(batch: Batch, *, micro_batch_size: int, grad_accum: int, max_tok
     prompt, resp = real_lengths(batch)
     chunks = [order[s:s + chunk] for s in range(0, batch.size, chunk)]
     if group > 1 and chunk % group == 0 and batch.size % group == 0:
-        local = [_group_split(prompt[c].tolist(), resp[c].tolist(), group, max_tokens)
-                 for c in chunks]
+        local = [_group_split(prompt[c].tolist(), resp[c].tolist(), group, max_tokens,
+                              max_response_tokens) for c in chunks]
     else:
-        local = [budget_split(prompt[c].tolist(), resp[c].tolist(), max_tokens) for c in chunks]
+        local = [budget_split(prompt[c].tolist(), resp[c].tolist(), max_tokens,
+                              max_response_tokens) for c in chunks]
     targets = _max_over_world([len(g) for g in local])   # one collective for all chunks
     steps = []
     for c, groups, target in zip(chunks, local, targets):

@@ -72,12 +72,12 @@ def sample_records(tok, prompts, episodes, rewards: torch.Tensor, k: int) -> lis
     return out
 
 
-def _forward_rows(fn, batch: Batch, micro: int, max_tokens: int = 0, group: int = 1
-                  ) -> torch.Tensor:
+def _forward_rows(fn, batch: Batch, micro: int, max_tokens: int = 0, group: int = 1,
+                  max_response_tokens: int = 0) -> torch.Tensor:
     """Run fn(micro_batch) -> [b, r] over the batch's micro-batches (fixed size, or by token
     budget: rl/micro.py); reassemble as [B, R]."""
     out = torch.zeros(batch.action_mask.shape, dtype=torch.float32)
-    for idx in forward_groups(batch, micro, max_tokens, group):
+    for idx in forward_groups(batch, micro, max_tokens, group, max_response_tokens):
         mb = batch.rows(idx)
         out[idx, :mb.response_len] = fn(mb).float()
     return out
@@ -137,9 +137,9 @@ def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:
 @torch.no_grad()
 def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: float):
     a, temp = cfg.algorithm, cfg.rollout.temperature
-    shared = cfg.train.shared_prompt
-    micro = (cfg.train.micro_batch_size, cfg.train.max_tokens_per_micro_batch,
-             cfg.rollout.n_samples_per_prompt if shared else 1)
+    shared = s.shared_prompt  # train.shared_prompt and max_tokens_per_micro_batch as they run
+    micro = (cfg.train.micro_batch_size, s.micro_tokens,
+             cfg.rollout.n_samples_per_prompt if shared else 1, s.micro_response_tokens)
     metrics = {}
     ring = rl_ring(cfg, models)  # None unless train.ring_attn_size > 1
     batch = gather_ring_batch(batch, ring)  # a ring's members train on all their rows
@@ -172,19 +172,21 @@ def make_experience(cfg: JobConfig, s: Sizes, models, batch: Batch, kl_coef: flo
 def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_coef: float,
                    step: int) -> dict:
     """Epochs x optimizer steps x micro-batches of the policy (and critic) losses
-    (rl/micro.py: fixed micro-batches, or dynamic ones under train.max_tokens_per_micro_batch
-    with their loss shares). Returns metrics averaged over micro-batches."""
+    (rl/micro.py: fixed micro-batches, or dynamic ones under a token budget (s.micro_tokens,
+    from train.max_tokens_per_micro_batch) with their loss shares). Returns metrics averaged
+    over micro-batches."""
     t = cfg.train
     gen = torch.Generator().manual_seed(t.seed * 7_919 + step)
     opt_steps = [micros for _ in range(t.epochs_per_step)
                  for micros in train_steps(batch, micro_batch_size=t.micro_batch_size,
                                            grad_accum=s.grad_accum,
-                                           max_tokens=t.max_tokens_per_micro_batch,
+                                           max_tokens=s.micro_tokens,
+                                           max_response_tokens=s.micro_response_tokens,
                                            loss_agg=cfg.algorithm.loss_agg, generator=gen,
                                            group=(cfg.rollout.n_samples_per_prompt
-                                                  if t.shared_prompt else 1),
+                                                  if s.shared_prompt else 1),
                                            step_shares=cfg.algorithm.token_mean_scope == "step")]
-    ctx = _TrainContext(cfg, strategy, models, kl_coef)
+    ctx = _TrainContext(cfg, strategy, models, kl_coef, s.shared_prompt)
     sums: dict[str, float] = {}
     count = 0
     for k, micros in enumerate(opt_steps):
@@ -197,6 +199,9 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
     if "rollout/logprob_gap_mean" in sums:  # averaged over the first optimizer step only
         out["rollout/logprob_gap_mean"] = sums["rollout/logprob_gap_mean"] / len(opt_steps[0])
     out["train/micro_batches"] = float(count)  # forward/backward passes of the actor
+    # real (unpadded) prompt + response tokens trained on per epoch: what a padded trainer
+    # runs too (benchmarks/grpo_step.py turns it into FLOP/s)
+    out["train/tokens"] = float(batch.attention_mask.sum())
     out["train/lr"] = models.actor.get_lr()[0] if hasattr(models.actor, "get_lr") else t.actor_lr
     return out
 
@@ -204,8 +209,9 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
 class _TrainContext:
     """What every micro-batch of one train_on_batch call shares."""
 
-    def __init__(self, cfg: JobConfig, strategy, models, kl_coef: float):
+    def __init__(self, cfg: JobConfig, strategy, models, kl_coef: float, shared: bool):
         self.cfg, self.strategy, self.models, self.kl_coef = cfg, strategy, models, kl_coef
+        self.shared = shared  # shared-prompt forwards (config/rules.shared_prompt)
         a = cfg.algorithm
         self.kl_in_loss = models.ref is not None and not a.kl_in_reward and kl_coef > 0
         # MoE router balance (0 = off)
@@ -218,7 +224,7 @@ class _TrainContext:
         cfg, a, models, ring = self.cfg, self.cfg.algorithm, self.models, self.ring
         mb, max_len = micro.batch, cfg.rollout.max_new_tokens
         logp, ent = _policy_forward(models.actor, mb, cfg.rollout.temperature, ring,
-                                    bool(a.entropy_coef), cfg.train.shared_prompt)
+                                    bool(a.entropy_coef), self.shared)
         old = mb.old_logp if mb.old_logp is not None else logp.detach()
         loss, pm = policy_loss(
             logp, old, mb.advantages, mb.action_mask, clip_eps_low=a.clip_eps_low,
