@@ -64,21 +64,32 @@ def sizes(cfg: JobConfig) -> Sizes:
                  grad_accum, opt_steps, shared_prompt(cfg), *token_budget(cfg))
 
 
+SHARED_ROW_MAX = 4096   # auto shared prompts: longest packed row (its [L, L] attention mask)
+SHARED_COST_HIDDEN = 512  # ... and the hidden size its cost model assumes (below)
+
+
 def shared_prompt(cfg: JobConfig) -> bool:
-    """train.shared_prompt as it runs. auto: on where it is exact and cheaper: RL with groups
+    """train.shared_prompt as it runs. auto: on where it is exact and pays: RL with groups
     (n > 1) that fit one micro-batch (n <= micro_batch_size), no ring attention or MoE aux
-    loss, an attention kernel that takes 4-D masks (not flash_attention_2), and a packed row's
-    attention no costlier than its n separate rows', (P + n R)^2 <= n (P + R)^2 with P =
-    data.max_prompt_len and R = rollout.max_new_tokens, i.e. R <= P / sqrt(n): the packed row
-    always has fewer tokens, so then it costs less in every layer (short answers to long
-    prompts: RLVR maths, the quickstart). Long answers keep one row per sample."""
+    loss, an attention kernel that takes 4-D masks (not flash_attention_2), a packed row of at
+    most SHARED_ROW_MAX tokens (P + n R, with P = data.max_prompt_len, R = max_new_tokens; its
+    mask and eager attention grow with the square), and a cheaper forward: per layer a row of L
+    tokens costs ~24 h^2 L (the matmuls) + 4 h L^2 (attention over the whole masked row), and
+    the packed row (L = P + n R) must beat n rows (L = P + R) at h = SHARED_COST_HIDDEN, a
+    small model's width (wider models gain more). E.g. n=8: on up to R=158 for P=64, R=326 for
+    P=256, R=448 for P=512 (the row limit)."""
     tr, r = cfg.train, cfg.rollout
     if tr.shared_prompt != "auto":
         return tr.shared_prompt == "true"
     P, R, n = cfg.data.max_prompt_len, r.max_new_tokens, r.n_samples_per_prompt
+    h = SHARED_COST_HIDDEN
+
+    def cost(length: int, rows: int) -> int:
+        return rows * (24 * h * h * length + 4 * h * length * length)
+
     return (tr.trainer == "rl" and 1 < n <= tr.micro_batch_size and tr.ring_attn_size == 1
             and tr.aux_loss_coef == 0 and cfg.model.attn_implementation != "flash_attention_2"
-            and (P + n * R) ** 2 <= n * (P + R) ** 2)
+            and P + n * R <= SHARED_ROW_MAX and cost(P + n * R, 1) < cost(P + R, n))
 
 
 def token_budget(cfg: JobConfig) -> tuple[int, int]:

@@ -132,9 +132,9 @@ class TrainConfig:
     shared_prompt: str = opt(
         "auto", "RL: run each prompt once per group of samples (one packed row: prompt + all "
                 "its responses, a 4-D attention mask); same logprobs and gradients, ~P x (n-1) "
-                "fewer tokens per group. auto: on where that is also cheaper (short answers: "
-                "max_new_tokens <= max_prompt_len / sqrt(n), n <= micro_batch_size, no ring "
-                "attention, MoE aux loss or flash_attention_2)",
+                "fewer tokens per group. auto: on where that is also cheaper (config/rules.py: "
+                "packed rows <= 4096 tokens, answers not much longer than prompts, n <= "
+                "micro_batch_size, no ring attention, MoE aux loss or flash_attention_2)",
         choices=("auto", "true", "false"))
     seed: int = opt(42, "global seed")
     # Preference / distillation trainers.

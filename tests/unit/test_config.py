@@ -218,11 +218,15 @@ QUICK = ["data.max_prompt_len=96", "rollout.max_new_tokens=8", "rollout.n_sample
 
 
 @pytest.mark.parametrize("overrides,shared,budget", [
-    # auto: packed groups where R <= P / sqrt(n) (8 <= 96 / 2.83), budget = what a full fixed
-    # micro-batch may hold: 8 x (96 + 8) tokens, 8 x 8 logit positions
+    # auto: packed groups where their forward is cheaper (rules.shared_prompt: up to R=194 for
+    # P=96, n=8), budget = what a full fixed micro-batch may hold: 8 x (96 + 8) tokens, 8 x 8
+    # logit positions
     ([], True, (832, 64)),
-    (["rollout.max_new_tokens=34"], False, (8 * 130, 8 * 34)),   # 34 > 96 / sqrt(8): off
-    (["rollout.max_new_tokens=33"], True, (8 * 129, 8 * 33)),
+    (["rollout.max_new_tokens=194"], True, (8 * 290, 8 * 194)),
+    (["rollout.max_new_tokens=195"], False, (8 * 291, 8 * 195)),   # n rows are cheaper
+    # the packed row's length limit (4096 = 2048 + 8 x 256)
+    (["data.max_prompt_len=2048", "rollout.max_new_tokens=257"], False, (8 * 2305, 8 * 257)),
+    (["data.max_prompt_len=2048", "rollout.max_new_tokens=256"], True, (8 * 2304, 8 * 256)),
     (["train.micro_batch_size=4", "train.batch_size=32"], False, (4 * 104, 4 * 8)),  # n > micro
     (["rollout.n_samples_per_prompt=1", "rollout.prompts_per_step=32",
       "algorithm.name=reinforce"], False, (832, 64)),
