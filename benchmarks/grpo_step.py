@@ -12,19 +12,29 @@ n samples per prompt, max new tokens, temperature 1, precision (--dtype: fp32 on
 bf16 on both: our DeepSpeed bf16 with fp32 master weights and bf16 vLLM, TRL's bf16 autocast;
 CPUs with AVX512-BF16/AMX run bf16 matmuls ~4x faster), one optimizer step per RL step over
 micro-batches of `--micro`, AdamW (0.9, 0.95), lr, grad clip 1, no KL/reference model, the
-same HF attention kernel (--attn) for the trained model. Micro-batches differ in one way: ours
-are dynamic (--budget, train.max_tokens_per_micro_batch: length-sorted micro-batches of at
-most that many padded tokens, each loss weighted by its share, so the step's gradient is the
-same), which TRL's GRPOTrainer has no equivalent of; --budget 0 gives ours TRL's fixed
-micro-batches of --micro samples. And ours runs each prompt once per group of n samples
-(--shared-prompt, train.shared_prompt: one packed row per group with a 4-D attention mask; same
-logprobs and gradients); --no-shared-prompt runs every sample's row in full, as TRL does.
+same HF attention kernel (--attn) for the trained model. Ours runs with the project's defaults
+for the rest, as a user would: dynamic micro-batches (train.max_tokens_per_micro_batch=-1: a
+token budget derived from --micro and the lengths; length-sorted micro-batches, each loss
+weighted by its share, so the step's gradient is the same), which TRL's GRPOTrainer has no
+equivalent of, and shared-prompt forwards where they are exact and cheaper
+(train.shared_prompt=auto: each prompt once per group of n samples, one packed row with a 4-D
+attention mask). --budget N / --budget 0 and --shared-prompt / --no-shared-prompt force them
+(--budget 0 --no-shared-prompt: TRL's fixed, padded micro-batches).
 
 Step time: ours is the loop's `time/step` (rollout -> reward -> experience -> train -> weight
 sync); TRL's is on_step_begin -> on_step_end of its trainer (generation, reward, logprobs and
 the optimizer step all happen inside). The first --warmup steps are dropped (compilation,
 allocator warm-up); the median and minimum of the rest are reported, then the ratios ours / TRL
-(goal <= 0.5). On a shared machine trust the minima (other jobs' load moves the medians).
+(goal <= 0.3). On a shared machine trust the minima (other jobs' load moves the medians).
+
+Utilisation: this CPU's matmul peak is measured first in the same process (the best of a few
+2048^3 matmuls in fp32 and bf16 on the same threads); our train phase (time/train, the
+optimizer step included) does 6 x N x T FLOPs for T tokens and N the non-embedding
+parameters, plus the output head on the response tokens (6 x vocab x hidden each) and causal
+attention (12 x layers x hidden x mean context per token). Printed over the peak of the
+run's dtype twice: "executed" counts the tokens our forwards ran (train/forward_tokens: each
+shared prompt once, no padding), "useful" every sample's tokens (the work TRL does; shared
+prompts let it exceed 100%).
 Requires `pip install trl` (not a project dependency).
 """
 from __future__ import annotations
@@ -51,15 +61,16 @@ def run_ours(args, run_dir: Path) -> list[float]:
            f"rollout.engine={args.engine}", f"rollout.prompts_per_step={args.prompts}",
            f"rollout.n_samples_per_prompt={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
            f"train.batch_size={args.prompts * args.n}", f"train.micro_batch_size={args.micro}",
-           f"train.max_tokens_per_micro_batch={args.budget}",
-           f"train.shared_prompt={str(args.shared_prompt).lower()}",
+           *([] if args.budget is None else [f"train.max_tokens_per_micro_batch={args.budget}"]),
+           *([] if args.shared_prompt is None
+             else [f"train.shared_prompt={str(args.shared_prompt).lower()}"]),
            f"train.actor_lr={args.lr}", "train.adam_beta2=0.95", "train.max_grad_norm=1.0",
            f"train.seed={args.seed}", "algorithm.name=grpo", "algorithm.kl_coef=0",
            f"model.dtype={args.dtype}", f"model.attn_implementation={args.attn}",
            "checkpoint.save_every=0", "logging.progress_bar=false", "logging.tensorboard=false",
            *args.ours_override]
     _run(cmd, run_dir.parent / "ours.log")
-    return [m["time/step"] for m in read_metrics(run_dir)]
+    return read_metrics(run_dir)
 
 
 def run_trl(args, out_dir: Path) -> list[float]:
@@ -154,10 +165,11 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=8, help="samples per prompt (the GRPO group)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--micro", type=int, default=16, help="micro-batch size (both sides)")
-    ap.add_argument("--budget", type=int, default=1024,
-                    help="ours: train.max_tokens_per_micro_batch (0 = fixed --micro batches)")
-    ap.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=True,
-                    help="ours: train.shared_prompt (each prompt once per group)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="ours: train.max_tokens_per_micro_batch (default: the project's, auto; "
+                         "0 = fixed --micro batches)")
+    ap.add_argument("--shared-prompt", action=argparse.BooleanOptionalAction, default=None,
+                    help="ours: force train.shared_prompt on/off (default: the project's, auto)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="training/rollout precision (both sides)")
     ap.add_argument("--attn", default="auto", choices=("auto", "eager", "sdpa"),
@@ -180,30 +192,84 @@ def main(argv=None) -> None:
         import trl
     except ImportError:
         raise SystemExit("TRL is not installed: pip install trl (a benchmark-only dependency)")
-    ours_t, trl_t = [], []
+    peak = {dt: matmul_peak(dt) for dt in ("float32", "bfloat16")}
+    ours_t, trl_t, ours_rows = [], [], []
     with tempfile.TemporaryDirectory(prefix="grpo_step_") as tmp:
         for r in range(args.rounds):
             d = Path(tmp) / f"round{r}"
             d.mkdir()
             t0 = time.perf_counter()
-            ours_t += run_ours(args, d / "ours")[args.warmup:]
+            rows = run_ours(args, d / "ours")[args.warmup:]
+            ours_rows += rows
+            ours_t += [m["time/step"] for m in rows]
             t1 = time.perf_counter()
             trl_t += run_trl(args, d)[args.warmup:]
             print(f"round {r + 1}: process wall ours {t1 - t0:.1f} s, TRL "
                   f"{time.perf_counter() - t1:.1f} s", flush=True)
     import torch
     print(f"model={args.model} prompts={args.prompts} n={args.n} "
-          f"max_new_tokens={args.max_new_tokens} micro={args.micro} budget={args.budget} "
-          f"shared_prompt={args.shared_prompt} "
+          f"max_new_tokens={args.max_new_tokens} micro={args.micro} "
+          f"budget={'default' if args.budget is None else args.budget} "
+          f"shared_prompt={'default' if args.shared_prompt is None else args.shared_prompt} "
           f"engine={args.engine} "
           f"dtype={args.dtype} attn={args.attn} "
           f"trl={trl.__version__} torch threads={torch.get_num_threads()}")
+    print(f"  matmul peak: {peak['float32'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{peak['bfloat16'] / 1e9:.0f} GFLOP/s bf16")
+    utilisation(args, ours_rows, peak[args.dtype])
     ours_med, ours_min = summary("ours", ours_t, args.warmup)
     trl_med, trl_min = summary("TRL", trl_t, args.warmup)
     # On a shared machine the median moves with other jobs' load; the minimum is the closest
     # to the uncontended cost. Both are printed; compare runs on an idle machine.
     print(f"ratio ours/TRL = {ours_med / trl_med:.2f} (medians), {ours_min / trl_min:.2f} "
-          f"(minima)  (goal <= 0.5)")
+          f"(minima)  (goal <= 0.3)")
+
+
+def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of an n^3 matmul in `dtype` on this process's threads."""
+    import torch
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+    a @ b   # warm-up (thread pool, kernel selection)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def train_flops(model_path: str, tokens: float, response_tokens: float,
+                mean_len: float) -> float:
+    """FLOPs of one train phase (forward + backward) over `tokens` (see the module doc)."""
+    from transformers import AutoConfig
+
+    from hpc_rlhf.models.resolve import resolve_model_path
+    c = AutoConfig.from_pretrained(resolve_model_path(model_path))
+    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    kv = getattr(c, "num_key_value_heads", c.num_attention_heads) / c.num_attention_heads
+    per_layer = h * h * (2 + 2 * kv) + 3 * h * c.intermediate_size   # q, o, k, v; MLP
+    return (6 * layers * per_layer * tokens + 6 * vocab * h * response_tokens
+            + 12 * layers * h * (mean_len / 2) * tokens)
+
+
+def utilisation(args, rows: list[dict], peak: float) -> None:
+    """Our train phase's FLOP/s against the matmul peak of the run's dtype: "useful" counts
+    every sample's tokens (what a padded trainer computes, TRL's work), "executed" the tokens
+    our forwards ran (train/forward_tokens: each shared prompt once, no padding)."""
+    samples = args.prompts * args.n
+    useful, executed = [], []
+    for m in rows:
+        tokens, resp, t = m["train/tokens"], m["rollout/tokens"], m["time/train"]
+        useful.append(train_flops(args.model, tokens, resp, tokens / samples) / t)
+        ran = m.get("train/forward_tokens", tokens)
+        executed.append(train_flops(args.model, ran, resp, tokens / samples) / t)
+    u, e = statistics.median(useful), statistics.median(executed)
+    print(f"  ours train phase: {statistics.median(m['time/train'] for m in rows):.2f} s of "
+          f"{statistics.median(m['time/step'] for m in rows):.2f} s per step (rollout "
+          f"{statistics.median(m['time/rollout'] for m in rows):.2f} s); median FLOP/s over the "
+          f"{args.dtype} matmul peak: executed {e / 1e9:.0f} GFLOP/s = {e / peak:.0%}, useful "
+          f"{u / 1e9:.0f} GFLOP/s = {u / peak:.0%} (goal >= 60% in fp32)")
 
 
 if __name__ == "__main__":

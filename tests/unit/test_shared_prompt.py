@@ -9,7 +9,8 @@ import torch
 
 from hpc_rlhf.engine.logprobs import logprobs_from_logits, response_logits
 from hpc_rlhf.recipes.rl.experience import make_batch
-from hpc_rlhf.recipes.rl.shared_prompt import prompt_runs, shared_layout, shared_response_logits
+from hpc_rlhf.recipes.rl.shared_prompt import (packed_tokens, prompt_runs, shared_layout,
+                                                shared_response_logits)
 
 pytestmark = pytest.mark.unit
 
@@ -48,6 +49,7 @@ def test_layout_saves_the_repeated_prompts():
     responses = int(batch.action_mask.sum())
     assert int((input_ids != 0).sum()) == 5 + 3 + 7 + 3 + responses < real
     assert packed == input_ids.numel()
+    assert packed_tokens(batch) == 5 + 3 + 7 + 3 + responses   # the train/forward_tokens count
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -37,6 +37,15 @@ def prompt_runs(batch: Batch) -> list[tuple[int, int]]:
     return runs
 
 
+def packed_tokens(batch: Batch) -> int:
+    """Real tokens of `batch`'s packed rows (padding excluded): each run's prompt once, plus
+    every response."""
+    R = batch.response_len
+    prompt = batch.attention_mask[:, :batch.input_ids.shape[1] - R].sum(1)
+    return int(batch.attention_mask[:, batch.input_ids.shape[1] - R:].sum()) + sum(
+        int(prompt[a]) for a, _ in prompt_runs(batch))
+
+
 def shared_layout(batch: Batch):
     """The packed rows of `batch` (see the module doc).
 

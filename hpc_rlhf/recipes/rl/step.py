@@ -22,7 +22,8 @@ from hpc_rlhf.engine.ring_rl import (gather_ring_batch, ring_response_logprobs,
 from hpc_rlhf.models.heads import response_values
 from hpc_rlhf.recipes.rl.experience import Batch, distributed_whiten, with_fields
 from hpc_rlhf.recipes.rl.micro import forward_groups, train_steps
-from hpc_rlhf.recipes.rl.shared_prompt import shared_logprobs, shared_response_logits
+from hpc_rlhf.recipes.rl.shared_prompt import (packed_tokens, shared_logprobs,
+                                                shared_response_logits)
 
 WHITENED = ("gae", "reinforce", "reinforce_baseline")  # as OpenRLHF: not grpo/dr_grpo/rloo
 
@@ -188,9 +189,11 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
                                            step_shares=cfg.algorithm.token_mean_scope == "step")]
     ctx = _TrainContext(cfg, strategy, models, kl_coef, s.shared_prompt)
     sums: dict[str, float] = {}
-    count = 0
+    count, run_tokens = 0, 0
     for k, micros in enumerate(opt_steps):
         for micro in micros:
+            run_tokens += (packed_tokens(micro.batch) if s.shared_prompt
+                           else int(micro.batch.attention_mask.sum()))
             m = ctx.train_micro(micro, first_update=k == 0)
             for key, v in m.items():
                 sums[key] = sums.get(key, 0.0) + v
@@ -199,9 +202,11 @@ def train_on_batch(cfg: JobConfig, s: Sizes, strategy, models, batch: Batch, kl_
     if "rollout/logprob_gap_mean" in sums:  # averaged over the first optimizer step only
         out["rollout/logprob_gap_mean"] = sums["rollout/logprob_gap_mean"] / len(opt_steps[0])
     out["train/micro_batches"] = float(count)  # forward/backward passes of the actor
-    # real (unpadded) prompt + response tokens trained on per epoch: what a padded trainer
-    # runs too (benchmarks/grpo_step.py turns it into FLOP/s)
+    # real (unpadded) prompt + response tokens trained on per epoch, what a padded trainer
+    # runs too, and those the training forwards ran (each shared prompt once, all epochs):
+    # benchmarks/grpo_step.py turns them into FLOP/s
     out["train/tokens"] = float(batch.attention_mask.sum())
+    out["train/forward_tokens"] = float(run_tokens)
     out["train/lr"] = models.actor.get_lr()[0] if hasattr(models.actor, "get_lr") else t.actor_lr
     return out
 
