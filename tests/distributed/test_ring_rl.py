@@ -45,6 +45,10 @@ def _cfg(ring: int, procs: int):
         "rollout.engine=hf", "rollout.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
         "train.batch_size=4", "train.micro_batch_size=2", f"train.num_steps={STEPS}",
         "algorithm.kl_coef=0.05", "algorithm.entropy_coef=0.01",
+        # like for like: a ring cuts its own micro-batches, so ring size 1 runs the fixed ones
+        # too (auto would pick shared-prompt groups and a token budget, which order the rows
+        # into the 2 optimizer steps differently)
+        "train.shared_prompt=false", "train.max_tokens_per_micro_batch=0",
     ])
 
 
