@@ -239,13 +239,9 @@ def matmul_peak(dtype: str, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def train_flops(model_path: str, tokens: float, response_tokens: float,
-                mean_len: float) -> float:
-    """FLOPs of one train phase (forward + backward) over `tokens` (see the module doc)."""
-    from transformers import AutoConfig
-
-    from hpc_rlhf.models.resolve import resolve_model_path
-    c = AutoConfig.from_pretrained(resolve_model_path(model_path))
+def train_flops(c, tokens: float, response_tokens: float, mean_len: float) -> float:
+    """FLOPs of one train phase (forward + backward) over `tokens` for the model of HF config
+    `c` (see the module doc)."""
     h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
     kv = getattr(c, "num_key_value_heads", c.num_attention_heads) / c.num_attention_heads
     per_layer = h * h * (2 + 2 * kv) + 3 * h * c.intermediate_size   # q, o, k, v; MLP
@@ -257,13 +253,16 @@ def utilisation(args, rows: list[dict], peak: float) -> None:
     """Our train phase's FLOP/s against the matmul peak of the run's dtype: "useful" counts
     every sample's tokens (what a padded trainer computes, TRL's work), "executed" the tokens
     our forwards ran (train/forward_tokens: each shared prompt once, no padding)."""
+    from transformers import AutoConfig
+
+    from hpc_rlhf.models.resolve import resolve_model_path
+    config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     samples = args.prompts * args.n
     useful, executed = [], []
     for m in rows:
         tokens, resp, t = m["train/tokens"], m["rollout/tokens"], m["time/train"]
-        useful.append(train_flops(args.model, tokens, resp, tokens / samples) / t)
-        ran = m.get("train/forward_tokens", tokens)
-        executed.append(train_flops(args.model, ran, resp, tokens / samples) / t)
+        useful.append(train_flops(config, tokens, resp, tokens / samples) / t)
+        executed.append(train_flops(config, m["train/forward_tokens"], resp, tokens / samples) / t)
     u, e = statistics.median(useful), statistics.median(executed)
     print(f"  ours train phase: {statistics.median(m['time/train'] for m in rows):.2f} s of "
           f"{statistics.median(m['time/step'] for m in rows):.2f} s per step (rollout "

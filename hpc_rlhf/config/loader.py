@@ -106,7 +106,7 @@ def _coerce(value: Any, hint: Any, name: str, errors: list[str]) -> Any:
 def _bool_choice(cls: type, key: str, value: Any) -> Any:
     """YAML true/false (also yes/no/on/off) for a string field whose choices are
     "auto"/"true"/"false" (train.shared_prompt) -> "true"/"false"."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) and dataclasses.is_dataclass(cls):
         f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
         choices = f.metadata.get("choices") if f is not None else None
         if choices and "true" in choices and "false" in choices:
@@ -149,11 +149,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = raw
     # A string field keeps the text as written (YAML would read 04:00:00 as a number).
     hint = _field_hint(key)
-    if hint is str:  # (true/false of an auto/true/false field: "true"/"false")
-        parent, _, name = key.rpartition(".")
-        owner = _field_hint(parent)
-        choice = _bool_choice(owner, name, value) if dataclasses.is_dataclass(owner) else value
-        value = choice if isinstance(value, bool) and isinstance(choice, str) else raw
+    parent, _, name = key.rpartition(".")
+    if hint is str and _bool_choice(_field_hint(parent), name, value) is value:
+        value = raw  # (a YAML boolean of an auto/true/false field stays one: _build maps it)
     return key, value
 
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig
-from hpc_rlhf.config.rules import GENERATING_TRAINERS, sizes
+from hpc_rlhf.config.rules import GENERATING_TRAINERS, token_budget
 from hpc_rlhf.topology.layout import Layout
 
 GIB = 1024 ** 3
@@ -147,7 +147,7 @@ def activation_bytes(shape: ModelShape, cfg: JobConfig, sp: int) -> dict:
     d, tr = cfg.data, cfg.train
     seq = (d.max_prompt_len + cfg.rollout.max_new_tokens
            if tr.trainer in GENERATING_TRAINERS else d.max_len)
-    tokens = (sizes(cfg).micro_tokens or tr.micro_batch_size * seq) / max(sp, 1)
+    tokens = (token_budget(cfg)[0] or tr.micro_batch_size * seq) / max(sp, 1)
     el = 4 if cfg.model.dtype == "float32" else 2
     per_layer = 17 * el * tokens * shape.hidden
     if cfg.model.gradient_checkpointing:

@@ -21,6 +21,7 @@ import torch
 
 from hpc_rlhf.engine.deepspeed_strategy import begin_forward
 from hpc_rlhf.recipes.rl.experience import Batch
+from hpc_rlhf.recipes.rl.micro import real_lengths
 
 
 def prompt_runs(batch: Batch) -> list[tuple[int, int]]:
@@ -40,10 +41,8 @@ def prompt_runs(batch: Batch) -> list[tuple[int, int]]:
 def packed_tokens(batch: Batch) -> int:
     """Real tokens of `batch`'s packed rows (padding excluded): each run's prompt once, plus
     every response."""
-    R = batch.response_len
-    prompt = batch.attention_mask[:, :batch.input_ids.shape[1] - R].sum(1)
-    return int(batch.attention_mask[:, batch.input_ids.shape[1] - R:].sum()) + sum(
-        int(prompt[a]) for a, _ in prompt_runs(batch))
+    prompt, response = real_lengths(batch)
+    return int(response.sum()) + sum(int(prompt[a]) for a, _ in prompt_runs(batch))
 
 
 def shared_layout(batch: Batch):
