@@ -28,9 +28,12 @@ test-unit: venv
 
 # The multi-process tests (distributed, e2e, faults, SLURM) with a busy loop per two cores beside
 # them and every time bound scaled by HPC_RLHF_TEST_SLOWDOWN (default 3 here).
+# The multi-process tests two at a time (two modules compete for the CPU at every moment), every
+# time bound scaled by HPC_RLHF_TEST_SLOWDOWN. STRESS_WORKERS=N for another count; a busy loop
+# instead: scripts/with_cpu_hog.sh .venv/bin/python -m pytest -m "not gpu and not unit".
 test-stress: venv
-	HPC_RLHF_TEST_SLOWDOWN=$${HPC_RLHF_TEST_SLOWDOWN:-3} scripts/with_cpu_hog.sh \
-	  $(PY) -m pytest -m "not gpu and not unit" -p no:cacheprovider $(STRESS_ARGS)
+	HPC_RLHF_TEST_SLOWDOWN=$${HPC_RLHF_TEST_SLOWDOWN:-3} $(PY) -m pytest -m "not gpu and not unit" \
+	  -n $${STRESS_WORKERS:-2} --dist loadgroup -p no:cacheprovider $(STRESS_ARGS)
 
 # The one-command check on a machine with one CUDA GPU (scripts/gpu_check.sh); the wheels it may
 # need (DeepSpeed, pydantic, ...) are prepared here first by gpu-check-prepare.

@@ -42,7 +42,18 @@ REQUIRE_GPU = os.environ.get("REQUIRE_GPU") == "1"
 OPTIONAL_GPU_PACKAGES = ("flash-attn", "flash_attn", "ring-flash-attn", "ring_flash_attn", "vllm")
 
 
+def _xdist_groups(items) -> None:
+    """Under `pytest -n N --dist loadgroup` (make test-stress): each test module stays on one
+    worker, as in a serial run (module fixtures, the TP2 tests' /dev/shm before/after check), and
+    every SLURM test shares one worker, so a single local cluster serves them."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = "slurm" if module.startswith("tests/slurm/") else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_collection_modifyitems(config, items):
+    _xdist_groups(items)
     import torch
     if torch.cuda.is_available() or REQUIRE_GPU:
         return
