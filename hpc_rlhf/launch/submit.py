@@ -115,6 +115,27 @@ def _reward_server_line(cfg: JobConfig) -> list:
     return [f"== reward server(s) {mask_urls(cfg.reward.remote_url)}: outside this job{size}"]
 
 
+def _rl_batching_line(cfg: JobConfig) -> list:
+    """What train.shared_prompt and train.max_tokens_per_micro_batch resolve to (auto or set)."""
+    if cfg.train.trainer != "rl":
+        return []
+    from hpc_rlhf.config.rules import shared_prompt, token_budget
+    tr, n = cfg.train, cfg.rollout.n_samples_per_prompt
+    row = cfg.data.max_prompt_len + n * cfg.rollout.max_new_tokens
+    shared = (f"shared prompts {'on' if shared_prompt(cfg) else 'off'} "
+              f"(train.shared_prompt={tr.shared_prompt}; a group's packed row: up to {row} tokens)")
+    tokens, responses = token_budget(cfg)
+    if not tokens:
+        budget = (f"fixed micro-batches of {tr.micro_batch_size} samples "
+                  f"(train.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch})")
+    else:
+        budget = (f"micro-batches by a budget of {tokens} tokens"
+                  + (f" and {responses} response positions" if responses else "")
+                  + f" (train.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch}"
+                  + (": auto" if tr.max_tokens_per_micro_batch < 0 else "") + ")")
+    return [f"== RL training forwards: {shared}; {budget}"]
+
+
 def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides: list,
               program: str | None, gpu_mem_gb: float) -> tuple:
     """(full dry-run text, warnings)."""
@@ -135,7 +156,7 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
         f"== job {cfg.launch.name}: {cfg.train.trainer} ({cfg.algorithm.name}), model "
         f"{cfg.model.path} ({p / 1e9:.2f} B params), program {program or cfg.train.trainer}",
         f"== run directory: {run_dir}",
-        "== layout (node, GPU, rank)", layout.describe(),
+        "== layout (node, GPU, rank)", layout.describe(), *_rl_batching_line(cfg),
         f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB usable; see "
         "hpc_rlhf/launch/plan.py)", mem_text, *_reward_server_line(cfg),
         f"== checkpoint: {ckpt_text}", *warnings,

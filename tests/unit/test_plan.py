@@ -177,3 +177,20 @@ def test_failure_summaries_finds_torchrun_blocks_behind_later_lines():
     assert summary.splitlines() == block
     assert failure_summaries("\n".join(["=" * 10, "not a failure", "=" * 10])) == []
     assert len(failure_summaries(log + "\n" + log)) == 2
+
+
+def test_plan_says_what_the_rl_batching_defaults_resolve_to():
+    from hpc_rlhf.launch.submit import _rl_batching_line
+    cfg = load_config("configs/quickstart_grpo.yaml", [])
+    P, R, n, m = (cfg.data.max_prompt_len, cfg.rollout.max_new_tokens,
+                  cfg.rollout.n_samples_per_prompt, cfg.train.micro_batch_size)
+    (line,) = _rl_batching_line(cfg)
+    assert f"shared prompts on (train.shared_prompt=auto; a group's packed row: up to {P + n * R} "\
+        "tokens)" in line
+    assert f"a budget of {m * (P + R)} tokens and {m * R} response positions" in line
+    assert "train.max_tokens_per_micro_batch=-1: auto" in line
+    off = load_config("configs/quickstart_grpo.yaml",
+                      ["train.shared_prompt=false", "train.max_tokens_per_micro_batch=0"])
+    (line,) = _rl_batching_line(off)
+    assert "shared prompts off" in line and f"fixed micro-batches of {m} samples" in line
+    assert _rl_batching_line(load_config("configs/sft_tiny.yaml", [])) == []
