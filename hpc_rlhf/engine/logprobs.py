@@ -78,12 +78,18 @@ class _LogprobsEntropy(torch.autograd.Function):
     d logits[n] = (sum over pairs m at n of g_m * onehot(label_m) - (sum g_m) * p_n) / T."""
 
     @staticmethod
-    def forward(ctx, logits, pos, labels, temperature: float, chunk_rows: int):
+    def forward(ctx, logits, pos, labels, temperature: float, chunk_rows: int,
+                with_entropy: bool = True):
         n = logits.shape[0]
-        ent = torch.empty(n, dtype=torch.float32, device=logits.device)
+        ent = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=logits.device)
         for start in range(0, n, chunk_rows):
             sl = slice(start, start + chunk_rows)
+            if not with_entropy:  # the log-normaliser alone: no copy, one pass
+                rows = logits[sl].float()
+                lse_all[sl] = torch.logsumexp(rows / temperature if temperature != 1.0 else rows,
+                                              dim=-1)
+                continue
             rows = logits[sl].to(torch.float32, copy=True)               # [c, v], own memory
             if temperature != 1.0:
                 rows.div_(temperature)
@@ -119,7 +125,7 @@ class _LogprobsEntropy(torch.autograd.Function):
             a, b = int(bounds[k]), int(bounds[k + 1])
             p.index_put_((pos_s[a:b] - start, lab_s[a:b]), g_s[a:b], accumulate=True)
             out[sl] = p
-        return out, None, None, None, None
+        return out, None, None, None, None, None
 
 
 def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -140,16 +146,19 @@ def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature
 
 
 def logprobs_and_entropy_at(logits: torch.Tensor, pos: torch.Tensor, labels: torch.Tensor,
-                            temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+                            temperature: float = 1.0, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                            with_entropy: bool = True):
     """logits [N, v]; pos, labels [M] (a position may repeat) -> (log p(labels[m] | pos[m])
     [M] with gradient, entropy at pos[m] [M] without); the logits are never gathered into an
-    [M, v] copy."""
+    [M, v] copy. with_entropy=False: (log p, None), without the entropy's pass (reference and
+    old-policy forwards only need log p)."""
     _check_temperature(temperature)
     if pos.shape != labels.shape or pos.dim() != 1:
         raise ValueError(f"pos {tuple(pos.shape)} and labels {tuple(labels.shape)} must be equal "
                          "1-D shapes")
-    logp, ent = _LogprobsEntropy.apply(logits, pos, labels, float(temperature), chunk_rows)
-    return logp, ent[pos]
+    logp, ent = _LogprobsEntropy.apply(logits, pos, labels, float(temperature), chunk_rows,
+                                       with_entropy)
+    return logp, (ent[pos] if with_entropy else None)
 
 
 def response_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -141,3 +141,32 @@ def test_fused_logprobs_and_entropy_match_separate_functions_with_gradient(dtype
     want = torch.zeros_like(full, dtype=torch.float64)
     want[:, 1:-1] = (onehot - p) * weights.double()[..., None] / temperature
     torch.testing.assert_close(grad_f.double(), want, rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_at_without_entropy_equal_the_entropy_path(dtype, temperature):
+    """with_entropy=False (reference / old-policy forwards) skips the entropy pass only: the same
+    log p and gradient at repeated positions, no entropy returned, the input untouched."""
+    from hpc_rlhf.engine.logprobs import logprobs_and_entropy_at
+    g = torch.Generator().manual_seed(3)
+    full = (torch.randn(11, 40, generator=g) * 3).to(dtype)
+    pos = torch.tensor([0, 0, 2, 5, 5, 5, 10])
+    labels = torch.randint(0, 40, (7,), generator=g)
+    weights = torch.randn(7, generator=g)
+
+    def run(with_entropy):
+        x = full.clone().requires_grad_(True)
+        lp, ent = logprobs_and_entropy_at(x, pos, labels, temperature, chunk_rows=4,
+                                          with_entropy=with_entropy)
+        (lp * weights).sum().backward()
+        return lp.detach(), ent, x.grad
+
+    lp_e, ent_e, grad_e = run(True)
+    lp_n, ent_n, grad_n = run(False)
+    assert ent_n is None and ent_e.shape == (7,)
+    torch.testing.assert_close(lp_n, lp_e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_n.float(), grad_e.float(), rtol=1e-6, atol=1e-6)
+    want = torch.log_softmax(full.double() / temperature, -1)[pos, labels]
+    torch.testing.assert_close(lp_n.double(), want, rtol=1e-5, atol=1e-5 if dtype == torch.float32
+                               else 1e-2)

@@ -158,12 +158,15 @@ def shared_response_logits(model, batch: Batch) -> torch.Tensor:
     return flat[index]
 
 
-def shared_logprobs(model, batch: Batch, temperature: float = 1.0):
+def shared_logprobs(model, batch: Batch, temperature: float = 1.0, with_entropy: bool = True):
     """(log p of each response token [B, R] with gradient, entropy [B, R] without), 0 beyond
-    each response, from one packed forward; the fused kernel reads each kept position once."""
+    each response, from one packed forward; the fused kernel reads each kept position once.
+    with_entropy=False: (log p, None), the entropy not computed."""
     from hpc_rlhf.engine.logprobs import logprobs_and_entropy_at
     flat, index, valid = _packed_logits(model, batch)
     labels = batch.input_ids[:, -batch.response_len:].to(flat.device)
-    lp, ent = logprobs_and_entropy_at(flat, index[valid], labels[valid], temperature)
+    lp, ent = logprobs_and_entropy_at(flat, index[valid], labels[valid], temperature,
+                                      with_entropy=with_entropy)
     zeros = torch.zeros(valid.shape, dtype=torch.float32, device=flat.device)
-    return zeros.masked_scatter(valid, lp), zeros.masked_scatter(valid, ent)
+    return (zeros.masked_scatter(valid, lp),
+            zeros.masked_scatter(valid, ent) if with_entropy else None)

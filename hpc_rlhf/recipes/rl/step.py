@@ -98,7 +98,7 @@ def _logprobs(engine, mb: Batch, temperature: float, ring=None, shared: bool = F
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature)
     if shared:
-        return shared_logprobs(engine, mb, temperature)[0]
+        return shared_logprobs(engine, mb, temperature, with_entropy=False)[0]
     return logprobs_from_logits(_logits(engine, mb, shared), mb.input_ids[:, -mb.response_len:],
                                 temperature)
 
