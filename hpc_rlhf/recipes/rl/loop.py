@@ -32,6 +32,7 @@ from hpc_rlhf.recipes.rl.experience import Batch, make_batch
 from hpc_rlhf.recipes.rl.prompts import prompt_stream
 from hpc_rlhf.recipes.rl.step import sample_records, make_experience, score_rollouts, train_on_batch
 from hpc_rlhf.runtime import RunContext
+from hpc_rlhf.runtime.profile import profile_phase
 from hpc_rlhf.topology import collectives
 
 
@@ -69,6 +70,7 @@ class _Run:
     engines: dict          # what a checkpoint saves: actor (+ critic)
     rank: int
     world: int
+    run_dir: Path
     timer: Timer = field(default_factory=Timer)
 
     def evaluate(self) -> float:
@@ -87,7 +89,7 @@ def _train(cfg, s, strategy, models, engine, rank, world, run_dir) -> None:
                ColocatedMemory(engine, engines.values(), enabled=cfg.rollout.enable_sleep),
                prompt_stream(cfg, tok), None if agent is not None else build_reward_source(cfg),
                agent, make_kl_controller(a.kl_coef, a.kl_target or None, a.kl_horizon),
-               _eval_prompts(cfg, tok), engines, rank, world)
+               _eval_prompts(cfg, tok), engines, rank, world, run_dir)
     ctx = RunContext(cfg, strategy, run_dir, name="rl")
     ckpt = ctx.checkpoints(engines)
     start = ckpt.resume()
@@ -126,10 +128,10 @@ def _step(run: _Run, step: int) -> tuple[dict, list]:
                        [e.action_mask for e in episodes])
     # 3. Experience: the engine sleeps while the trainer holds the memory.
     mem.to_train()
-    with timer("experience"):
+    with timer("experience"), profile_phase("experience", step, run.run_dir, run.rank):
         batch, exp_metrics = make_experience(cfg, run.s, models, batch, run.kl_ctl.value)
     # 4. Train.
-    with timer("train"):
+    with timer("train"), profile_phase("train", step, run.run_dir, run.rank):
         fault_point("train")
         train_metrics = train_on_batch(cfg, run.s, run.strategy, models, batch,
                                        run.kl_ctl.value, step)
