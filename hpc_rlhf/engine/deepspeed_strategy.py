@@ -27,6 +27,11 @@ class StrategyConfig:
     """What the strategy needs; the global config maps onto these fields one to one."""
     zero_stage: int = 2                 # ZeRO stage 0..3
     bf16: bool = False                  # bf16 weights/activations with fp32 master weights
+    # fp32 weights and optimizer, matmuls in bf16 (torch.autocast around every forward of the
+    # engine: `compute_precision`). For CPUs: a bf16 copy of fp32 master weights rounds to
+    # nearest, and on SmolLM2-135M 92% of the weights cannot move by one Adam step at lr 5e-5
+    # (half a bf16 ulp is larger), so `bf16` barely learns there in a short run.
+    autocast_bf16: bool = False
     micro_batch_size: int = 1           # samples per rank per forward
     grad_accum: int = 1                 # micro-batches per optimizer step
     max_grad_norm: float = 1.0          # global grad-norm clip; 0 disables
@@ -56,6 +61,9 @@ class StrategyConfig:
         if self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             errs.append(f"lr={self.lr} must be > 0, max_grad_norm={self.max_grad_norm} and "
                         f"weight_decay={self.weight_decay} >= 0")
+        if self.bf16 and self.autocast_bf16:
+            errs.append("bf16=True and autocast_bf16=True: choose one (bf16 weights, or fp32 "
+                        "weights with bf16 matmuls)")
         if self.scheduler not in SCHEDULERS:
             errs.append(f"scheduler={self.scheduler!r} must be one of {SCHEDULERS}")
         if self.scheduler != "constant" and self.total_steps <= self.warmup_steps:
@@ -264,7 +272,18 @@ class DeepSpeedStrategy:
             lr_scheduler=scheduler, config=build_ds_config(self._run_cfg(train=True), train=True,
                                                            on_cuda=self.on_cuda),
             dist_init_required=False)
+        return self._mark_precision(engine)
+
+    def _mark_precision(self, engine):
+        """Record on the engine how its forwards compute (read by `compute_precision`)."""
+        engine.hpc_autocast = torch.bfloat16 if self.cfg.autocast_bf16 else None
         return engine
+
+    @property
+    def sync_dtype(self) -> torch.dtype | None:
+        """The dtype a rollout engine serves the weights in when it differs from the trained
+        weights' (autocast_bf16: fp32 weights, bf16 engine); None: send them as they are."""
+        return torch.bfloat16 if self.cfg.autocast_bf16 else None
 
     @property
     def zero_stage(self) -> int:
@@ -292,7 +311,7 @@ class DeepSpeedStrategy:
                                                 on_cuda=self.on_cuda),
             dist_init_required=False)
         engine.eval()
-        return engine
+        return self._mark_precision(engine)
 
     def backward(self, loss: torch.Tensor, engine, *, weight: float | None = None,
                  boundary: bool | None = None) -> None:
@@ -311,7 +330,8 @@ class DeepSpeedStrategy:
         engine.step()
 
     # ---- weights --------------------------------------------------------------------------
-    def gathered_state(self, engine_or_module, alloc=None) -> Iterator[tuple[str, torch.Tensor]]:
+    def gathered_state(self, engine_or_module, alloc=None, dtype: torch.dtype | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) for every parameter, gathering ZeRO-3 and AutoTP shards.
 
         Collective: every rank of the engine must iterate it to the end. Tensors are fresh
@@ -319,6 +339,7 @@ class DeepSpeedStrategy:
         hpc_rlhf.models.lora.merged_state for merged base names). alloc(shape, dtype): where
         the copies go (a weight-sync sender's staging ring, so its buckets need no packing
         copy; such tensors are valid only until the consumer moves on), default new tensors.
+        dtype: cast floating-point copies to it (None: the parameters' own dtype).
         """
         deepspeed = _import_deepspeed()
         from deepspeed.module_inject.layers import GatherReplacedLayerParams
@@ -334,7 +355,7 @@ class DeepSpeedStrategy:
             zero3 = any(hasattr(p, "ds_id") for p in params)
             with deepspeed.zero.GatheredParameters(params, enabled=zero3):
                 with GatherReplacedLayerParams(params, mod, enabled=autotp):
-                    out = [(f"{mod_name}.{n}" if mod_name else n, _copy(p, alloc))
+                    out = [(f"{mod_name}.{n}" if mod_name else n, _copy(p, alloc, dtype))
                            for n, p in own]
             yield from out
 
@@ -375,10 +396,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _copy(p: torch.Tensor, alloc) -> torch.Tensor:
+def _copy(p: torch.Tensor, alloc, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype if dtype is not None and p.is_floating_point() else p.dtype
     if alloc is None:
-        return p.detach().clone()
-    out = alloc(tuple(p.shape), p.dtype)
+        return p.detach().to(dtype, copy=True)
+    out = alloc(tuple(p.shape), dtype)
     out.copy_(p.detach())
     return out
 
@@ -410,3 +432,15 @@ def consolidated_state(step_dir, tag: str) -> tuple[dict, torch.dtype]:
     else:
         state = {k: v.float() for k, v in meta["module"].items()}
     return dict(state), dtype
+
+
+def compute_precision(engine):
+    """The context every forward of `engine` runs in: torch.autocast to bf16 for an engine
+    built with autocast_bf16 (fp32 weights, bf16 matmuls), else nothing. Backward passes reuse
+    the dtypes their forward chose, so they need no context."""
+    import contextlib
+    dtype = getattr(engine, "hpc_autocast", None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device_type=device, dtype=dtype)

@@ -62,13 +62,16 @@ def strategy_config(cfg, *, grad_accum: int, total_steps: int | None = None,
     """StrategyConfig from a JobConfig (train.* and model.*): the one builder of every recipe.
     total_steps: the run's optimizer steps (default train.num_steps; the RL recipe and the
     round-based ones step the optimizer several times per step); the learning-rate warm-up is
-    train.lr_warmup_ratio of them. bf16 follows model.dtype on CUDA; on a machine without it
-    only where cpu_bf16 (the RL recipe; the supervised ones train fp32 there)."""
+    train.lr_warmup_ratio of them. bf16 follows model.dtype on CUDA (DeepSpeed's bf16: bf16
+    weights, fp32 master weights); on a machine without it only where cpu_bf16 (the RL recipe;
+    the supervised ones train fp32 there), as fp32 weights with bf16 matmuls (autocast_bf16)."""
     from hpc_rlhf.engine.deepspeed_strategy import StrategyConfig
     t = cfg.train
     total = total_steps or t.num_steps
     kw = dict(zero_stage=t.zero_stage,
-              bf16=cfg.model.dtype == "bfloat16" and (cpu_bf16 or torch.cuda.is_available()),
+              bf16=cfg.model.dtype == "bfloat16" and torch.cuda.is_available(),
+              autocast_bf16=(cfg.model.dtype == "bfloat16" and cpu_bf16
+                             and not torch.cuda.is_available()),
               micro_batch_size=t.micro_batch_size, grad_accum=grad_accum,
               max_grad_norm=t.max_grad_norm, lr=t.actor_lr, betas=(t.adam_beta1, t.adam_beta2),
               weight_decay=t.weight_decay, warmup_steps=int(t.lr_warmup_ratio * total),

@@ -149,7 +149,7 @@ def policy_weights(strategy, actor, alloc=None):
         from hpc_rlhf.checkpoint.export import hf_state
         named = iter(hf_state(actor, strategy.gathered_state(actor)).items())
     else:
-        named = strategy.gathered_state(actor, alloc=alloc)
+        named = strategy.gathered_state(actor, alloc=alloc, dtype=strategy.sync_dtype)
     return with_tied_outputs(named, actor)
 
 

@@ -13,6 +13,7 @@ from hpc_rlhf.algos.kl import kl_estimate
 from hpc_rlhf.algos.losses import aggregate_loss, policy_loss, value_loss
 from hpc_rlhf.algos.masked import masked_mean
 from hpc_rlhf.config import JobConfig, Sizes
+from hpc_rlhf.engine.deepspeed_strategy import compute_precision
 from hpc_rlhf.engine.logprobs import (entropy_from_logits, logprobs_and_entropy,
                                       logprobs_from_logits, response_logits)
 from hpc_rlhf.engine.moe import attach_router_aux_loss
@@ -94,6 +95,11 @@ def _logits(engine, mb: Batch, shared: bool) -> torch.Tensor:
 
 def _logprobs(engine, mb: Batch, temperature: float, ring=None, shared: bool = False
               ) -> torch.Tensor:
+    with compute_precision(engine):
+        return _logprobs_of(engine, mb, temperature, ring, shared)
+
+
+def _logprobs_of(engine, mb: Batch, temperature: float, ring, shared: bool) -> torch.Tensor:
     if ring is not None:  # train.ring_attn_size > 1: the sequence split over the ring
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature)
@@ -106,6 +112,12 @@ def _logprobs(engine, mb: Batch, temperature: float, ring=None, shared: bool = F
 def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: bool,
                     shared: bool = False):
     """(logprobs [b, r] with grad, entropy [b, r]: with grad only if entropy_grad)."""
+    with compute_precision(engine):
+        return _policy_forward_of(engine, mb, temperature, ring, entropy_grad, shared)
+
+
+def _policy_forward_of(engine, mb: Batch, temperature: float, ring, entropy_grad: bool,
+                       shared: bool):
     if ring is not None:
         return ring_response_logprobs(engine, mb.input_ids, mb.attention_mask, mb.response_len,
                                       ring, temperature,
@@ -121,11 +133,12 @@ def _policy_forward(engine, mb: Batch, temperature: float, ring, entropy_grad: b
 
 
 def _values(critic, mb: Batch, ring=None) -> torch.Tensor:
-    # V(state before each response token), aligned with the logprobs: [b, r].
-    if ring is not None:
-        return ring_response_values(critic, mb.input_ids, mb.attention_mask, mb.response_len,
-                                    ring)
-    return response_values(critic, mb.input_ids, mb.attention_mask, mb.response_len)
+    # V(state before each response token), aligned with the logprobs: [b, r], float32.
+    with compute_precision(critic):
+        if ring is not None:
+            return ring_response_values(critic, mb.input_ids, mb.attention_mask,
+                                        mb.response_len, ring).float()
+        return response_values(critic, mb.input_ids, mb.attention_mask, mb.response_len).float()
 
 
 def needs_old_logprobs(cfg: JobConfig, s: Sizes) -> bool:
