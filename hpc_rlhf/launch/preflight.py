@@ -197,56 +197,45 @@ def _synthetic_hint(source: str) -> str:
     return ""
 
 
-def _scan_jsonl(path: Path, skip_bad_rows: bool, out: Findings, where: str) -> None:
-    """Every line of a JSONL file parses (the row check reads only the first rows)."""
+def _bad_jsonl_lines(path: Path) -> list:
+    """(line number, why) of each line the trainers' JSONL reader refuses."""
     import json
-    if path.suffix != ".jsonl" or path.stat().st_size > JSONL_SCAN_BYTES:
-        return
     bad = []
     with path.open("r", encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    bad.append((i + 1, e))
-    if bad and skip_bad_rows:
-        out.warnings.append(f"{where}: {len(bad)} line(s) of {path} are not valid JSON (first: "
-                            f"line {bad[0][0]}); data.skip_bad_rows=true skips them")
-    elif bad:
-        line, e = bad[0]
-        out.problems.append(f"{where}: {path} line {line} is not valid JSON ({e.msg} at column "
-                            f"{e.colno}){f' and {len(bad) - 1} more lines' if len(bad) > 1 else ''}"
-                            "; fix the file or set data.skip_bad_rows=true to skip bad lines")
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append((i + 1, f"is not valid JSON ({e.msg} at column {e.colno})"))
+                continue
+            if not isinstance(obj, dict):
+                bad.append((i + 1, f"is a JSON {type(obj).__name__}, not an object"))
+    return bad
 
 
-def check_source(cfg: JobConfig, name: str, value: str, source: str, read, out: Findings) -> None:
-    """One data source of data.prompts / data.eval_prompts; `read` is `row_reader(cfg)` (None:
-    the rows cannot be read, a problem already said why)."""
+def _scan_jsonl(path: Path, out: Findings, where: str) -> bool:
+    """Every line of a JSONL file is a JSON object (the row check reads only the first rows).
+    True when the file was scanned: its bad lines are reported here, not by the row check."""
+    if path.suffix != ".jsonl" or path.stat().st_size > JSONL_SCAN_BYTES:
+        return False
+    bad = _bad_jsonl_lines(path)
+    if bad:  # the reader stops at such a line, data.skip_bad_rows or not
+        (line, why), more = bad[0], len(bad) - 1
+        out.problems.append(f"{where}: {path} line {line} {why}"
+                            f"{f' and {more} more line(s)' if more else ''}; fix the file "
+                            "(data.skip_bad_rows skips rows with bad fields, not lines that are "
+                            "not JSON objects)")
+    return True
+
+
+def _check_rows(cfg: JobConfig, where: str, source: str, read, scanned: set,
+                out: Findings) -> None:
+    """The first ROWS_CHECKED rows through the trainer's row reader `read`."""
     from hpc_rlhf.data.chat import TemplateError
-    from hpc_rlhf.data.readers import data_files, read_rows
+    from hpc_rlhf.data.readers import read_rows
     from hpc_rlhf.data.rows import DataError
-    where = f"{name}={value!r}"
-    if source.startswith("task:"):
-        from hpc_rlhf.data.tasks import TASKS
-        task = source.split(":", 1)[1]
-        if cfg.train.trainer not in GENERATING_TRAINERS:
-            out.problems.append(f"{where}: a built-in task gives prompts without responses, but "
-                                f"train.trainer={cfg.train.trainer!r} trains on a dataset; give "
-                                "a .jsonl/.parquet file or a dataset directory")
-        elif task not in TASKS:
-            out.problems.append(f"{where}: unknown task {task!r}; built-in tasks are "
-                                f"{['task:' + t for t in TASKS]}")
-        return
-    try:
-        files = data_files(source)
-    except (OSError, ValueError) as e:
-        out.problems.append(f"{where}: {e}{_synthetic_hint(source)}")
-        return
-    for f in files:
-        _scan_jsonl(f, cfg.data.skip_bad_rows, out, where)
-    if read is None:
-        return
     rows = bad = 0
     try:
         for row in islice(read_rows(source), ROWS_CHECKED):
@@ -258,7 +247,8 @@ def check_source(cfg: JobConfig, name: str, value: str, source: str, read, out: 
                     raise
                 bad += 1
     except (DataError, TemplateError) as e:
-        out.problems.append(f"{where}: {e}")
+        if not (isinstance(e, DataError) and e.field is None and e.file in scanned):
+            out.problems.append(f"{where}: {e}")  # else _scan_jsonl said it already
         return
     if rows == 0:
         out.problems.append(f"{where}: {source} holds no rows")
@@ -266,6 +256,35 @@ def check_source(cfg: JobConfig, name: str, value: str, source: str, read, out: 
         out.problems.append(f"{where}: none of the first {rows} rows can be read with "
                             f"train.trainer={cfg.train.trainer!r} and the data.*_key options "
                             "(data.skip_bad_rows=true would skip them all)")
+
+
+def check_source(cfg: JobConfig, name: str, value: str, source: str, read, out: Findings) -> None:
+    """One data source of data.prompts / data.eval_prompts; `read` is `row_reader(cfg)` (None:
+    the rows cannot be read, a problem already said why)."""
+    from hpc_rlhf.data.readers import data_files
+    where = f"{name}={value!r}"
+    if source.startswith("task:"):
+        _check_task(cfg, where, source.split(":", 1)[1], out)
+        return
+    try:
+        files = data_files(source)
+    except (OSError, ValueError) as e:
+        out.problems.append(f"{where}: {e}{_synthetic_hint(source)}")
+        return
+    scanned = {str(f) for f in files if _scan_jsonl(f, out, where)}
+    if read is not None:
+        _check_rows(cfg, where, source, read, scanned, out)
+
+
+def _check_task(cfg: JobConfig, where: str, task: str, out: Findings) -> None:
+    from hpc_rlhf.data.tasks import TASKS
+    if cfg.train.trainer not in GENERATING_TRAINERS:
+        out.problems.append(f"{where}: a built-in task gives prompts without responses, but "
+                            f"train.trainer={cfg.train.trainer!r} trains on a dataset; give "
+                            "a .jsonl/.parquet file or a dataset directory")
+    elif task not in TASKS:
+        out.problems.append(f"{where}: unknown task {task!r}; built-in tasks are "
+                            f"{['task:' + t for t in TASKS]}")
 
 
 def _datasets(cfg: JobConfig, out: Findings) -> None:
