@@ -240,7 +240,8 @@ class LaunchConfig:
     account: str = opt("", "SLURM account ('' = your default)")
     qos: str = opt("", "SLURM QoS")
     time: str = opt("04:00:00", "SLURM time limit HH:MM:SS or D-HH:MM:SS")
-    cpus_per_node: int = opt(0, "CPUs per node to request (0 = SLURM default)", ge=0)
+    cpus_per_node: int = opt(0, "CPUs per node to request (0: none asked; the node's torchrun "
+                             "gets every CPU the job holds there)", ge=0)
     mem: str = opt("0", "memory per node ('0' = all of it)")
     signal_lead_s: int = opt(300, "SLURM sends USR1 this long before the time limit", gt=0)
     requeue: bool = opt(True, "on preemption / time limit: checkpoint, requeue and resume "

@@ -43,7 +43,7 @@ class SbatchSpec:
     nodes: int  # whole nodes; one torchrun agent per node
     gpus_per_node: int  # GPUs per node; 0 means a CPU job (gloo), no GPU request
     nproc_per_node: int  # ranks per node (torchrun --nproc-per-node); = gpus_per_node on GPU
-    cpus_per_task: int  # CPUs for the one task per node (data loading, rollout CPU work)
+    cpus_per_task: int  # CPUs for the one task per node; 0: none asked, it gets the job's all
     time: str  # wall-clock limit, [D-]HH:MM:SS
     config: str | None = None  # YAML config passed as --config; None: the module takes none
     module: str = "hpc_rlhf.launch.main"  # python -m entry point every rank runs
@@ -77,8 +77,8 @@ class SbatchSpec:
                 f"nproc_per_node={self.nproc_per_node} must equal gpus_per_node="
                 f"{self.gpus_per_node} (one rank per GPU); set them equal"
             )
-        if self.cpus_per_task < 1:
-            errors.append(f"cpus_per_task={self.cpus_per_task} must be >= 1")
+        if self.cpus_per_task < 0:
+            errors.append(f"cpus_per_task={self.cpus_per_task} must be >= 0 (0: no request)")
         if self.max_restarts < 0:
             errors.append(f"max_restarts={self.max_restarts} must be >= 0")
         if any("\n" in line for line in self.setup):
@@ -127,9 +127,15 @@ def _header(s: SbatchSpec) -> list[str]:
         ]
     elif s.mem != "0":
         lines += ["# Memory per node.", f"#SBATCH --mem={s.mem}"]
+    if s.cpus_per_task:
+        lines += [
+            "# CPUs for the node's task: ranks, data loader workers, rollout/reward CPU work.",
+            f"#SBATCH --cpus-per-task={s.cpus_per_task}",
+        ]
+    else:
+        lines += ["# No --cpus-per-task (launch.cpus_per_node=0): the node's task gets every CPU",
+                  "# the job holds there (srun below)."]
     lines += [
-        "# CPUs for the node's task: ranks, data loader workers, rollout/reward CPU work.",
-        f"#SBATCH --cpus-per-task={s.cpus_per_task}",
         "# Wall-clock limit, [D-]HH:MM:SS.",
         f"#SBATCH --time={s.time}",
     ]
@@ -239,14 +245,15 @@ trap forward_usr1 USR1
 
 # One task per node, each a torchrun agent; c10d rendezvous (node ranks assigned by it).
 # --kill-on-bad-exit: one failed agent ends the whole step instead of leaving peers hanging.
-# --cpus-per-task again: since SLURM 22.05 srun does not inherit it from sbatch (the step
-# would get 1 CPU per node and every rank would share it).
+# --cpus-per-task again: since SLURM 22.05 srun does not inherit it from sbatch (the task
+# would be bound to 1 CPU and every rank would share it). With no #SBATCH --cpus-per-task,
+# every CPU the job holds on the node (SLURM_CPUS_ON_NODE, counted on the first node).
 # is_host: the first node of the allocation hosts the rendezvous store, said explicitly (the
 # hostname match torchrun falls back to fails where NodeAddr is a secondary interface).
 # --signals-to-handle adds SIGUSR1 so torchrun forwards it instead of dying of it;
 # --shutdown-timeout is how long torchrun then lets the ranks checkpoint before SIGKILL.
 srun --kill-on-bad-exit=1 --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 \\
-    --cpus-per-task="$SLURM_CPUS_PER_TASK" \\
+    --cpus-per-task="${{SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}}" \\
     bash -c 'exec "$0" -m torch.distributed.run \\
         --rdzv-conf "is_host=$([[ $SLURM_NODEID == 0 ]] && echo true || echo false)" "$@"' \\
     "$PYTHON" --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$NPROC_PER_NODE" \\

@@ -83,7 +83,7 @@ def sbatch_spec(cfg: JobConfig, config_path: str | None, overrides: list, progra
     env += (("HPC_RLHF_PROGRAM", program),) if program else ()
     return SbatchSpec(
         job_name=lc.name, nodes=cfg.topology.nodes, gpus_per_node=gpus_per_node(cfg),
-        nproc_per_node=cfg.topology.procs_per_node, cpus_per_task=max(lc.cpus_per_node, 1),
+        nproc_per_node=cfg.topology.procs_per_node, cpus_per_task=lc.cpus_per_node,
         time=lc.time, config=config_path, overrides=tuple(overrides),
         partition=lc.partition or None, account=lc.account or None, qos=lc.qos or None,
         mem=lc.mem, run_dir=str(run_dir), signal_lead_s=lc.signal_lead_s, output=output,
@@ -302,22 +302,31 @@ def _parse(argv: list | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _srun_cpus(cpus_per_node: int) -> tuple[list, list]:
+    """(srun arguments, setup lines) giving the node's task its CPUs, as the sbatch scripts do:
+    srun does not inherit --cpus-per-task from sbatch since SLURM 22.05 (the task would be bound
+    to one CPU). With none requested, every CPU the job holds on the node: submitit quotes srun
+    arguments, so that count reaches srun as SRUN_CPUS_PER_TASK (srun's -c, SLURM >= 22.05)."""
+    if cpus_per_node:
+        return [f"--cpus-per-task={cpus_per_node}"], []
+    return [], ["export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}"]
+
+
 def submitit_params(cfg: JobConfig, run_dir: Path) -> dict:
     """submitit's SlurmExecutor parameters for `cfg` (every launch field lands in them)."""
     lc, gpus = cfg.launch, gpus_per_node(cfg)
     # launch.requeue=false: the ranks still checkpoint on a signal but write no REQUEUE marker.
     # singleton: one job of this name at a time (a second one waits: same run directory).
     extra = {"requeue": True} if lc.requeue else {"no_requeue": True}
-    srun_args = ["--kill-on-bad-exit=1"]
-    if lc.cpus_per_node:  # srun does not inherit it from sbatch since SLURM 22.05
-        srun_args.append(f"--cpus-per-task={lc.cpus_per_node}")
+    srun_args, srun_cpus = _srun_cpus(lc.cpus_per_node)
     params = dict(job_name=lc.name, nodes=cfg.topology.nodes, ntasks_per_node=1,
                   time=_time_minutes(lc.time), signal_delay_s=lc.signal_lead_s,
-                  srun_args=srun_args, additional_parameters=extra, dependency="singleton",
+                  srun_args=["--kill-on-bad-exit=1", *srun_args], additional_parameters=extra,
+                  dependency="singleton",
                   setup=[f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}",
                          f"export {ENV_RUN_DIR}={run_dir}", *lc.setup,
                          *(f"export {k}={shlex.quote(v)}" for k, v in
-                           (item.split("=", 1) for item in lc.env))])
+                           (item.split("=", 1) for item in lc.env)), *srun_cpus])
     if gpus:
         params.update(gpus_per_node=gpus, exclusive=True)
     if lc.cpus_per_node:

@@ -79,6 +79,27 @@ def test_cpu_job_has_no_gpu_request_and_defaults():
     assert "--config" not in text and "RUN_DIR=${RUN_DIR:-runs/x}" in text
 
 
+def srun_cpus(text: str) -> str:
+    """The --cpus-per-task the script's srun line passes (its continuation line)."""
+    return re.search(r'^\s+--cpus-per-task=(\S+) \\$', text, re.M).group(1)
+
+
+def test_no_cpu_request_gives_the_task_every_cpu_the_job_holds_on_the_node():
+    """cpus_per_task=0 (launch.cpus_per_node=0): no header, and srun must not bind the node's
+    torchrun (all its ranks) to 1 CPU, which it does since SLURM 22.05 without a -c."""
+    text = render_sbatch(replace(BASE, cpus_per_task=0))
+    assert "--cpus-per-task" not in sbatch_options(text)
+    assert srun_cpus(text) == '"${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}"'
+    assert sbatch_options(render_sbatch(BASE))["--cpus-per-task"] == "16"
+    assert srun_cpus(render_sbatch(BASE)) == srun_cpus(text)  # the header's value, when set
+    if bash := shutil.which("bash"):
+        expand = 'echo ${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}'
+        for env, want in (({"SLURM_CPUS_ON_NODE": "96"}, "96"),
+                          ({"SLURM_CPUS_ON_NODE": "96", "SLURM_CPUS_PER_TASK": "16"}, "16")):
+            out = subprocess.run([bash, "-c", expand], env=env, capture_output=True, text=True)
+            assert out.stdout.strip() == want
+
+
 def test_requeue_contract_is_in_the_script():
     text = render_sbatch(BASE)
     assert "trap forward_usr1 USR1" in text and 'kill -USR1 "$srun_pid"' in text
@@ -170,4 +191,23 @@ def test_submitit_job_is_a_singleton_with_srun_cpus_and_exclusive_gpu_nodes(tmp_
     assert "#SBATCH --dependency=singleton" in job and "#SBATCH --exclusive" in job
     srun = next(line for line in job.splitlines() if line.startswith("srun"))
     assert f"--cpus-per-task={cfg.launch.cpus_per_node}" in srun, srun
+    assert "SRUN_CPUS_PER_TASK" not in job
+
+
+def test_no_cpu_request_is_the_same_in_both_submit_paths(tmp_path):
+    """launch.cpus_per_node=0: neither path asks sbatch for CPUs, and both give srun -c = every
+    CPU the job holds on the node (submitit quotes srun arguments: SRUN_CPUS_PER_TASK)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from hpc_rlhf.config import load_config
+    from hpc_rlhf.launch.submit import sbatch_text, submitit_params
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_7b.yaml",
+                      ["launch.cpus_per_node=0"])
+    script = sbatch_text(cfg, "configs/grpo_7b.yaml", [], None, tmp_path)
+    job = _make_sbatch_string("CMD", tmp_path, **submitit_params(cfg, tmp_path))
+    assert "--cpus-per-task" not in sbatch_options(script) and "--cpus-per-task" not in job
+    cpus = "${SLURM_CPUS_PER_TASK:-$SLURM_CPUS_ON_NODE}"
+    assert srun_cpus(script) == f'"{cpus}"'
+    setup = job.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert setup[-1] == f"export SRUN_CPUS_PER_TASK={cpus}", job
     assert "#SBATCH --dependency=singleton" in render_sbatch(BASE)
