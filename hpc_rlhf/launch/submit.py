@@ -149,9 +149,8 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
         warnings.append(f"WARNING: parameter count of model.path={cfg.model.path!r} unknown; "
                         "set model.num_params_b for a memory estimate")
     warnings += ckpt_warnings
-    trun = planlib.torchrun_argv(config_path, overrides, cfg.topology.nodes,
-                                 cfg.topology.procs_per_node, "@ENDPOINT@", "@JOBID@",
-                                 shutdown_timeout_s(cfg), max_restarts=cfg.launch.max_restarts)
+    task = torchrun_task(cfg, argparse.Namespace(config=config_path, overrides=overrides,
+                                                 program=program), run_dir)
     parts = [
         f"== job {cfg.launch.name}: {cfg.train.trainer} ({cfg.algorithm.name}), model "
         f"{cfg.model.path} ({p / 1e9:.2f} B params), program {program or cfg.train.trainer}",
@@ -160,12 +159,27 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
         f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB usable; see "
         "hpc_rlhf/launch/plan.py)", mem_text, *_reward_server_line(cfg),
         f"== checkpoint: {ckpt_text}", *warnings,
-        "== torchrun command (one per node, from submitit's task or the sbatch script)",
-        (f"HPC_RLHF_PROGRAM={program} " if program else "") + planlib.shell_join(trun)
-        .replace("@ENDPOINT@", "$HEAD_ADDR:$RDZV_PORT").replace("@JOBID@", "$SLURM_JOB_ID"),
+        "== torchrun command (one per node, as submitit's task runs it)",
+        torchrun_line(task, cfg.topology.nodes),
         "== equivalent sbatch script", sbatch_text(cfg, config_path, overrides, program, run_dir),
     ]
     return "\n".join(parts), warnings
+
+
+# What the printed torchrun command says where each node's task puts its own values.
+NODE_VALUES = {"@ENDPOINT@": "$HEAD_ADDR:$RDZV_PORT", "@JOBID@": "$SLURM_JOB_ID",
+               "@IS_HOST@": '"is_host=$([[ $SLURM_NODEID == 0 ]] && echo true || echo false)"'}
+
+
+def torchrun_line(task: "TorchrunTask", nnodes: int) -> str:
+    """`task`'s torchrun command as one shell line: its argv, with the rendezvous endpoint, job
+    id and is-host flag as the shell expressions a node's step expands to what the task uses."""
+    argv = task.argv(nnodes, "@ENDPOINT@", "@JOBID@", is_host=True)
+    argv[argv.index("is_host=true")] = "@IS_HOST@"
+    line = planlib.shell_join(argv)
+    for placeholder, value in NODE_VALUES.items():
+        line = line.replace(placeholder, value)
+    return (f"HPC_RLHF_PROGRAM={task.program} " if task.program else "") + line
 
 
 def _head_address() -> str:
@@ -190,6 +204,13 @@ class TorchrunTask:
     python: str = sys.executable
     max_restarts: int = 0
 
+    def argv(self, num_nodes: int, endpoint: str, job_id: str, is_host: bool) -> list:
+        """The torchrun command of one node (the dry run prints it: torchrun_line)."""
+        return planlib.torchrun_argv(self.config_path, self.overrides, num_nodes,
+                                     self.nproc_per_node, endpoint, job_id,
+                                     self.shutdown_timeout_s, self.python, is_host=is_host,
+                                     max_restarts=self.max_restarts)
+
     def __call__(self) -> int:
         import submitit
 
@@ -199,10 +220,7 @@ class TorchrunTask:
         # As in the sbatch scripts: $RDZV_PORT if the job's environment sets it, else derived
         # from the job id so that jobs sharing a node differ.
         port = int(os.environ.get("RDZV_PORT") or 20000 + int(job_id) % 20000)
-        argv = planlib.torchrun_argv(self.config_path, self.overrides, env.num_nodes,
-                                     self.nproc_per_node, f"{addr}:{port}", str(job_id),
-                                     self.shutdown_timeout_s, self.python,
-                                     is_host=env.node == 0, max_restarts=self.max_restarts)
+        argv = self.argv(env.num_nodes, f"{addr}:{port}", str(job_id), is_host=env.node == 0)
         run_dir = Path(self.run_dir)
         marker = run_dir / REQUEUE_FILE
         if env.global_rank == 0:

@@ -194,3 +194,31 @@ def test_plan_says_what_the_rl_batching_defaults_resolve_to():
     (line,) = _rl_batching_line(off)
     assert "shared prompts off" in line and f"fixed micro-batches of {m} samples" in line
     assert _rl_batching_line(load_config("configs/sft_tiny.yaml", [])) == []
+
+
+def test_dry_run_torchrun_command_is_what_each_nodes_task_runs(tmp_path):
+    """The printed line, expanded by a shell as a node's step would, is the argv submitit's
+    task runs on that node: is_host included (true on the first node only)."""
+    import shutil
+    import subprocess
+    from types import SimpleNamespace
+
+    from hpc_rlhf.launch.rundir import resolve_run_dir
+    from hpc_rlhf.launch.submit import plan_text, torchrun_task
+    overrides = ["train.num_steps=3", "launch.max_restarts=2"]
+    cfg = load_config(REPO / "configs" / "tiny_disagg.yaml", overrides)
+    text, _ = plan_text(cfg, build_layout(cfg), "configs/tiny_disagg.yaml", overrides, None, 80)
+    line = text.split("== torchrun command", 1)[1].splitlines()[1]
+    task = torchrun_task(cfg, SimpleNamespace(config="configs/tiny_disagg.yaml",
+                                              overrides=overrides, program=None),
+                         resolve_run_dir(cfg))
+    env = {"HEAD_ADDR": "10.0.0.1", "RDZV_PORT": "29500", "SLURM_JOB_ID": "77",
+           "PATH": os.environ["PATH"]}
+    for node in (0, 1):
+        shown = subprocess.run([shutil.which("bash"), "-c", f'printf "%s\\n" {line}'],
+                               env={**env, "SLURM_NODEID": str(node)}, capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+        runs = task.argv(cfg.topology.nodes, "10.0.0.1:29500", "77", is_host=node == 0)
+        assert shown == runs
+    assert "--rdzv-conf" in line and "--max-restarts 2" in line
+    assert cfg.topology.nodes > 1
