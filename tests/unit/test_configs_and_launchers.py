@@ -78,6 +78,18 @@ def test_torchrun_launcher_runs_two_ranks(tmp_path):
                          cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=scaled(180))
     _assert_smoke_done(run_dir, out)
+    # MAX_RESTARTS reaches torchrun: after a rank fails, torchrun (its INFO log) restarts the
+    # ranks once, then gives up.
+    failing = {**env, "MAX_RESTARTS": "1", "HPC_RLHF_SMOKE_FAIL_RANK": "1", "LOGLEVEL": "INFO",
+               "HPC_RLHF_RUN_DIR": str(tmp_path / "failing")}
+    out = subprocess.run(["bash", "launchers/torchrun.sh", "configs/grpo_tiny.yaml",
+                          "topology.procs_per_node=2", "train.num_steps=3"],
+                         cwd=REPO, env=failing, capture_output=True, text=True,
+                         timeout=scaled(180))
+    log = out.stdout + out.stderr
+    assert out.returncode != 0 and "[rank 1] smoke: injected failure" in out.stdout, log[-3000:]
+    assert log.count("attempts left; will restart worker group") == 1, log[-3000:]
+    assert "Worker group FAILED. 1/1 attempts left" in log
 
 
 @pytest.mark.unit
