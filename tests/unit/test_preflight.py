@@ -214,6 +214,24 @@ def test_a_torch_whose_torchrun_lacks_our_flags_is_refused():
         old.problems[0]
 
 
+def test_setup_cfg_torch_floor_is_the_one_preflight_checks():
+    """pip and the preflight check must agree on the first torch whose torchrun we can run."""
+    import configparser
+    import re
+
+    from hpc_rlhf.launch.preflight import TORCH_FLOOR
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    requires = setup["options"]["install_requires"].splitlines()
+    floors = [m.groups() for line in requires
+              if (m := re.fullmatch(r"\s*torch\s*>=\s*(\d+)\.(\d+)(?:\.\d+)?\s*", line))]
+    assert len(floors) == 1, f"setup.cfg install_requires needs one 'torch>=X.Y' line: {requires}"
+    floor = floors[0]
+    assert tuple(int(x) for x in floor) == TORCH_FLOOR, (
+        f"setup.cfg says torch>={'.'.join(floor)} but preflight.TORCH_FLOOR={TORCH_FLOOR}; "
+        "set them equal")
+
+
 def test_a_missing_distillation_teacher_is_refused(capsys, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
     line = one_problem(capsys, SFT, "train.trainer=kd", f"train.teacher_path={tmp_path / 't'}",
