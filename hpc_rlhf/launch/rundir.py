@@ -6,6 +6,7 @@
     <run_dir>/logs/rank<R>.log every rank's stdout+stderr lines (tee'd, the console keeps them)
     <run_dir>/REQUEUE          written after a signal-triggered checkpoint (see signals.py)
     <run_dir>/logs/failed_rank<R>.txt   one line: why rank R failed in the last attempt
+    <run_dir>/SLURM_JOB        the SLURM job that owns the directory (.claims/: takeover tokens)
     <run_dir>/...              checkpoints, metrics: owned by the programs
 
 A run directory remembers its config (config.yaml): `check_rerun` runs before anything is
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 from hpc_rlhf.config import JobConfig, to_dict, to_yaml
@@ -173,24 +176,91 @@ def slurm_job_alive(job_id: str) -> bool:
     return out.returncode == 0 and out.stdout.strip() not in ("", "COMPLETED", "COMPLETING")
 
 
-def claim_run_dir(run_dir: Path, job_id: str, alive=slurm_job_alive) -> None:
+def claim_run_dir(run_dir: Path, job_id: str, alive=slurm_job_alive,
+                  wait_s: float = 30.0) -> None:
     """Global rank 0 of a SLURM job, before anything is written: the run directory belongs to
     one job at a time. A requeue of the same job keeps it; another job that SLURM still lists
-    is refused (two jobs would overwrite each other's checkpoints)."""
+    is refused (two jobs would overwrite each other's checkpoints); the claim of a job SLURM no
+    longer lists is taken over. Atomic: of jobs starting at once, exactly one gets the claim
+    (a new claim is hard-linked into place, which fails if one exists; a takeover first
+    creates a token file named after the claim it replaces, which only one job can)."""
     if not job_id:
         return
     owner = Path(run_dir) / OWNER_FILE
-    other = owner.read_text().strip() if owner.is_file() else ""
-    if other and other != job_id and alive(other):
-        raise RerunRefused(
-            f"{run_dir} is in use by SLURM job {other}, which is still queued or running; two "
-            f"jobs in one run directory overwrite each other's checkpoints. Wait for it "
-            f"(sbatch --dependency=afterany:{other} ...), cancel it (scancel {other}), or "
-            "start a run of its own (launch.name=<new name>)")
     owner.parent.mkdir(parents=True, exist_ok=True)
-    tmp = owner.with_name(f".{OWNER_FILE}.{job_id}.tmp")
+    deadline = time.monotonic() + wait_s
+    while not _link_claim(owner, job_id):
+        other, stamp = _read_claim(owner)
+        if other is None:
+            continue  # removed since: try to create it again
+        if other == job_id:
+            return
+        if other and alive(other):
+            raise RerunRefused(
+                f"{run_dir} is in use by SLURM job {other}, which is still queued or running; "
+                f"two jobs in one run directory overwrite each other's checkpoints. Wait for it "
+                f"(sbatch --dependency=afterany:{other} ...), cancel it (scancel {other}), or "
+                "start a run of its own (launch.name=<new name>)")
+        if _takeover_token(owner, other, stamp):
+            _write_claim(owner, job_id)
+            return
+        if time.monotonic() > deadline:  # the job that took the token died before writing
+            raise RerunRefused(
+                f"{run_dir}: another job is taking over the claim of finished SLURM job "
+                f"{other or '(none)'} ({owner}) and has not written its own for {wait_s:g} s; "
+                f"if no job runs there, delete {owner} and resubmit")
+        time.sleep(0.05)  # another job took the token: its claim lands next
+
+
+CLAIMS_DIR = ".claims"  # takeover tokens, one per replaced claim (never reused, so kept)
+
+
+def _link_claim(owner: Path, job_id: str) -> bool:
+    """Create `owner` holding `job_id`, whole, iff it does not exist (link(2) is atomic and
+    never replaces; an NFS link retried after a lost reply says it exists: the caller then
+    reads back its own job id)."""
+    tmp = _claim_file(owner, job_id)
+    try:
+        os.link(tmp, owner)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def _read_claim(owner: Path) -> tuple:
+    """(job id, stamp of this claim file) or (None, None) when there is none."""
+    try:
+        with open(owner) as f:
+            st = os.fstat(f.fileno())
+            return f.read().strip(), f"{st.st_ino}.{st.st_mtime_ns}"
+    except FileNotFoundError:
+        return None, None
+
+
+def _takeover_token(owner: Path, other: str, stamp: str) -> bool:
+    """Whether this job is the one to replace the claim (`other`, `stamp`): the first to create
+    its token."""
+    claims = owner.parent / CLAIMS_DIR
+    claims.mkdir(exist_ok=True)
+    try:
+        os.close(os.open(claims / f"after_{other or 'none'}.{stamp}",
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _write_claim(owner: Path, job_id: str) -> None:
+    os.replace(_claim_file(owner, job_id), owner)
+
+
+def _claim_file(owner: Path, job_id: str) -> Path:
+    """A private file beside `owner` holding `job_id`, to be linked or renamed into place."""
+    tmp = owner.with_name(f".{OWNER_FILE}.{job_id}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(job_id + "\n")
-    os.replace(tmp, owner)
+    return tmp
 
 
 def _failure_file(run_dir: Path, rank: int) -> Path:

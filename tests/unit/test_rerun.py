@@ -119,3 +119,37 @@ def test_a_run_directory_belongs_to_one_slurm_job_at_a_time(tmp_path):
     assert (tmp_path / OWNER_FILE).read_text() == "202\n"
     claim_run_dir(tmp_path / "local", "", alive=lambda job: True)  # not a SLURM job: no claim
     assert not (tmp_path / "local").exists()
+
+
+@pytest.mark.parametrize("before", [None, "100"])
+def test_of_jobs_claiming_a_run_directory_at_once_exactly_one_wins(tmp_path, before):
+    """Jobs starting together (threads with different SLURM job ids, released at once by a
+    barrier), on a fresh run directory and on one whose claim belongs to a finished job."""
+    import threading
+
+    from hpc_rlhf.launch.rundir import OWNER_FILE, RerunRefused, claim_run_dir
+    jobs = [str(200 + i) for i in range(8)]
+    for trial in range(30):
+        run_dir = tmp_path / str(trial)
+        if before:
+            run_dir.mkdir()
+            (run_dir / OWNER_FILE).write_text(before + "\n")
+        start, won, refused = threading.Barrier(len(jobs)), [], []
+
+        def claim(job):
+            start.wait()
+            try:
+                claim_run_dir(run_dir, job, alive=lambda other: other in jobs)
+                won.append(job)
+            except RerunRefused:
+                refused.append(job)
+
+        threads = [threading.Thread(target=claim, args=(job,)) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(refused) == len(jobs) - 1, (trial, won)
+        assert (run_dir / OWNER_FILE).read_text() == won[0] + "\n"
+        assert sorted(p.name for p in run_dir.iterdir()) == [".claims", OWNER_FILE] \
+            if before else [OWNER_FILE]  # no temporary file left behind
