@@ -28,6 +28,28 @@ def _jobs_named(slurm_cluster, name: str) -> str:
                           timeout=scaled(30)).stdout.strip()
 
 
+def _accounted_jobs_named(slurm_cluster, name: str) -> str | None:
+    """What sacct lists of jobs with that name (any state, the past week), or None where the
+    cluster keeps no accounting (the local test cluster: AccountingStorageType=none)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-a", "-S", "now-7days", "--name", name, "-o",
+                          "JobID,State"], env=slurm_cluster.env(), capture_output=True,
+                         text=True, timeout=scaled(30))
+    if "accounting storage is disabled" in out.stdout + out.stderr:
+        return None
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip()
+
+
+def _jobs_submitted(slurm_cluster) -> tuple:
+    """(since when, how many jobs) the controller counts as submitted (sdiag; its counters
+    restart at midnight)."""
+    out = subprocess.run(["sdiag"], env=slurm_cluster.env(), capture_output=True, text=True,
+                         timeout=scaled(30), check=True).stdout
+    since = next(line for line in out.splitlines() if line.startswith("Data since"))
+    count = next(line for line in out.splitlines() if line.startswith("Jobs submitted:"))
+    return since, int(count.split(":")[1])
+
+
 @pytest.mark.parametrize("override,named", [
     ("train.num_stpes=3", "train.num_stpes"),
     ("reward.source=remote reward.remote_url=${REWARD_URL}", "${REWARD_URL}"),
@@ -35,11 +57,16 @@ def _jobs_named(slurm_cluster, name: str) -> str:
 def test_bad_override_is_refused_before_anything_is_queued(slurm_cluster, tmp_path, override,
                                                            named):
     name = f"refused_{len(named)}"
+    before = _jobs_submitted(slurm_cluster)
     out = _submit(slurm_cluster, *override.split(), f"launch.name={name}",
                   f"launch.run_dir={tmp_path}/run", REWARD_URL="")
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr
     assert named in out.stderr and "submitted job" not in out.stdout
     assert _jobs_named(slurm_cluster, name) == ""
+    assert _accounted_jobs_named(slurm_cluster, name) in ("", None)  # None: no accounting here
+    # Without accounting, the controller's own count: no job was submitted at all.
+    after = _jobs_submitted(slurm_cluster)
+    assert after == before or (after[0] != before[0] and after[1] == 0), (before, after)
     assert not (tmp_path / "run" / "job.sbatch").exists()
 
 
