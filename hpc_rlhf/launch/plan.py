@@ -26,7 +26,8 @@ LM head), tp = AutoTP size; bf16 mixed precision with fp32 Adam):
     vLLM engine rank: vLLM takes gpu_memory_utilization of the GPU (weights + KV cache).
     Colocated with vLLM sleep: the peak is max(train, vLLM); without sleep they add up.
 Parameter counts and shapes: config.json at the model path, else model.num_params_b with a
-Llama-proportioned shape (hidden = (128 P / 12)^(1/3), 32k vocabulary), else a few known names.
+Llama-proportioned shape (hidden = (128 P / 12)^(1/3), 32k vocabulary; the dry run says so:
+guessed_shape_line), else a few known names.
 Critic and reward model are the actor's size unless their own config.json says otherwise.
 Checkpoint: 14 bytes per trained parameter (bf16 weights + fp32 Adam states); the save time is
 its size over checkpoint.write_gb_s, checked against launch.signal_lead_s.
@@ -107,6 +108,27 @@ def model_shape(path: str, num_params_b: float = 0.0) -> ModelShape | None:
         return None
     hidden = max(128, round((128 * p / 12) ** (1 / 3) / 128) * 128)  # Llama: layers = h / 128
     return ModelShape(p, hidden, max(1, round(p / (12 * hidden * hidden))), 32_000)
+
+
+def guessed_shape_line(cfg: JobConfig) -> list:
+    """One line when the actor's shape is guessed from model.num_params_b (no config.json at
+    model.path or in the local hub cache): what the plan assumed and how to give the real one.
+    The vocabulary matters: logits and the gathered embedding grow with it (Llama-3: 128,256)."""
+    m = cfg.model
+    if not m.num_params_b or _hf_config(m.path) is not None:
+        return []
+    from hpc_rlhf.launch.preflight import is_hub_name
+    shape = model_shape(m.path, m.num_params_b)
+    if is_hub_name(m.path):
+        fix = (f"download its config into the hub cache (huggingface-cli download {m.path} "
+               "config.json) or point model.path at a local model directory")
+    else:
+        fix = "point model.path at a local model directory (with its config.json)"
+    return [f"== model shape guessed from model.num_params_b={m.num_params_b:g}: no config.json "
+            f"for model.path={m.path!r} (not a local model directory, not in the local hub "
+            f"cache), so the plan assumes hidden {shape.hidden}, {shape.layers} layers and a "
+            f"{shape.vocab:,}-token vocabulary (a larger vocabulary needs more memory for logits "
+            f"and the embedding); for the real shape, {fix}"]
 
 
 def trained_model_bytes(shape: ModelShape, cfg: JobConfig, dp: int, tp: int,

@@ -87,6 +87,11 @@ def _environment_refs(cfg: JobConfig, out: Findings) -> None:
 
 
 # ---- models -------------------------------------------------------------------------------
+def is_hub_name(value: str) -> bool:
+    """'org/model' that is no local path (a relative path's first directory would exist)."""
+    return bool(_HUB_ID.match(value)) and not Path(value.split("/")[0]).is_dir()
+
+
 def hub_cache_model(name: str) -> Path | None:
     """The local hub cache's snapshot of model `name` holding a config.json, or None."""
     from hpc_rlhf.data.readers import hub_cache_root
@@ -114,7 +119,7 @@ def model_problem(name: str, value: str) -> tuple[str | None, str | None]:
         return None, None
     if p.exists():
         return f"{name}={value!r} is a file; give an HF model directory", None
-    if not _HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():
+    if not is_hub_name(value):
         return (f"{name}={value!r} does not exist; give an existing HF model directory "
                 "(relative to the directory you submit from, or absolute)"), None
     if hub_cache_model(value):

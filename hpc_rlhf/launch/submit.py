@@ -157,7 +157,8 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
         f"== run directory: {run_dir}",
         "== layout (node, GPU, rank)", layout.describe(), *_rl_batching_line(cfg),
         f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB usable; see "
-        "hpc_rlhf/launch/plan.py)", mem_text, *_reward_server_line(cfg),
+        "hpc_rlhf/launch/plan.py)", mem_text, *planlib.guessed_shape_line(cfg),
+        *_reward_server_line(cfg),
         f"== checkpoint: {ckpt_text}", *warnings,
         "== torchrun command (one per node, as submitit's task runs it)",
         torchrun_line(task, cfg.topology.nodes),

@@ -222,3 +222,32 @@ def test_dry_run_torchrun_command_is_what_each_nodes_task_runs(tmp_path):
         assert shown == runs
     assert "--rdzv-conf" in line and "--max-restarts 2" in line
     assert cfg.topology.nodes > 1
+
+
+def test_dry_run_says_when_the_model_shape_is_guessed_and_how_to_get_the_real_one(
+        tmp_path, monkeypatch):
+    """ppo_70b names a hub model: without its config.json in the hub cache the plan guesses a
+    32k vocabulary (Llama-3 has 128,256) and says so; with it, the real shape and no line."""
+    from hpc_rlhf.launch.submit import plan_text
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = load_config(REPO / "configs" / "ppo_70b.yaml")
+    text, _ = plan_text(cfg, build_layout(cfg), "configs/ppo_70b.yaml", [], None, 79.6)
+    (line,) = [x for x in text.splitlines() if x.startswith("== model shape guessed")]
+    guess = plan.model_shape(cfg.model.path, cfg.model.num_params_b)
+    assert guess.vocab == 32000
+    assert (f"from model.num_params_b={cfg.model.num_params_b:g}: no config.json for "
+            f"model.path={cfg.model.path!r}") in line
+    assert f"hidden {guess.hidden}, {guess.layers} layers and a 32,000-token vocabulary" in line
+    assert f"huggingface-cli download {cfg.model.path} config.json" in line
+    assert "point model.path at a local model directory" in line
+    snap = tmp_path / "hub" / f"models--{cfg.model.path.replace('/', '--')}" / "snapshots" / "a"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((Path(llama_dir(tmp_path, "70b")) / "config.json")
+                                      .read_text())
+    assert plan.model_shape(cfg.model.path, cfg.model.num_params_b).vocab == 128256
+    text, _ = plan_text(cfg, build_layout(cfg), "configs/ppo_70b.yaml", [], None, 79.6)
+    assert "== model shape guessed" not in text
+    local = load_config(REPO / "configs" / "ppo_70b.yaml", [f"model.path={tmp_path / 'x'}"])
+    (line,) = plan.guessed_shape_line(local)
+    assert line.endswith("for the real shape, point model.path at a local model directory "
+                         "(with its config.json)")
