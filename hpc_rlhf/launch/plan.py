@@ -25,6 +25,9 @@ LM head), tp = AutoTP size; bf16 mixed precision with fp32 Adam):
     runtime: CUDA context, NCCL buffers and allocator slack, a flat RUNTIME_GIB.
     vLLM engine rank: vLLM takes gpu_memory_utilization of the GPU (weights + KV cache).
     Colocated with vLLM sleep: the peak is max(train, vLLM); without sleep they add up.
+    host RAM per node (what offloading moves off the GPU): fp32 grads + Adam = 16 bytes per
+    parameter of each local rank's share with offload_optimizer, + 2 with offload_params,
+    + the reference weights with ref_offload, x1.5 for pinned buffers (DeepSpeed's estimator).
 Parameter counts and shapes: config.json at the model path, else model.num_params_b with a
 Llama-proportioned shape (hidden = (128 P / 12)^(1/3), 32k vocabulary; the dry run says so:
 guessed_shape_line), else a few known names.
@@ -221,6 +224,81 @@ def _trainer_items(cfg: JobConfig, layout: Layout, name: str, members, roles) ->
         items.append(("weight-sync staging (2 buckets)",
                       2 * cfg.rollout.weight_sync_bucket_mb * 2 ** 20))
     return items
+
+
+HOST_BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' additional_buffer_factor (pinned buffers)
+
+
+def offloaded_bytes(shape: ModelShape, cfg: JobConfig, dp: int, tp: int, lora: bool) -> float:
+    """Host bytes of one rank's offloaded share of a trained model, before the buffer factor:
+    fp32 grads + Adam (master weights and moments) with train.offload_optimizer (16 bytes per
+    parameter in bf16), plus the weights with train.offload_params (18): what
+    trained_model_bytes leaves off the GPU."""
+    tr, p = cfg.train, shape.params
+    w, g, a = (4, 4, 8) if cfg.model.dtype == "float32" else (2, 4, 12)
+    trainable = 0 if lora else p
+    n = dp if tr.zero_stage >= 1 else 1
+    host = (g + a) * trainable / n if tr.offload_optimizer else 0.0
+    if tr.offload_params:
+        host += w * p / dp
+    return host / tp
+
+
+def host_memory_plan(cfg: JobConfig, layout: Layout) -> dict:
+    """{node: {model: bytes}} of host RAM for CPU-offloaded states, DeepSpeed's buffer factor
+    included (estimate_zero3_model_states_mem_needs; tests/unit/test_plan.py holds us to it)."""
+    tr, m = cfg.train, cfg.model
+    if not (tr.offload_optimizer or tr.offload_params or tr.ref_offload):
+        return {}
+    actor, critic, _ = _shapes(cfg)
+    if actor is None:
+        return {}
+    w = 4 if m.dtype == "float32" else 2
+    out: dict = {}
+    for name, members in layout.worlds:
+        info = layout.info(members[0])
+        if not info.is_trainer:
+            continue
+        tp = layout.tp_size if name in ("all", "actor", "critic") else 1
+        dp = len(members) // tp
+        per_rank = {"actor": offloaded_bytes(actor, cfg, dp, tp, m.lora_rank > 0),
+                    "critic": offloaded_bytes(critic, cfg, dp, tp, False),
+                    "ref": (w * actor.params / (dp if tr.zero_stage == 3 else 1) / tp
+                            if tr.ref_offload else 0.0)}
+        for rank in members:
+            node = out.setdefault(layout.info(rank).node, {})
+            for model, b in per_rank.items():
+                if model in info.roles and b:
+                    node[model] = node.get(model, 0.0) + HOST_BUFFER_FACTOR * b
+    return {node: models for node, models in out.items() if models}
+
+
+def format_host_memory(plan: dict) -> list:
+    """One line per group of nodes that need the same host RAM (none: no line)."""
+    groups: dict = {}
+    for node in sorted(plan):
+        groups.setdefault(tuple(sorted(plan[node].items())), []).append(node)
+    lines = []
+    for models, nodes in groups.items():
+        where = f"node {nodes[0]}" if len(nodes) == 1 else f"nodes {_ranges(nodes)}"
+        parts = " + ".join(f"{model} {b / GIB:,.0f}" for model, b in models)
+        total = sum(b for _, b in models) / GIB
+        lines.append(f"== host RAM for CPU-offloaded states, {where}: {total:,.0f} GiB per node "
+                     f"({parts}; in bf16 16 bytes per offloaded parameter, 18 with its weights, "
+                     f"x{HOST_BUFFER_FACTOR:g} for buffers as DeepSpeed estimates): the nodes "
+                     "need that much RAM free (launch.mem)")
+    return lines
+
+
+def _ranges(nodes: list) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    spans: list = []
+    for n in nodes:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ",".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 def memory_plan(cfg: JobConfig, layout: Layout, gpu_mem_gb: float) -> list:

@@ -158,6 +158,7 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
         "== layout (node, GPU, rank)", layout.describe(), *_rl_batching_line(cfg),
         f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB usable; see "
         "hpc_rlhf/launch/plan.py)", mem_text, *planlib.guessed_shape_line(cfg),
+        *planlib.format_host_memory(planlib.host_memory_plan(cfg, layout)),
         *_reward_server_line(cfg),
         f"== checkpoint: {ckpt_text}", *warnings,
         "== torchrun command (one per node, as submitit's task runs it)",

@@ -251,3 +251,34 @@ def test_dry_run_says_when_the_model_shape_is_guessed_and_how_to_get_the_real_on
     (line,) = plan.guessed_shape_line(local)
     assert line.endswith("for the real shape, point model.path at a local model directory "
                          "(with its config.json)")
+
+
+@pytest.mark.parametrize("offload_params", [False, True])
+def test_host_ram_for_offloaded_states_within_10_percent_of_deepspeeds_estimator(
+        tmp_path, offload_params):
+    """Llama-70B, ZeRO-3 with Adam on the CPU, 4 nodes x 8 GPUs: per node, DeepSpeed's host
+    estimate (estimate_zero3_model_states_mem_needs_all_cold prints it) and the dry run's line."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from hpc_rlhf.launch.submit import plan_text
+    cfg = load_config(None, ["train.trainer=sft", f"model.path={llama_dir(tmp_path, '70b')}",
+                             "topology.nodes=4", "topology.procs_per_node=8",
+                             "train.zero_stage=3", "model.dtype=bfloat16",
+                             "train.offload_optimizer=true",
+                             f"train.offload_params={offload_params}"])
+    layout = build_layout(cfg)
+    host = plan.host_memory_plan(cfg, layout)
+    shape = plan.model_shape(cfg.model.path)
+    theirs, _, _ = estimate_zero3_model_states_mem_needs(
+        shape.params, shape.largest_layer, num_gpus_per_node=8, num_nodes=4, cpu_offload=True,
+        cpu_offload_params=offload_params)
+    assert sorted(host) == [0, 1, 2, 3]
+    for node in host:
+        assert host[node]["actor"] == pytest.approx(theirs, rel=0.10), (node, host, theirs)
+    text, _ = plan_text(cfg, layout, None, [], None, 79.6)
+    (line,) = [x for x in text.splitlines() if x.startswith("== host RAM")]
+    assert line.startswith(f"== host RAM for CPU-offloaded states, nodes 0-3: "
+                           f"{host[0]['actor'] / plan.GIB:,.0f} GiB per node")
+    on_gpu = load_config(None, ["train.trainer=sft", f"model.path={tmp_path / '70b'}",
+                                "topology.nodes=4", "topology.procs_per_node=8"])
+    assert plan.host_memory_plan(on_gpu, build_layout(on_gpu)) == {}
