@@ -15,6 +15,11 @@ if [[ ${NNODES:-1} != 1 && -z ${HEAD_ADDR:-} ]]; then
          "(the same on every node); 127.0.0.1 only works for one node" >&2
     exit 2
 fi
+# With restarts, torchrun must not share its rendezvous store with the ranks: a restarted round
+# would read the last round's process-group keys (pytorch issue 135712).
+if [[ ${MAX_RESTARTS:-0} != 0 ]]; then
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+fi
 exec "${PYTHON:-python}" -m torch.distributed.run \
     --nnodes "${NNODES:-1}" --nproc-per-node "${NPROC_PER_NODE:-1}" \
     --rdzv-backend c10d --rdzv-endpoint "${HEAD_ADDR:-127.0.0.1}:${RDZV_PORT:-29500}" \

@@ -24,8 +24,10 @@ def run_local(cfg: JobConfig, args, run_dir: Path, shutdown_timeout_s: int) -> i
     # c10d rendezvous on port 0: the torchrun agent binds a free port itself and tells its
     # ranks (a port found free here could be taken before torchrun binds it).
     argv = planlib.torchrun_argv(args.config, args.overrides, 1, cfg.topology.procs_per_node,
-                                 "127.0.0.1:0", "local", shutdown_timeout_s)
-    env = {**os.environ, ENV_RUN_DIR: str(run_dir), "PYTHONUNBUFFERED": "1"}
+                                 "127.0.0.1:0", "local", shutdown_timeout_s,
+                                 max_restarts=cfg.launch.max_restarts)
+    env = {**os.environ, **planlib.torchrun_env(cfg.launch.max_restarts),
+           ENV_RUN_DIR: str(run_dir), "PYTHONUNBUFFERED": "1"}
     if args.program:
         env["HPC_RLHF_PROGRAM"] = args.program
     from hpc_rlhf.launch.console import ConsoleFilter, open_console_log

@@ -397,5 +397,13 @@ def torchrun_argv(cfg_path: str | None, overrides: list, nnodes: int, nproc: int
     return argv + list(overrides)
 
 
+def torchrun_env(max_restarts: int) -> dict:
+    """Environment torchrun itself needs. With restarts: its rendezvous store is shared with
+    the ranks by default (torch >= 2.3), so a restarted round would read the previous round's
+    process-group keys and fail to connect (pytorch issue 135712); unshared, rank 0 hosts a
+    fresh store every round."""
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} if max_restarts > 0 else {}
+
+
 def shell_join(argv: list) -> str:
     return " ".join(shlex.quote(a) for a in argv)

@@ -195,7 +195,9 @@ def _prologue(s: SbatchSpec, config_arg: str, overrides: str) -> str:
     config_var = f'CONFIG=${{CONFIG:-{s.config}}}\n' if s.config else ""
     setup = "".join(f"{line}\n" for line in s.setup)
     setup = f"# launch.setup: run before anything else.\n{setup}" if setup else ""
-    env = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in s.extra_env)
+    from hpc_rlhf.launch.plan import torchrun_env
+    env = "".join(f"export {k}={shlex.quote(v)}\n"
+                  for k, v in (*s.extra_env, *torchrun_env(s.max_restarts).items()))
     check = ""
     if s.check_config and s.module == "hpc_rlhf.launch.main":
         check = f"""

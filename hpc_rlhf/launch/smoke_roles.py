@@ -11,7 +11,8 @@
    signal; rank 0 then saves {next_step, total} and writes REQUEUE.
 Fault injection (tests): HPC_RLHF_SMOKE_FAIL_RANK=R makes global rank R, at step
 HPC_RLHF_SMOKE_FAIL_STEP (default 1), do HPC_RLHF_SMOKE_FAIL_MODE: raise | kill (SIGKILL
-itself) | hang (sleep while the others wait in the collective).
+itself) | hang (sleep while the others wait in the collective); with HPC_RLHF_SMOKE_FAIL_ATTEMPT=K
+only in torchrun's restart attempt K (TORCHELASTIC_RESTART_COUNT), so a restart can succeed.
 HPC_RLHF_SMOKE_STEP_S: sleep per step (default 0.05).
 """
 from __future__ import annotations
@@ -58,6 +59,9 @@ def _maybe_fail(rank: int, step: int) -> None:
     if int(os.environ.get("HPC_RLHF_SMOKE_FAIL_RANK", "-1")) != rank:
         return
     if step != int(os.environ.get("HPC_RLHF_SMOKE_FAIL_STEP", "1")):
+        return
+    attempt = os.environ.get("HPC_RLHF_SMOKE_FAIL_ATTEMPT")
+    if attempt is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != attempt:
         return
     mode = os.environ.get("HPC_RLHF_SMOKE_FAIL_MODE", "raise")
     print(f"[rank {rank}] smoke: injected failure '{mode}' at step {step}", flush=True)

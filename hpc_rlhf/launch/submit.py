@@ -228,7 +228,8 @@ class TorchrunTask:
         if env.global_rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             marker.unlink(missing_ok=True)  # left by a killed run: must not requeue this one
-        child_env = {**os.environ, ENV_RUN_DIR: str(run_dir),
+        child_env = {**os.environ, **planlib.torchrun_env(self.max_restarts),
+                     ENV_RUN_DIR: str(run_dir),
                      "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         if self.program:
             child_env["HPC_RLHF_PROGRAM"] = self.program

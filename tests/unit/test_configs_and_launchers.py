@@ -90,6 +90,16 @@ def test_torchrun_launcher_runs_two_ranks(tmp_path):
     assert out.returncode != 0 and "[rank 1] smoke: injected failure" in out.stdout, log[-3000:]
     assert log.count("attempts left; will restart worker group") == 1, log[-3000:]
     assert "Worker group FAILED. 1/1 attempts left" in log
+    # A rank that fails in the first attempt only: the restarted ranks build their process
+    # groups again (on a fresh store: the shared one held the last round's keys) and finish.
+    once = {**failing, "HPC_RLHF_SMOKE_FAIL_ATTEMPT": "0",
+            "HPC_RLHF_RUN_DIR": str(tmp_path / "once")}
+    out = subprocess.run(["bash", "launchers/torchrun.sh", "configs/grpo_tiny.yaml",
+                          "topology.procs_per_node=2", "train.num_steps=3"],
+                         cwd=REPO, env=once, capture_output=True, text=True,
+                         timeout=scaled(240))
+    assert "[rank 1] smoke: injected failure" in out.stdout, (out.stdout + out.stderr)[-3000:]
+    _assert_smoke_done(tmp_path / "once", out)
 
 
 @pytest.mark.unit

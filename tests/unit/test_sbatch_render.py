@@ -211,3 +211,22 @@ def test_no_cpu_request_is_the_same_in_both_submit_paths(tmp_path):
     setup = job.split("# setup\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert setup[-1] == f"export SRUN_CPUS_PER_TASK={cpus}", job
     assert "#SBATCH --dependency=singleton" in render_sbatch(BASE)
+
+
+def test_restarts_unshare_torchruns_store_in_both_paths(tmp_path):
+    """launch.max_restarts > 0: torchrun runs with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the
+    restart itself is tested with launchers/torchrun.sh: test_torchrun_launcher_runs_two_ranks);
+    without restarts nothing changes."""
+    from hpc_rlhf.config import load_config
+    from hpc_rlhf.launch.rundir import resolve_run_dir
+    from hpc_rlhf.launch.submit import sbatch_text
+
+    def script(restarts: int) -> str:
+        cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_7b.yaml",
+                          [f"launch.max_restarts={restarts}"])
+        return sbatch_text(cfg, "configs/grpo_7b.yaml", [], None, resolve_run_dir(cfg))
+
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in script(2)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in script(0)
+    from hpc_rlhf.launch.plan import torchrun_env
+    assert torchrun_env(1) == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} and torchrun_env(0) == {}
