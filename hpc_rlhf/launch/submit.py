@@ -29,6 +29,7 @@ and the ranks (signals.py) get USR2 directly as well: all paths set the same ide
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import signal
@@ -101,7 +102,17 @@ def sbatch_text(cfg: JobConfig, config_path: str | None, overrides: list, progra
         return f"# (no sbatch script: {e})"
 
 
-def _reward_server_line(cfg: JobConfig) -> list:
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the usable GiB of one GPU, e.g. 79.6")
+    return value
+
+
+def _reward_server_line(cfg: JobConfig, gpu_mem_gb: float) -> list:
     """A remote reward model runs outside this job: say what serving it takes."""
     if cfg.reward.source != "remote" or cfg.train.trainer not in GENERATING_TRAINERS:
         return []
@@ -109,9 +120,11 @@ def _reward_server_line(cfg: JobConfig) -> list:
     rm = planlib.count_params(cfg.model.reward_model_path or cfg.model.path,
                               0 if cfg.model.reward_model_path else cfg.model.num_params_b)
     which = "model.reward_model_path" if cfg.model.reward_model_path else "the actor"
-    size = (f"; a reward model the size of {which} ({rm / 1e9:.1f} B) holds "
-            f"{2 * rm / planlib.GIB:.0f} GiB of bf16 weights wherever it is served, on GPUs not "
-            "counted here") if rm else ""
+    weights = 2 * rm / planlib.GIB
+    gpus = math.ceil(weights / (0.9 * gpu_mem_gb))
+    size = (f"; a reward model the size of {which} ({rm / 1e9:.1f} B) holds {weights:.0f} GiB "
+            f"of bf16 weights wherever it is served: at least {gpus} GPU(s) of {gpu_mem_gb:g} "
+            "GiB (weights to 90%, before activations), not counted here") if rm else ""
     return [f"== reward server(s) {mask_urls(cfg.reward.remote_url)}: outside this job{size}"]
 
 
@@ -159,7 +172,7 @@ def plan_text(cfg: JobConfig, layout: Layout, config_path: str | None, overrides
         f"== memory per GPU (estimate; GPU {gpu_mem_gb:g} GiB usable; see "
         "hpc_rlhf/launch/plan.py)", mem_text, *planlib.guessed_shape_line(cfg),
         *planlib.format_host_memory(planlib.host_memory_plan(cfg, layout)),
-        *_reward_server_line(cfg),
+        *_reward_server_line(cfg, gpu_mem_gb),
         f"== checkpoint: {ckpt_text}", *warnings,
         "== torchrun command (one per node, as submitit's task runs it)",
         torchrun_line(task, cfg.topology.nodes),
@@ -315,7 +328,7 @@ def _parse(argv: list | None) -> argparse.Namespace:
                    help="submit with plain sbatch instead of submitit: the job script is rendered "
                    "from the config and overrides (header included) into <run dir>/job.sbatch")
     p.add_argument("--wait", action="store_true", help="block until the job ends, print its log")
-    p.add_argument("--gpu-mem-gb", type=float, default=79.6,
+    p.add_argument("--gpu-mem-gb", type=_positive_gib, default=79.6,
                    help="usable memory of one GPU in GiB, as nvidia-smi reports it, for the plan "
                    "(H100 80GB: 79.6, the default; A100 80GB: 80; H200: 140.4; A100 40GB: 40)")
     p.add_argument("--folder", default=None,

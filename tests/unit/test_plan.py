@@ -282,3 +282,13 @@ def test_host_ram_for_offloaded_states_within_10_percent_of_deepspeeds_estimator
     on_gpu = load_config(None, ["train.trainer=sft", f"model.path={tmp_path / '70b'}",
                                 "topology.nodes=4", "topology.procs_per_node=8"])
     assert plan.host_memory_plan(on_gpu, build_layout(on_gpu)) == {}
+
+
+def test_reward_server_gpus_are_counted_and_a_zero_gpu_memory_is_refused(tmp_path):
+    out = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "140.4",
+                  env=cluster_env(tmp_path))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("== reward server"))
+    # 70.6 B params x 2 bytes = 132 GiB: one 140.4 GiB GPU cannot hold it at 90%, two can
+    assert "holds 132 GiB of bf16 weights" in line and "at least 2 GPU(s) of 140.4 GiB" in line
+    bad = _submit("--config", "configs/ppo_70b.yaml", "--dry-run", "--gpu-mem-gb", "0")
+    assert bad.returncode == 2 and "--gpu-mem-gb: '0': give the usable GiB" in bad.stderr
