@@ -230,3 +230,14 @@ def test_restarts_unshare_torchruns_store_in_both_paths(tmp_path):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in script(0)
     from hpc_rlhf.launch.plan import torchrun_env
     assert torchrun_env(1) == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} and torchrun_env(0) == {}
+
+
+@pytest.mark.parametrize("task,want", [(None, "runs/grpo_7b"), ("3", "runs/grpo_7b/task_3")])
+def test_each_array_task_gets_a_run_directory_of_its_own(task, want):
+    """The checked-in script's knob lines, run by bash as sbatch would (array task or not)."""
+    text = (Path(__file__).resolve().parents[2] / "slurm" / "grpo_7b.sbatch").read_text()
+    knobs = text[text.index("RUN_DIR=${RUN_DIR:-"):text.index("# Python with hpc_rlhf")]
+    env = {"PATH": "/usr/bin:/bin", **({"SLURM_ARRAY_TASK_ID": task} if task else {})}
+    out = subprocess.run(["bash", "-uc", knobs + 'echo "$RUN_DIR"'], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == want, out.stderr
