@@ -37,7 +37,9 @@ def _pyarrow(path: Path):
     return pyarrow
 
 
-def _jsonl(path: Path) -> Iterator[Row]:
+def _jsonl(path: Path, bad_line=None) -> Iterator[Row]:
+    """Rows of a JSONL file. A line that is not a JSON object raises its DataError, or, with
+    `bad_line` (data.skip_bad_rows), is passed to bad_line(error) and skipped."""
     with path.open("r", encoding="utf-8") as f:
         for i, line in enumerate(f):
             if not line.strip():
@@ -45,12 +47,20 @@ def _jsonl(path: Path) -> Iterator[Row]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(str(path), i, None, f"is not valid JSON ({e.msg} at column "
-                                f"{e.colno})", "fix the line or set data.skip_bad_rows=true",
-                                ) from e
+                error = DataError(str(path), i, None, f"is not valid JSON ({e.msg} at column "
+                                  f"{e.colno})", "fix the line or set data.skip_bad_rows=true")
+                if bad_line is None:
+                    raise error from e
+                bad_line(error)
+                continue
             if not isinstance(obj, dict):
-                raise DataError(str(path), i, None, f"is a JSON {type(obj).__name__}, not an "
-                                "object", "write one JSON object per line")
+                error = DataError(str(path), i, None, f"is a JSON {type(obj).__name__}, not an "
+                                  "object", "write one JSON object per line or set "
+                                  "data.skip_bad_rows=true")
+                if bad_line is None:
+                    raise error
+                bad_line(error)
+                continue
             yield Row(obj, str(path), i)
 
 
@@ -182,7 +192,9 @@ def _hub_files(snapshot: Path, name: str) -> list[Path]:
                      f"{name.split(':', 1)[0]}:<split>")
 
 
-def read_rows(path: str | Path) -> Iterator[Row]:
-    """Every row of a data source, in file order."""
+def read_rows(path: str | Path, bad_line=None) -> Iterator[Row]:
+    """Every row of a data source, in file order. bad_line(DataError): skip JSONL lines that
+    are not JSON objects after calling it (data.skip_bad_rows), instead of raising."""
     for f in data_files(path):
-        yield from _READERS[f.suffix](f)
+        reader = _READERS[f.suffix]
+        yield from (reader(f, bad_line) if reader is _jsonl else reader(f))

@@ -275,7 +275,12 @@ def load_samples(path: str, make: Callable[[Row], object], *, max_len: int,
         mixed = mix_sources(parts, probs, seed)
         return (mixed[:limit] if limit else mixed), stats
     out = []
-    for row in read_rows(path):
+
+    def bad_line(error: DataError) -> None:  # data.skip_bad_rows: a line that is not JSON
+        stats.read += 1
+        stats.skip("not a JSON object")
+
+    for row in read_rows(path, bad_line if skip_bad_rows else None):
         stats.read += 1
         try:
             sample = make(row)

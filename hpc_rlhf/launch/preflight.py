@@ -220,18 +220,21 @@ def _bad_jsonl_lines(path: Path) -> list:
     return bad
 
 
-def _scan_jsonl(path: Path, out: Findings, where: str) -> bool:
+def _scan_jsonl(path: Path, out: Findings, where: str, skip_bad_rows: bool) -> bool:
     """Every line of a JSONL file is a JSON object (the row check reads only the first rows).
-    True when the file was scanned: its bad lines are reported here, not by the row check."""
+    True when the file was scanned: its bad lines are reported here, not by the row check.
+    With data.skip_bad_rows the trainers skip and count such lines: a warning then."""
     if path.suffix != ".jsonl" or path.stat().st_size > JSONL_SCAN_BYTES:
         return False
     bad = _bad_jsonl_lines(path)
-    if bad:  # the reader stops at such a line, data.skip_bad_rows or not
+    if bad:
         (line, why), more = bad[0], len(bad) - 1
-        out.problems.append(f"{where}: {path} line {line} {why}"
-                            f"{f' and {more} more line(s)' if more else ''}; fix the file "
-                            "(data.skip_bad_rows skips rows with bad fields, not lines that are "
-                            "not JSON objects)")
+        said = f"{where}: {path} line {line} {why}{f' and {more} more line(s)' if more else ''}"
+        if skip_bad_rows:
+            out.warnings.append(f"{said}; skipped and counted (data.skip_bad_rows=true)")
+        else:
+            out.problems.append(f"{said}; fix the file or set data.skip_bad_rows=true to skip "
+                                "and count such lines")
     return True
 
 
@@ -243,7 +246,8 @@ def _check_rows(cfg: JobConfig, where: str, source: str, read, scanned: set,
     from hpc_rlhf.data.rows import DataError
     rows = bad = 0
     try:
-        for row in islice(read_rows(source), ROWS_CHECKED):
+        skip = (lambda error: None) if cfg.data.skip_bad_rows else None
+        for row in islice(read_rows(source, skip), ROWS_CHECKED):
             rows += 1
             try:
                 read(row)
@@ -276,7 +280,7 @@ def check_source(cfg: JobConfig, name: str, value: str, source: str, read, out: 
     except (OSError, ValueError) as e:
         out.problems.append(f"{where}: {e}{_synthetic_hint(source)}")
         return
-    scanned = {str(f) for f in files if _scan_jsonl(f, out, where)}
+    scanned = {str(f) for f in files if _scan_jsonl(f, out, where, cfg.data.skip_bad_rows)}
     if read is not None:
         _check_rows(cfg, where, source, read, scanned, out)
 

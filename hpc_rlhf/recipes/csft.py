@@ -33,11 +33,11 @@ SCORE_TAG = "<rm_score>: {:.1f}"
 TOP_SCORE = 1.0
 
 
-def score_range(path: str, label_key: str) -> tuple[float, float]:
+def score_range(path: str, label_key: str, skip_bad_rows: bool = False) -> tuple[float, float]:
     """(min, max) of the numeric `label_key` values in `path` (bad rows are left to the
     sample builder, which raises or counts them)."""
     values = []
-    for row in read_rows(path):
+    for row in read_rows(path, (lambda error: None) if skip_bad_rows else None):
         try:
             values.append(get_float(row, label_key))
         except DataError:
@@ -91,7 +91,7 @@ def run(cfg, topo, run_dir: Path) -> None:
     strategy = make_strategy(cfg)
     tokenizer = load_tokenizer(cfg.model.path)
     d = cfg.data
-    lo, hi = score_range(d.prompts, d.label_key)
+    lo, hi = score_range(d.prompts, d.label_key, d.skip_bad_rows)
     make = partial(csft_sample, fmt=chat_format(tokenizer, d), input_key=d.input_key,
                    output_key=d.output_key, label_key=d.label_key, lo=lo, hi=hi)
     samples, stats = load_samples(d.prompts, make, max_len=d.max_len,

@@ -73,28 +73,35 @@ def test_malformed_jsonl_line_past_the_checked_rows_is_named_by_its_line(capsys,
     assert f"{data} line 200 is not valid JSON" in line and "fix the file" in line
 
 
-@pytest.mark.parametrize("skip", ["false", "true"])
-def test_malformed_jsonl_line_inside_the_checked_rows_is_named_once(capsys, tmp_path, skip):
-    """The line scan and the row check both meet it; one line says it. The trainers' reader
-    stops at such a line even with data.skip_bad_rows=true (it skips rows with bad fields), so
-    it is refused either way."""
+def test_malformed_jsonl_line_inside_the_checked_rows_is_named_once(capsys, tmp_path):
+    """The line scan and the row check both meet it; one line says it."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"},
                                               '{"prompt": "p", \n', [1, 2]])
-    line = one_problem(capsys, SFT, f"data.prompts={data}", "data.eval_prompts=",
-                       f"data.skip_bad_rows={skip}")
+    line = one_problem(capsys, SFT, f"data.prompts={data}", "data.eval_prompts=")
     assert line == (f"data.prompts={data!r}: {data} line 2 is not valid JSON (Expecting "
                     "property name enclosed in double quotes at column 1) and 1 more line(s); "
-                    "fix the file (data.skip_bad_rows skips rows with bad fields, not lines "
-                    "that are not JSON objects)")
+                    "fix the file or set data.skip_bad_rows=true to skip and count such lines")
 
 
-def test_the_trainers_reader_stops_at_a_malformed_line_even_when_skipping_bad_rows(tmp_path):
-    """Why preflight refuses a malformed line under data.skip_bad_rows=true too."""
+def test_malformed_jsonl_lines_are_a_warning_when_skipped_and_the_trainers_skip_them(capsys,
+                                                                                    tmp_path):
+    """data.skip_bad_rows=true: preflight warns, and the trainers' reader skips and counts the
+    lines that are not JSON objects (it stopped at them before, whatever the option said)."""
     from hpc_rlhf.data.rows import DataError
     from hpc_rlhf.data.samples import load_samples
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p"}, '{"prompt": \n', {"prompt": "q"}])
+    rows = [{"prompt": "p", "response": "r"}, '{"prompt": "p", \n', [1, 2],
+            {"prompt": "q", "response": "s"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    rc, problems, warnings = check(capsys, SFT, f"data.prompts={data}", "data.eval_prompts=",
+                                   "data.skip_bad_rows=true")
+    assert rc == 0 and problems == [] and len(warnings) == 1, (problems, warnings)
+    assert "line 2 is not valid JSON" in warnings[0] and "skipped and counted" in warnings[0]
+    samples, stats = load_samples(data, lambda row: [row.data["prompt"]], max_len=8,
+                                  skip_bad_rows=True)
+    assert samples == [["p"], ["q"]] and stats.read == 4 and stats.kept == 2
+    assert stats.skipped == {"not a JSON object": 2}
     with pytest.raises(DataError, match="line 2: is not valid JSON"):
-        load_samples(data, lambda row: [0], max_len=8, skip_bad_rows=True)
+        load_samples(data, lambda row: [0], max_len=8)
 
 
 def test_missing_key_names_file_line_field_and_the_option(capsys, tmp_path):
