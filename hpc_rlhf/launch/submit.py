@@ -194,7 +194,9 @@ def torchrun_line(task: "TorchrunTask", nnodes: int) -> str:
     line = planlib.shell_join(argv)
     for placeholder, value in NODE_VALUES.items():
         line = line.replace(placeholder, value)
-    return (f"HPC_RLHF_PROGRAM={task.program} " if task.program else "") + line
+    env = {**planlib.torchrun_env(task.max_restarts),
+           **({"HPC_RLHF_PROGRAM": task.program} if task.program else {})}
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in env.items()) + line
 
 
 def _head_address() -> str:

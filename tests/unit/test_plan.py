@@ -219,7 +219,9 @@ def test_dry_run_torchrun_command_is_what_each_nodes_task_runs(tmp_path):
                                env={**env, "SLURM_NODEID": str(node)}, capture_output=True,
                                text=True, check=True).stdout.splitlines()
         runs = task.argv(cfg.topology.nodes, "10.0.0.1:29500", "77", is_host=node == 0)
-        assert shown == runs
+        env_words = shown[:shown.index(runs[0])]  # NAME=value words before the command
+        assert env_words == ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"]  # max_restarts=2
+        assert shown[len(env_words):] == runs
     assert "--rdzv-conf" in line and "--max-restarts 2" in line
     assert cfg.topology.nodes > 1
 

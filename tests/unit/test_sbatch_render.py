@@ -230,6 +230,15 @@ def test_restarts_unshare_torchruns_store_in_both_paths(tmp_path):
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in script(0)
     from hpc_rlhf.launch.plan import torchrun_env
     assert torchrun_env(1) == {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"} and torchrun_env(0) == {}
+    # the dry run's torchrun line says so too (it is the command submitit's task runs)
+    from types import SimpleNamespace
+
+    from hpc_rlhf.launch.submit import torchrun_line, torchrun_task
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "grpo_7b.yaml",
+                      ["launch.max_restarts=2"])
+    task = torchrun_task(cfg, SimpleNamespace(config=None, overrides=[], program=None),
+                         resolve_run_dir(cfg))
+    assert torchrun_line(task, 2).startswith("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
 
 
 @pytest.mark.parametrize("task,want", [(None, "runs/grpo_7b"), ("3", "runs/grpo_7b/task_3")])
